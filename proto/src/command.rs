@@ -1,0 +1,84 @@
+//! Raft commands: what the log orders and the state machine applies, and their results.
+//!
+//! Commands are deterministic: anything that varies between nodes (time, randomness) is
+//! decided by the proposer and carried inside the command.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tuple::Transaction;
+use crate::LogIndex;
+
+/// A token's right on one site. Admin tokens are node configuration, not log state.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read tuples and site status.
+    Reader,
+    /// Also write tuples and publish.
+    Editor,
+    /// Also make tokens for the site.
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Editor => "editor",
+            Role::Owner => "owner",
+        }
+    }
+}
+
+/// A site token as stored: only the hash of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct TokenRecord {
+    /// Hex blake3 hash of the token secret.
+    pub hash: String,
+    pub site: String,
+    pub role: Role,
+}
+
+/// A command in the Raft log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub enum Command {
+    /// Create a site. `created_at_ms` is the proposer's clock.
+    CreateSite { name: String, created_at_ms: u64 },
+    /// Store a site token.
+    PutToken(TokenRecord),
+    /// Apply a transaction to one site's tuples.
+    Tx(Transaction),
+}
+
+/// The current version of a key that made a transaction fail its `if_version` guard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Conflict {
+    pub op: usize,
+    pub collection: String,
+    pub key: String,
+    /// What the op expected.
+    pub expected: LogIndex,
+    /// What the store holds (0: absent).
+    pub current: LogIndex,
+}
+
+/// What applying a command did. Every node computes the same result for the same entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub enum CommandResult {
+    /// Nothing to report (membership and blank entries).
+    Ok,
+    SiteCreated,
+    SiteExists,
+    TokenStored,
+    /// The transaction committed at `index`.
+    Committed { index: LogIndex },
+    /// This `(client_id, seq)` was applied before, at `index`; nothing changed now.
+    Duplicate { index: LogIndex },
+    /// A guard failed; nothing changed.
+    Conflict(Conflict),
+    UnknownSite { site: String },
+    /// A sequence number lower than one already applied for the client: a stale retry.
+    StaleSeq { client_id: String, seq: u64, applied_seq: u64 },
+}

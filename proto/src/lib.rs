@@ -1,0 +1,21 @@
+//! Sesame's wire and storage types and their binary codec.
+//!
+//! This crate does no I/O: it defines what a tuple, a transaction and a Raft command are,
+//! how names and sizes are validated, how values map to and from JSON, and how any of them is
+//! encoded for the log, the disk and the wire. Every other crate speaks these types.
+
+pub mod api;
+pub mod codec;
+pub mod command;
+pub mod names;
+pub mod tuple;
+pub mod value;
+
+pub use command::{Command, CommandResult, Conflict, Role, TokenRecord};
+pub use names::{validate_collection, validate_key, validate_site, NameError};
+pub use tuple::{Home, Op, Origin, Transaction, Tuple, TxError};
+pub use value::Value;
+
+/// A Raft log index. Tuple versions are log indexes: the index of the commit that last wrote
+/// the tuple. Index 0 never holds a commit, so `if_version: 0` means "must not exist".
+pub type LogIndex = u64;
