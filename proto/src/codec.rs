@@ -91,7 +91,8 @@ mod tests {
             ops: vec![Op::Put {
                 collection: "profiles".into(),
                 key: "alice".into(),
-                value: Value::from_json(serde_json::json!({"name": "Alice", "n": [1, 2.5]})).unwrap(),
+                value: Value::from_json(serde_json::json!({"name": "Alice", "n": [1, 2.5]}))
+                    .unwrap(),
                 if_version: Some(3),
             }],
             origin: None,
@@ -110,16 +111,25 @@ mod tests {
     #[test]
     fn refuses_garbage() {
         let frame = encode(&sample());
-        assert!(matches!(decode::<Command>(&frame[..2]), Err(CodecError::Short(2))));
+        assert!(matches!(
+            decode::<Command>(&frame[..2]),
+            Err(CodecError::Short(2))
+        ));
         let mut bad = frame.clone();
         bad[0] = b'X';
         assert!(matches!(decode::<Command>(&bad), Err(CodecError::Magic)));
         let mut bad = frame.clone();
         bad[3] = 99;
-        assert!(matches!(decode::<Command>(&bad), Err(CodecError::Version { found: 99 })));
+        assert!(matches!(
+            decode::<Command>(&bad),
+            Err(CodecError::Version { found: 99 })
+        ));
         let mut bad = frame.clone();
         bad.push(0);
-        assert!(matches!(decode::<Command>(&bad), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<Command>(&bad),
+            Err(CodecError::Trailing(1))
+        ));
         assert!(decode::<Command>(&frame[..frame.len() - 1]).is_err());
     }
 

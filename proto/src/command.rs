@@ -10,7 +10,17 @@ use crate::LogIndex;
 
 /// A token's right on one site. Admin tokens are node configuration, not log state.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -73,12 +83,22 @@ pub enum CommandResult {
     SiteExists,
     TokenStored,
     /// The transaction committed at `index`.
-    Committed { index: LogIndex },
+    Committed {
+        index: LogIndex,
+    },
     /// This `(client_id, seq)` was applied before, at `index`; nothing changed now.
-    Duplicate { index: LogIndex },
+    Duplicate {
+        index: LogIndex,
+    },
     /// A guard failed; nothing changed.
     Conflict(Conflict),
-    UnknownSite { site: String },
+    UnknownSite {
+        site: String,
+    },
     /// A sequence number lower than one already applied for the client: a stale retry.
-    StaleSeq { client_id: String, seq: u64, applied_seq: u64 },
+    StaleSeq {
+        client_id: String,
+        seq: u64,
+        applied_seq: u64,
+    },
 }

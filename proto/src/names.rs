@@ -105,13 +105,26 @@ mod tests {
 
     #[test]
     fn collection_names() {
-        for ok in ["profiles", "A.b-c_d", "_templates", "_routes", "_assets", &"x".repeat(64)] {
+        for ok in [
+            "profiles",
+            "A.b-c_d",
+            "_templates",
+            "_routes",
+            "_assets",
+            &"x".repeat(64),
+        ] {
             assert_eq!(validate_collection(ok), Ok(()), "{ok}");
         }
         for bad in ["", "a/b", "a b", &"x".repeat(65), "ü"] {
-            assert!(matches!(validate_collection(bad), Err(NameError::Collection(_))), "{bad}");
+            assert!(
+                matches!(validate_collection(bad), Err(NameError::Collection(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(validate_collection("_secret"), Err(NameError::ReservedCollection(_))));
+        assert!(matches!(
+            validate_collection("_secret"),
+            Err(NameError::ReservedCollection(_))
+        ));
     }
 
     #[test]

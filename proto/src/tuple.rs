@@ -107,7 +107,9 @@ pub enum TxError {
     TooManyOps { count: usize, max: usize },
     #[error("transaction is {bytes} bytes encoded, the limit is {max} bytes")]
     TooLarge { bytes: usize, max: usize },
-    #[error("op {op}: value of {collection}/{key} is {bytes} bytes encoded, the limit is {max} bytes")]
+    #[error(
+        "op {op}: value of {collection}/{key} is {bytes} bytes encoded, the limit is {max} bytes"
+    )]
     ValueTooLarge {
         op: usize,
         collection: String,
@@ -150,10 +152,20 @@ impl Transaction {
             let name_err = |source| TxError::Name { op: i, source };
             validate_collection(op.collection()).map_err(name_err)?;
             validate_key(op.key()).map_err(name_err)?;
-            if let Op::Put { value, collection, key, .. } = op {
+            if let Op::Put {
+                value,
+                collection,
+                key,
+                ..
+            } = op
+            {
                 let depth = value.depth();
                 if depth > VALUE_DEPTH_MAX {
-                    return Err(TxError::ValueTooDeep { op: i, depth, max: VALUE_DEPTH_MAX });
+                    return Err(TxError::ValueTooDeep {
+                        op: i,
+                        depth,
+                        max: VALUE_DEPTH_MAX,
+                    });
                 }
                 let bytes = codec::encoded_len(value);
                 if bytes > VALUE_BYTES_MAX {
@@ -169,7 +181,10 @@ impl Transaction {
         }
         let bytes = codec::encoded_len(self);
         if bytes > TX_BYTES_MAX {
-            return Err(TxError::TooLarge { bytes, max: TX_BYTES_MAX });
+            return Err(TxError::TooLarge {
+                bytes,
+                max: TX_BYTES_MAX,
+            });
         }
         Ok(())
     }
@@ -219,7 +234,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(op.if_version(), Some(0));
-        let del: Op = serde_json::from_str(r#"{ "delete": { "collection": "p", "key": "k" } }"#).unwrap();
+        let del: Op =
+            serde_json::from_str(r#"{ "delete": { "collection": "p", "key": "k" } }"#).unwrap();
         assert_eq!(del.if_version(), None);
         let unknown = serde_json::from_str::<Op>(
             r#"{ "put": { "collection": "p", "key": "k", "value": 1, "colour": 2 } }"#,
@@ -233,7 +249,10 @@ mod tests {
         assert!(tx(vec![put("p", "k", Value::Null)]).validate().is_ok());
 
         let many = vec![put("p", "k", Value::Null); TX_OPS_MAX + 1];
-        assert!(matches!(tx(many).validate(), Err(TxError::TooManyOps { .. })));
+        assert!(matches!(
+            tx(many).validate(),
+            Err(TxError::TooManyOps { .. })
+        ));
 
         let big = Value::Bytes(vec![0; VALUE_BYTES_MAX]);
         let err = tx(vec![put("p", "k", big)]).validate().unwrap_err();
@@ -242,7 +261,9 @@ mod tests {
 
         let err = tx(vec![put("p", "", Value::Null)]).validate().unwrap_err();
         assert!(matches!(err, TxError::Name { op: 0, .. }));
-        let err = tx(vec![put("bad/coll", "k", Value::Null)]).validate().unwrap_err();
+        let err = tx(vec![put("bad/coll", "k", Value::Null)])
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("collection"), "{err}");
 
         let mut t = tx(vec![put("p", "k", Value::Null)]);
@@ -251,7 +272,9 @@ mod tests {
 
         // Each value under the limit, the sum over it.
         let value = Value::Bytes(vec![0; VALUE_BYTES_MAX - 64]);
-        let ops = (0..9).map(|i| put("p", &format!("k{i}"), value.clone())).collect();
+        let ops = (0..9)
+            .map(|i| put("p", &format!("k{i}"), value.clone()))
+            .collect();
         assert!(matches!(tx(ops).validate(), Err(TxError::TooLarge { .. })));
     }
 

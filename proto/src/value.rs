@@ -82,7 +82,9 @@ impl Value {
             Value::Bytes(b) => serde_json::json!({
                 BYTES_TAG: base64::engine::general_purpose::STANDARD.encode(b)
             }),
-            Value::List(items) => serde_json::Value::Array(items.iter().map(Value::to_json).collect()),
+            Value::List(items) => {
+                serde_json::Value::Array(items.iter().map(Value::to_json).collect())
+            }
             Value::Map(map) => serde_json::Value::Object(
                 map.iter().map(|(k, v)| (k.clone(), v.to_json())).collect(),
             ),
@@ -161,7 +163,10 @@ mod tests {
         for _ in 0..VALUE_DEPTH_MAX {
             j = json!([j]);
         }
-        assert_eq!(Value::from_json(j.clone()).unwrap().depth(), VALUE_DEPTH_MAX);
+        assert_eq!(
+            Value::from_json(j.clone()).unwrap().depth(),
+            VALUE_DEPTH_MAX
+        );
         let err = Value::from_json(json!([j])).unwrap_err();
         assert!(err.contains("deeper"), "{err}");
     }

@@ -1,0 +1,66 @@
+//! The SQLite schema and connection settings shared by the writer and the readers.
+
+use rusqlite::Connection;
+
+/// Bumped whenever the schema changes incompatibly; checked on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a connection waits on a lock held by another before giving up.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+pub const CREATE: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS sites (
+    name          TEXT PRIMARY KEY,
+    created_index INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS tokens (
+    hash          TEXT PRIMARY KEY,
+    site          TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    created_index INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- value NULL marks a tombstone: the key was deleted at `version`.
+CREATE TABLE IF NOT EXISTS tuples (
+    site          TEXT NOT NULL,
+    collection    TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    value         BLOB,
+    version       INTEGER NOT NULL,
+    origin_client TEXT,
+    origin_seq    INTEGER,
+    home_mailbox  TEXT,
+    PRIMARY KEY (site, collection, key)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS tuples_by_site_version ON tuples (site, version);
+CREATE INDEX IF NOT EXISTS tuples_by_version ON tuples (version);
+
+-- At-most-once: the highest sequence number applied per client and site, and where.
+CREATE TABLE IF NOT EXISTS client_seqs (
+    site      TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,
+    PRIMARY KEY (site, client_id)
+) WITHOUT ROWID;
+";
+
+/// Settings every connection gets. The writer relaxes fsync to NORMAL: the Raft log is the
+/// durability point, and a state machine that loses its tail on power loss re-applies it
+/// from the log.
+pub fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! The writer: applies Raft commands to the tuple store at their log index.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction as SqlTx};
+use sesame_proto::{
+    codec, Command, CommandResult, Conflict, LogIndex, Op, Role, TokenRecord, Transaction,
+};
+use thiserror::Error;
+
+use crate::schema::{self, SCHEMA_VERSION};
+use crate::view::View;
+
+const META_SCHEMA_VERSION: &str = "sesame.schema_version";
+const META_APPLIED_INDEX: &str = "sesame.applied_index";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "store at {path} has schema version {found}, this build reads version {SCHEMA_VERSION}"
+    )]
+    SchemaVersion { path: PathBuf, found: i64 },
+    /// Bytes on disk that do not decode: the store is damaged.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// An entry at or below the applied index, or out of order: a caller bug.
+    #[error("entry {index} applied out of order (store is at {applied})")]
+    OutOfOrder { index: LogIndex, applied: LogIndex },
+    #[error("snapshot {path}: {message}")]
+    Snapshot { path: PathBuf, message: String },
+}
+
+/// The single writer of a tuple store.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        schema::configure(&conn)?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(schema::CREATE)?;
+        let found: Option<Vec<u8>> = get_meta(&tx, META_SCHEMA_VERSION)?;
+        match found {
+            None => put_meta(&tx, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_le_bytes())?,
+            Some(bytes) => {
+                let found = decode_i64(&bytes)?;
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::SchemaVersion {
+                        path: path.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A view through the writer's own connection (tests and single-threaded tools).
+    pub fn view(&self) -> View<'_> {
+        View::new(&self.conn)
+    }
+
+    /// The index of the last applied entry (0 for a new store).
+    pub fn applied_index(&self) -> Result<LogIndex, StoreError> {
+        self.view().applied_index()
+    }
+
+    /// A metadata value written by [`Store::apply`].
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        get_meta(&self.conn, key)
+    }
+
+    /// Applies log entries in one SQLite transaction, in order. `None` is an entry without a
+    /// command (blank or membership): it only advances the applied index. `meta` pairs are
+    /// written in the same transaction, so callers can keep their own progress in step.
+    /// Returns one result per entry; a rejected command (conflict, unknown site) changes
+    /// nothing but still consumes its index.
+    pub fn apply(
+        &mut self,
+        entries: &[(LogIndex, Option<&Command>)],
+        meta: &[(&str, &[u8])],
+    ) -> Result<Vec<CommandResult>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut applied = View::new(&tx).applied_index()?;
+        let mut results = Vec::with_capacity(entries.len());
+        for &(index, command) in entries {
+            if index <= applied {
+                return Err(StoreError::OutOfOrder { index, applied });
+            }
+            let result = match command {
+                None => CommandResult::Ok,
+                Some(command) => apply_command(&tx, index, command)?,
+            };
+            results.push(result);
+            applied = index;
+        }
+        put_meta(&tx, META_APPLIED_INDEX, &applied.to_le_bytes())?;
+        for (key, value) in meta {
+            put_meta(&tx, key, value)?;
+        }
+        tx.commit()?;
+        debug_assert_eq!(results.len(), entries.len());
+        Ok(results)
+    }
+
+    /// Writes a consistent copy of the whole store to `dest`, which must not exist.
+    pub fn export(&self, dest: &Path) -> Result<(), StoreError> {
+        let dest_str = dest.to_str().ok_or_else(|| StoreError::Snapshot {
+            path: dest.to_path_buf(),
+            message: "path is not UTF-8".into(),
+        })?;
+        self.conn.execute("VACUUM INTO ?1", params![dest_str])?;
+        Ok(())
+    }
+
+    /// Replaces the whole content of this store with the copy at `src` (made by
+    /// [`Store::export`]), atomically: readers see the old state or the new one.
+    pub fn replace_with(&mut self, src: &Path) -> Result<(), StoreError> {
+        let src_str = src.to_str().ok_or_else(|| StoreError::Snapshot {
+            path: src.to_path_buf(),
+            message: "path is not UTF-8".into(),
+        })?;
+        {
+            let snap =
+                Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let found: Option<Vec<u8>> = get_meta(&snap, META_SCHEMA_VERSION)?;
+            let found = found.map(|b| decode_i64(&b)).transpose()?;
+            if found != Some(SCHEMA_VERSION) {
+                return Err(StoreError::Snapshot {
+                    path: src.to_path_buf(),
+                    message: format!("schema version {found:?}, expected {SCHEMA_VERSION}"),
+                });
+            }
+        }
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS snap", params![src_str])?;
+        let copied = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction()?;
+            for table in ["meta", "sites", "tokens", "tuples", "client_seqs"] {
+                tx.execute_batch(&format!(
+                    "DELETE FROM main.{table}; INSERT INTO main.{table} SELECT * FROM snap.{table};"
+                ))?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        self.conn.execute("DETACH DATABASE snap", [])?;
+        copied
+    }
+}
+
+fn apply_command(
+    tx: &SqlTx<'_>,
+    index: LogIndex,
+    command: &Command,
+) -> Result<CommandResult, StoreError> {
+    match command {
+        Command::CreateSite {
+            name,
+            created_at_ms,
+        } => {
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO sites (name, created_index, created_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO NOTHING",
+                )?
+                .execute(params![name, index as i64, *created_at_ms as i64])?;
+            Ok(if inserted == 1 {
+                CommandResult::SiteCreated
+            } else {
+                CommandResult::SiteExists
+            })
+        }
+        Command::PutToken(TokenRecord { hash, site, role }) => {
+            if !site_exists(tx, site)? {
+                return Ok(CommandResult::UnknownSite { site: site.clone() });
+            }
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO tokens (hash, site, role, created_index) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![hash, site, role.as_str(), index as i64])?;
+            Ok(CommandResult::TokenStored)
+        }
+        Command::Tx(t) => apply_tx(tx, index, t),
+    }
+}
+
+fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, &t.site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: t.site.clone(),
+        });
+    }
+    if let Some(origin) = &t.origin {
+        let seen: Option<(i64, i64)> = tx
+            .prepare_cached("SELECT seq, idx FROM client_seqs WHERE site = ?1 AND client_id = ?2")?
+            .query_row(params![t.site, origin.client_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((seq, idx)) = seen {
+            // Sequence numbers only grow per client: anything at or below the highest
+            // applied one is a retry of a transaction that already committed (at or
+            // before `idx`).
+            if origin.seq <= seq as u64 {
+                return Ok(CommandResult::Duplicate { index: idx as u64 });
+            }
+        }
+    }
+    // Check every guard against the state before the transaction, then write: a failed
+    // guard leaves nothing half-applied.
+    let view = View::new(tx);
+    for (op_index, op) in t.ops.iter().enumerate() {
+        if let Some(expected) = op.if_version() {
+            let current = view.version(&t.site, op.collection(), op.key())?;
+            if current != expected {
+                return Ok(CommandResult::Conflict(Conflict {
+                    op: op_index,
+                    collection: op.collection().to_string(),
+                    key: op.key().to_string(),
+                    expected,
+                    current,
+                }));
+            }
+        }
+    }
+    let (origin_client, origin_seq) = match &t.origin {
+        Some(o) => (Some(o.client_id.as_str()), Some(o.seq as i64)),
+        None => (None, None),
+    };
+    for op in &t.ops {
+        match op {
+            Op::Put {
+                collection,
+                key,
+                value,
+                ..
+            } => {
+                let bytes = codec::encode(value);
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO tuples
+                       (site, collection, key, value, version, origin_client, origin_seq, home_mailbox)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+                )?
+                .execute(params![t.site, collection, key, bytes, index as i64, origin_client, origin_seq])?;
+            }
+            Op::Delete {
+                collection, key, ..
+            } => {
+                // Deleting leaves a tombstone so the change feed can report it; deleting
+                // what is not there changes nothing.
+                tx.prepare_cached(
+                    "UPDATE tuples SET value = NULL, version = ?4, origin_client = ?5, origin_seq = ?6
+                     WHERE site = ?1 AND collection = ?2 AND key = ?3 AND value IS NOT NULL",
+                )?
+                .execute(params![t.site, collection, key, index as i64, origin_client, origin_seq])?;
+            }
+        }
+    }
+    if let Some(origin) = &t.origin {
+        tx.prepare_cached("INSERT OR REPLACE INTO client_seqs (site, client_id, seq, idx) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![t.site, origin.client_id, origin.seq as i64, index as i64])?;
+    }
+    Ok(CommandResult::Committed { index })
+}
+
+fn site_exists(conn: &Connection, site: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM sites WHERE name = ?1")?
+        .exists(params![site])?)
+}
+
+pub(crate) fn get_meta(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row(params![key], |r| r.get(0))
+        .optional()?)
+}
+
+fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+pub(crate) fn decode_i64(bytes: &[u8]) -> Result<i64, StoreError> {
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "meta integer has {} bytes, expected 8",
+            bytes.len()
+        ))
+    })?;
+    Ok(i64::from_le_bytes(arr))
+}
+
+pub(crate) fn applied_index_key() -> &'static str {
+    META_APPLIED_INDEX
+}
+
+pub(crate) fn role_from_str(s: &str) -> Result<Role, StoreError> {
+    match s {
+        "reader" => Ok(Role::Reader),
+        "editor" => Ok(Role::Editor),
+        "owner" => Ok(Role::Owner),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown role {other:?} in tokens"
+        ))),
+    }
+}

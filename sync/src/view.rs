@@ -1,0 +1,424 @@
+//! Reading the store: views over one connection, readers with their own connections, and a
+//! small pool of readers for servers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use sesame_proto::{codec, Home, LogIndex, Origin, TokenRecord, Tuple, Value};
+
+use crate::store::{applied_index_key, decode_i64, get_meta, role_from_str, StoreError};
+use crate::{CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
+
+/// A site as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteRecord {
+    pub name: String,
+    pub created_index: LogIndex,
+    pub created_at_ms: u64,
+}
+
+/// The latest change to one key: a put (with its value) or a delete (`value: None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub site: String,
+    pub index: LogIndex,
+    pub collection: String,
+    pub key: String,
+    pub value: Option<Value>,
+}
+
+/// A page of the change feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangesPage {
+    pub changes: Vec<Change>,
+    /// Every change at or below this index is in this page or an earlier one.
+    pub next_since: LogIndex,
+}
+
+/// Queries over one connection. Consistent across calls when the connection is inside a
+/// transaction (see [`Reader::snapshot`]).
+#[derive(Clone, Copy)]
+pub struct View<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> View<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Self {
+        View { conn }
+    }
+
+    /// The index of the last applied log entry.
+    pub fn applied_index(&self) -> Result<LogIndex, StoreError> {
+        match get_meta(self.conn, applied_index_key())? {
+            None => Ok(0),
+            Some(bytes) => Ok(decode_i64(&bytes)? as u64),
+        }
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        get_meta(self.conn, key)
+    }
+
+    /// The current version of a key; 0 when absent or deleted.
+    pub fn version(&self, site: &str, collection: &str, key: &str) -> Result<LogIndex, StoreError> {
+        let version: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT version FROM tuples
+                 WHERE site = ?1 AND collection = ?2 AND key = ?3 AND value IS NOT NULL",
+            )?
+            .query_row(params![site, collection, key], |r| r.get(0))
+            .optional()?;
+        Ok(version.unwrap_or(0) as u64)
+    }
+
+    pub fn get(
+        &self,
+        site: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Tuple>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
+             FROM tuples WHERE site = ?1 AND collection = ?2 AND key = ?3 AND value IS NOT NULL",
+        )?;
+        let raw = stmt
+            .query_row(params![site, collection, key], RawTuple::from_row)
+            .optional()?;
+        raw.map(RawTuple::decode).transpose()
+    }
+
+    /// Live tuples of a collection whose key starts with `prefix` and sorts after `after`, in
+    /// key order, at most `limit` (capped at [`SCAN_LIMIT_MAX`]).
+    pub fn scan(
+        &self,
+        site: &str,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Tuple>, StoreError> {
+        let limit = limit.min(SCAN_LIMIT_MAX);
+        // Keys with a prefix form the range [prefix, successor(prefix)): SQLite compares
+        // TEXT bytewise and UTF-8 preserves code point order.
+        let lower = match after {
+            Some(after) if after >= prefix => after,
+            _ => prefix,
+        };
+        let strict = after.is_some_and(|a| a >= prefix);
+        let upper = prefix_successor(prefix);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
+             FROM tuples
+             WHERE site = ?1 AND collection = ?2
+               AND (key > ?3 OR (key = ?3 AND NOT ?4))
+               AND (?5 IS NULL OR key < ?5)
+               AND value IS NOT NULL
+             ORDER BY key LIMIT ?6",
+        )?;
+        let rows = stmt.query_map(
+            params![site, collection, lower, strict, upper, limit as i64],
+            RawTuple::from_row,
+        )?;
+        let mut out = Vec::new();
+        for raw in rows {
+            out.push(raw?.decode()?);
+        }
+        Ok(out)
+    }
+
+    /// Collections of a site that hold at least one live tuple, in name order.
+    pub fn collections(&self, site: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT collection FROM tuples WHERE site = ?1 AND value IS NOT NULL ORDER BY collection")?;
+        let rows = stmt.query_map(params![site], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Changes after index `since`, oldest first: one entry per key, its latest change. With
+    /// `site: None`, changes of every site. A page holds at most `limit` changes (capped at
+    /// [`CHANGES_LIMIT_MAX`]) unless a single index holds more: a page never splits the
+    /// changes of one commit.
+    pub fn changes(
+        &self,
+        site: Option<&str>,
+        since: LogIndex,
+        limit: usize,
+    ) -> Result<ChangesPage, StoreError> {
+        let limit = limit.clamp(1, CHANGES_LIMIT_MAX);
+        let applied = self.applied_index()?;
+        let mut changes = self.changes_where(site, since, None, limit + 1)?;
+        if changes.len() <= limit {
+            return Ok(ChangesPage {
+                changes,
+                next_since: applied.max(since),
+            });
+        }
+        // Cut after the last index that is complete in this page; if one index fills the
+        // page, take that index whole.
+        let last = changes[limit].index;
+        changes.retain(|c| c.index < last);
+        let next_since = if changes.is_empty() {
+            changes = self.changes_where(site, last - 1, Some(last), usize::MAX)?;
+            last
+        } else {
+            last - 1
+        };
+        Ok(ChangesPage {
+            changes,
+            next_since,
+        })
+    }
+
+    fn changes_where(
+        &self,
+        site: Option<&str>,
+        since: LogIndex,
+        only: Option<LogIndex>,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        let sql = if site.is_some() {
+            "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
+             FROM tuples WHERE site = ?1 AND version > ?2 AND (?3 IS NULL OR version = ?3)
+             ORDER BY version, collection, key LIMIT ?4"
+        } else {
+            "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
+             FROM tuples WHERE ?1 IS NULL AND version > ?2 AND (?3 IS NULL OR version = ?3)
+             ORDER BY version, site, collection, key LIMIT ?4"
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(
+            params![site, since as i64, only.map(|i| i as i64), limit],
+            RawTuple::from_row,
+        )?;
+        let mut out = Vec::new();
+        for raw in rows {
+            let raw = raw?;
+            let index = raw.version as u64;
+            let value = raw.value.as_deref().map(decode_value).transpose()?;
+            out.push(Change {
+                site: raw.site,
+                index,
+                collection: raw.collection,
+                key: raw.key,
+                value,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, created_index, created_at_ms FROM sites ORDER BY name")?;
+        let rows = stmt.query_map([], site_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name, created_index, created_at_ms FROM sites WHERE name = ?1")?
+            .query_row(params![name], site_from_row)
+            .optional()?)
+    }
+
+    /// The token whose secret hashes to `hash`.
+    pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row: Option<(String, String, String)> = self
+            .conn
+            .prepare_cached("SELECT hash, site, role FROM tokens WHERE hash = ?1")?
+            .query_row(params![hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        row.map(|(hash, site, role)| {
+            Ok(TokenRecord {
+                hash,
+                site,
+                role: role_from_str(&role)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+fn site_from_row(r: &Row<'_>) -> rusqlite::Result<SiteRecord> {
+    Ok(SiteRecord {
+        name: r.get(0)?,
+        created_index: r.get::<_, i64>(1)? as u64,
+        created_at_ms: r.get::<_, i64>(2)? as u64,
+    })
+}
+
+/// The smallest string greater than every string starting with `prefix`, or `None` when
+/// there is none (empty prefix, or only U+10FFFF characters).
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(c as u32 + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+fn decode_value(bytes: &[u8]) -> Result<Value, StoreError> {
+    codec::decode(bytes).map_err(|e| StoreError::Corrupt(format!("tuple value: {e}")))
+}
+
+struct RawTuple {
+    site: String,
+    collection: String,
+    key: String,
+    value: Option<Vec<u8>>,
+    version: i64,
+    origin_client: Option<String>,
+    origin_seq: Option<i64>,
+    home_mailbox: Option<String>,
+}
+
+impl RawTuple {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<RawTuple> {
+        Ok(RawTuple {
+            site: r.get(0)?,
+            collection: r.get(1)?,
+            key: r.get(2)?,
+            value: r.get(3)?,
+            version: r.get(4)?,
+            origin_client: r.get(5)?,
+            origin_seq: r.get(6)?,
+            home_mailbox: r.get(7)?,
+        })
+    }
+
+    fn decode(self) -> Result<Tuple, StoreError> {
+        let bytes = self
+            .value
+            .ok_or_else(|| StoreError::Corrupt("live tuple without a value".into()))?;
+        let origin = match (self.origin_client, self.origin_seq) {
+            (Some(client_id), Some(seq)) => Some(Origin {
+                client_id,
+                seq: seq as u64,
+            }),
+            _ => None,
+        };
+        Ok(Tuple {
+            site: self.site,
+            collection: self.collection,
+            key: self.key,
+            value: decode_value(&bytes)?,
+            version: self.version as u64,
+            origin,
+            home: self.home_mailbox.map(Home::Mailbox).unwrap_or(Home::Site),
+        })
+    }
+}
+
+/// A read-only connection to a store.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Opens a reader on the store at `path`; the store's writer must have created it.
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Reader { conn })
+    }
+
+    /// A consistent snapshot: every query through it sees the same committed state.
+    pub fn snapshot(&mut self) -> Result<Snapshot<'_>, StoreError> {
+        Ok(Snapshot {
+            tx: self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Deferred)?,
+        })
+    }
+}
+
+/// A read transaction; dropping it ends the transaction.
+pub struct Snapshot<'c> {
+    tx: rusqlite::Transaction<'c>,
+}
+
+impl Snapshot<'_> {
+    pub fn view(&self) -> View<'_> {
+        View::new(&self.tx)
+    }
+}
+
+/// Idle readers kept for reuse.
+const POOL_IDLE_MAX_DEFAULT: usize = 16;
+
+/// Reader connections for a server: borrow one, read through a snapshot, give it back.
+/// Callers bound concurrency themselves (the node runs reads on tokio's bounded blocking
+/// pool); the pool bounds how many idle connections it keeps.
+pub struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Reader>>,
+    idle_max: usize,
+}
+
+impl ReadPool {
+    pub fn open(path: &Path, idle_max: usize) -> Result<ReadPool, StoreError> {
+        let first = Reader::open(path)?;
+        let idle_max = if idle_max == 0 {
+            POOL_IDLE_MAX_DEFAULT
+        } else {
+            idle_max
+        };
+        Ok(ReadPool {
+            path: path.to_path_buf(),
+            idle: Mutex::new(vec![first]),
+            idle_max,
+        })
+    }
+
+    /// Runs `f` on a consistent snapshot. Blocking: call from a blocking context.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(View<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let reader = self.idle.lock().expect("read pool lock poisoned").pop();
+        let mut reader = match reader {
+            Some(r) => r,
+            None => Reader::open(&self.path)?,
+        };
+        let result = {
+            let snap = reader.snapshot()?;
+            f(snap.view())
+        };
+        let mut idle = self.idle.lock().expect("read pool lock poisoned");
+        if idle.len() < self.idle_max {
+            idle.push(reader);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_successor;
+
+    #[test]
+    fn successor() {
+        assert_eq!(prefix_successor(""), None);
+        assert_eq!(prefix_successor("ab").as_deref(), Some("ac"));
+        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+    }
+}

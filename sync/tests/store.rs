@@ -1,0 +1,449 @@
+//! Behaviour of the tuple store: atomic transactions, guards, scans, the change feed,
+//! at-most-once application, persistence and snapshots.
+
+use sesame_proto::{Command, CommandResult, Op, Origin, Role, TokenRecord, Transaction, Value};
+use sesame_sync::{ReadPool, Store, StoreError};
+
+fn put(coll: &str, key: &str, v: i64) -> Op {
+    Op::Put {
+        collection: coll.into(),
+        key: key.into(),
+        value: Value::Int(v),
+        if_version: None,
+    }
+}
+
+fn tx(ops: Vec<Op>) -> Command {
+    Command::Tx(Transaction {
+        site: "demo".into(),
+        ops,
+        origin: None,
+    })
+}
+
+fn site(name: &str) -> Command {
+    Command::CreateSite {
+        name: name.into(),
+        created_at_ms: 1,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Store,
+    next: u64,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let mut f = Fixture {
+            _dir: dir,
+            store,
+            next: 1,
+        };
+        assert_eq!(f.apply(site("demo")), CommandResult::SiteCreated);
+        f
+    }
+
+    fn apply(&mut self, c: Command) -> CommandResult {
+        let index = self.next;
+        self.next += 1;
+        self.store
+            .apply(&[(index, Some(&c))], &[])
+            .unwrap()
+            .remove(0)
+    }
+}
+
+#[test]
+fn transaction_commits_all_ops_at_one_index() {
+    let mut f = Fixture::new();
+    let r = f.apply(tx(vec![put("p", "a", 1), put("p", "b", 2)]));
+    assert_eq!(r, CommandResult::Committed { index: 2 });
+    let v = f.store.view();
+    assert_eq!(v.get("demo", "p", "a").unwrap().unwrap().version, 2);
+    assert_eq!(
+        v.get("demo", "p", "b").unwrap().unwrap().value,
+        Value::Int(2)
+    );
+    assert_eq!(v.applied_index().unwrap(), 2);
+}
+
+#[test]
+fn failed_guard_rejects_whole_transaction_and_names_the_key() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1)])); // index 2
+    let guarded = Op::Put {
+        collection: "p".into(),
+        key: "a".into(),
+        value: Value::Int(9),
+        if_version: Some(7),
+    };
+    let r = f.apply(tx(vec![put("p", "b", 5), guarded]));
+    match r {
+        CommandResult::Conflict(c) => {
+            assert_eq!(
+                (
+                    c.op,
+                    c.collection.as_str(),
+                    c.key.as_str(),
+                    c.expected,
+                    c.current
+                ),
+                (1, "p", "a", 7, 2)
+            );
+        }
+        other => panic!("expected conflict, got {other:?}"),
+    }
+    let v = f.store.view();
+    assert!(
+        v.get("demo", "p", "b").unwrap().is_none(),
+        "first op must not apply"
+    );
+    assert_eq!(
+        v.get("demo", "p", "a").unwrap().unwrap().value,
+        Value::Int(1)
+    );
+    // The rejected entry still consumed its index.
+    assert_eq!(v.applied_index().unwrap(), 3);
+
+    // if_version 0: must not exist.
+    let create = |k: &str| Op::Put {
+        collection: "p".into(),
+        key: k.into(),
+        value: Value::Null,
+        if_version: Some(0),
+    };
+    assert!(matches!(
+        f.apply(tx(vec![create("a")])),
+        CommandResult::Conflict(_)
+    ));
+    assert_eq!(
+        f.apply(tx(vec![create("new")])),
+        CommandResult::Committed { index: 5 }
+    );
+    // A correct guard passes.
+    let ok = Op::Put {
+        collection: "p".into(),
+        key: "a".into(),
+        value: Value::Int(3),
+        if_version: Some(2),
+    };
+    assert_eq!(f.apply(tx(vec![ok])), CommandResult::Committed { index: 6 });
+}
+
+#[test]
+fn delete_leaves_a_tombstone_in_the_feed_only() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1), put("p", "b", 1)])); // 2
+    let del = Op::Delete {
+        collection: "p".into(),
+        key: "a".into(),
+        if_version: Some(2),
+    };
+    assert_eq!(
+        f.apply(tx(vec![del])),
+        CommandResult::Committed { index: 3 }
+    );
+    let v = f.store.view();
+    assert!(v.get("demo", "p", "a").unwrap().is_none());
+    assert_eq!(v.version("demo", "p", "a").unwrap(), 0);
+    assert_eq!(v.scan("demo", "p", "", None, 10).unwrap().len(), 1);
+    let feed = v.changes(Some("demo"), 2, 100).unwrap();
+    assert_eq!(feed.changes.len(), 1);
+    assert_eq!(
+        (
+            feed.changes[0].key.as_str(),
+            feed.changes[0].value.is_none()
+        ),
+        ("a", true)
+    );
+    assert_eq!(feed.next_since, 3);
+    // Deleting again, or deleting what never existed, changes nothing.
+    let again = Op::Delete {
+        collection: "p".into(),
+        key: "a".into(),
+        if_version: None,
+    };
+    f.apply(tx(vec![again]));
+    assert_eq!(
+        f.store
+            .view()
+            .changes(Some("demo"), 3, 100)
+            .unwrap()
+            .changes
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn scan_by_prefix_with_limit_and_cursor() {
+    let mut f = Fixture::new();
+    let ops = ["a1", "a2", "a3", "b1", "a\u{10FFFF}", "ab"]
+        .iter()
+        .map(|k| put("p", k, 0))
+        .collect();
+    f.apply(tx(ops));
+    f.apply(tx(vec![put("q", "a0", 0)]));
+    let v = f.store.view();
+    let keys = |ts: Vec<sesame_proto::Tuple>| ts.into_iter().map(|t| t.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(v.scan("demo", "p", "a", None, 100).unwrap()),
+        ["a1", "a2", "a3", "ab", "a\u{10FFFF}"]
+    );
+    assert_eq!(
+        keys(v.scan("demo", "p", "a", None, 2).unwrap()),
+        ["a1", "a2"]
+    );
+    assert_eq!(
+        keys(v.scan("demo", "p", "a", Some("a2"), 2).unwrap()),
+        ["a3", "ab"]
+    );
+    assert_eq!(
+        keys(v.scan("demo", "p", "", Some("ab"), 10).unwrap()),
+        ["a\u{10FFFF}", "b1"]
+    );
+    // A cursor before the prefix starts at the prefix.
+    assert_eq!(
+        keys(v.scan("demo", "p", "b", Some("a"), 10).unwrap()),
+        ["b1"]
+    );
+    assert!(v.scan("demo", "p", "zz", None, 10).unwrap().is_empty());
+    assert!(v.scan("other", "p", "", None, 10).unwrap().is_empty());
+    assert_eq!(v.collections("demo").unwrap(), ["p", "q"]);
+}
+
+#[test]
+fn change_feed_pages_never_split_a_commit() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1)])); // 2
+    f.apply(tx((0..5).map(|i| put("p", &format!("k{i}"), i)).collect())); // 3
+    f.apply(tx(vec![put("p", "z", 1)])); // 4
+    f.apply(tx(vec![put("p", "a", 2)])); // 5: supersedes index 2
+    let v = f.store.view();
+
+    let all = v.changes(Some("demo"), 0, 100).unwrap();
+    let idx: Vec<u64> = all.changes.iter().map(|c| c.index).collect();
+    assert_eq!(
+        idx,
+        [3, 3, 3, 3, 3, 4, 5],
+        "compacted: a's change at 2 is superseded"
+    );
+    assert_eq!(all.next_since, 5);
+
+    let p1 = v.changes(Some("demo"), 0, 2).unwrap();
+    assert_eq!(p1.changes.len(), 5, "index 3 is taken whole");
+    assert_eq!(p1.next_since, 3);
+    let p2 = v.changes(Some("demo"), p1.next_since, 1).unwrap();
+    assert_eq!((p2.changes.len(), p2.next_since), (1, 4));
+    let p3 = v.changes(Some("demo"), p2.next_since, 1).unwrap();
+    assert_eq!((p3.changes[0].key.as_str(), p3.next_since), ("a", 5));
+    let p4 = v.changes(Some("demo"), 5, 1).unwrap();
+    assert_eq!((p4.changes.len(), p4.next_since), (0, 5));
+}
+
+#[test]
+fn client_seq_is_applied_at_most_once() {
+    let mut f = Fixture::new();
+    let with_origin = |seq, v| {
+        Command::Tx(Transaction {
+            site: "demo".into(),
+            ops: vec![put("p", "a", v)],
+            origin: Some(Origin {
+                client_id: "phone".into(),
+                seq,
+            }),
+        })
+    };
+    assert_eq!(
+        f.apply(with_origin(1, 10)),
+        CommandResult::Committed { index: 2 }
+    );
+    assert_eq!(
+        f.apply(with_origin(1, 11)),
+        CommandResult::Duplicate { index: 2 }
+    );
+    assert_eq!(
+        f.store.view().get("demo", "p", "a").unwrap().unwrap().value,
+        Value::Int(10)
+    );
+    assert_eq!(
+        f.apply(with_origin(2, 12)),
+        CommandResult::Committed { index: 4 }
+    );
+    assert!(matches!(
+        f.apply(with_origin(1, 13)),
+        CommandResult::Duplicate { .. }
+    ));
+    let t = f.store.view().get("demo", "p", "a").unwrap().unwrap();
+    assert_eq!(t.value, Value::Int(12));
+    assert_eq!(
+        t.origin,
+        Some(Origin {
+            client_id: "phone".into(),
+            seq: 2
+        })
+    );
+}
+
+#[test]
+fn unknown_sites_sites_and_tokens() {
+    let mut f = Fixture::new();
+    let mut c = tx(vec![put("p", "a", 1)]);
+    if let Command::Tx(t) = &mut c {
+        t.site = "nope".into();
+    }
+    assert_eq!(
+        f.apply(c),
+        CommandResult::UnknownSite {
+            site: "nope".into()
+        }
+    );
+    assert_eq!(f.apply(site("demo")), CommandResult::SiteExists);
+    assert_eq!(f.apply(site("blog")), CommandResult::SiteCreated);
+    let names: Vec<_> = f
+        .store
+        .view()
+        .sites()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["blog", "demo"]);
+
+    let token = TokenRecord {
+        hash: "h1".into(),
+        site: "blog".into(),
+        role: Role::Editor,
+    };
+    assert_eq!(
+        f.apply(Command::PutToken(token.clone())),
+        CommandResult::TokenStored
+    );
+    assert_eq!(f.store.view().token("h1").unwrap(), Some(token));
+    assert_eq!(f.store.view().token("h2").unwrap(), None);
+    let orphan = TokenRecord {
+        hash: "h3".into(),
+        site: "gone".into(),
+        role: Role::Owner,
+    };
+    assert!(matches!(
+        f.apply(Command::PutToken(orphan)),
+        CommandResult::UnknownSite { .. }
+    ));
+}
+
+#[test]
+fn batches_are_atomic_and_ordered_with_meta() {
+    let mut f = Fixture::new();
+    let a = tx(vec![put("p", "a", 1)]);
+    let b = tx(vec![put("p", "b", 1)]);
+    let results = f
+        .store
+        .apply(
+            &[(2, Some(&a)), (3, None), (4, Some(&b))],
+            &[("raft.applied", b"x")],
+        )
+        .unwrap();
+    assert_eq!(
+        results,
+        [
+            CommandResult::Committed { index: 2 },
+            CommandResult::Ok,
+            CommandResult::Committed { index: 4 }
+        ]
+    );
+    assert_eq!(
+        f.store.meta("raft.applied").unwrap().as_deref(),
+        Some(&b"x"[..])
+    );
+    assert_eq!(f.store.applied_index().unwrap(), 4);
+    // Re-applying an old index is a caller bug, reported, and changes nothing.
+    let err = f
+        .store
+        .apply(&[(5, Some(&a)), (4, Some(&b))], &[])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::OutOfOrder {
+                index: 4,
+                applied: 5
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.store.applied_index().unwrap(), 4);
+}
+
+#[test]
+fn reopen_keeps_everything_and_readers_see_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    {
+        let mut store = Store::open(&path).unwrap();
+        store
+            .apply(
+                &[
+                    (1, Some(&site("demo"))),
+                    (2, Some(&tx(vec![put("p", "a", 7)]))),
+                ],
+                &[],
+            )
+            .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.applied_index().unwrap(), 2);
+    let pool = ReadPool::open(&path, 2).unwrap();
+    let got = pool.read(|v| v.get("demo", "p", "a")).unwrap().unwrap();
+    assert_eq!(got.value, Value::Int(7));
+    store
+        .apply(&[(3, Some(&tx(vec![put("p", "a", 8)])))], &[])
+        .unwrap();
+    let got = pool.read(|v| v.get("demo", "p", "a")).unwrap().unwrap();
+    assert_eq!((got.value, got.version), (Value::Int(8), 3));
+}
+
+#[test]
+fn export_and_replace_with_round_trip() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1)]));
+    let snap = f._dir.path().join("snap.db");
+    f.store.export(&snap).unwrap();
+    f.apply(tx(vec![put("p", "later", 1)]));
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut other = Store::open(&dir2.path().join("state.db")).unwrap();
+    other.apply(&[(1, Some(&site("junk")))], &[]).unwrap();
+    other.replace_with(&snap).unwrap();
+    let v = other.view();
+    assert_eq!(v.applied_index().unwrap(), 2);
+    assert!(v.get("demo", "p", "a").unwrap().is_some());
+    assert!(v.get("demo", "p", "later").unwrap().is_none());
+    assert!(v.site("junk").unwrap().is_none());
+
+    let garbage = f._dir.path().join("garbage.db");
+    std::fs::write(&garbage, b"not a database").unwrap();
+    assert!(other.replace_with(&garbage).is_err());
+    assert_eq!(
+        other.view().applied_index().unwrap(),
+        2,
+        "failed install changes nothing"
+    );
+}
+
+#[test]
+fn corrupt_value_is_an_error_not_a_panic() {
+    let f = Fixture::new();
+    let path = f.store.path().to_path_buf();
+    let mut f = f;
+    f.apply(tx(vec![put("p", "a", 1)]));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute("UPDATE tuples SET value = x'00ff' WHERE key = 'a'", [])
+        .unwrap();
+    let err = f.store.view().get("demo", "p", "a").unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+}
