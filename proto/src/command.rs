@@ -60,6 +60,27 @@ pub enum Command {
     PutToken(TokenRecord),
     /// Apply a transaction to one site's tuples.
     Tx(Transaction),
+    /// Point a site's root at a manifest: publish a new version, or roll back to an old one.
+    Publish(Publish),
+}
+
+/// A site's new root. Publishing through the log means every node agrees on the current
+/// version, and a projector that lost leadership cannot publish (its proposal fails).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Publish {
+    pub site: String,
+    /// The manifest id (hex blake3 of the manifest's bytes).
+    pub manifest: String,
+    /// The commit index the manifest reflects.
+    pub index: LogIndex,
+    /// Files in the manifest.
+    pub files: u64,
+    pub published_at_ms: u64,
+    /// Compare-and-set: the manifest the root must point at now (`None`: no root yet). Two
+    /// projectors racing cannot both win.
+    pub expected: Option<String>,
+    /// True when this re-points to an earlier manifest.
+    pub rollback: bool,
 }
 
 /// The current version of a key that made a transaction fail its `if_version` guard.
@@ -86,7 +107,7 @@ pub enum CommandResult {
     Committed {
         index: LogIndex,
     },
-    /// This `(client_id, seq)` was applied before, at `index`; nothing changed now.
+    /// This `(client_id, seq)` was applied before, at or before `index`; nothing changed now.
     Duplicate {
         index: LogIndex,
     },
@@ -95,10 +116,10 @@ pub enum CommandResult {
     UnknownSite {
         site: String,
     },
-    /// A sequence number lower than one already applied for the client: a stale retry.
-    StaleSeq {
-        client_id: String,
-        seq: u64,
-        applied_seq: u64,
+    /// The root moved.
+    Published,
+    /// The root was not at `expected`; nothing changed.
+    RootMoved {
+        current: Option<String>,
     },
 }

@@ -11,7 +11,7 @@ pub mod names;
 pub mod tuple;
 pub mod value;
 
-pub use command::{Command, CommandResult, Conflict, Role, TokenRecord};
+pub use command::{Command, CommandResult, Conflict, Publish, Role, TokenRecord};
 pub use names::{validate_collection, validate_key, validate_site, NameError};
 pub use tuple::{Home, Op, Origin, Transaction, Tuple, TxError};
 pub use value::Value;

@@ -14,7 +14,7 @@ mod store;
 mod view;
 
 pub use store::{Store, StoreError};
-pub use view::{Change, ChangesPage, ReadPool, Reader, SiteRecord, View};
+pub use view::{Change, ChangesPage, ReadPool, Reader, RootRecord, SiteRecord, Snapshot, View};
 
 /// Most tuples one scan returns.
 pub const SCAN_LIMIT_MAX: usize = 10_000;

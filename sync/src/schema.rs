@@ -43,6 +43,30 @@ CREATE TABLE IF NOT EXISTS tuples (
 CREATE INDEX IF NOT EXISTS tuples_by_site_version ON tuples (site, version);
 CREATE INDEX IF NOT EXISTS tuples_by_version ON tuples (version);
 
+-- The published version of each site: which manifest, reflecting which commit index,
+-- committed at which log index.
+CREATE TABLE IF NOT EXISTS roots (
+    site            TEXT PRIMARY KEY,
+    manifest        TEXT NOT NULL,
+    idx             INTEGER NOT NULL,
+    log_index       INTEGER NOT NULL,
+    files           INTEGER NOT NULL,
+    published_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS roots_by_log_index ON roots (log_index);
+
+-- Every root a site has had, for history and rollback.
+CREATE TABLE IF NOT EXISTS versions (
+    site            TEXT NOT NULL,
+    log_index       INTEGER NOT NULL,
+    manifest        TEXT NOT NULL,
+    idx             INTEGER NOT NULL,
+    files           INTEGER NOT NULL,
+    published_at_ms INTEGER NOT NULL,
+    rollback        INTEGER NOT NULL,
+    PRIMARY KEY (site, log_index)
+) WITHOUT ROWID;
+
 -- At-most-once: the highest sequence number applied per client and site, and where.
 CREATE TABLE IF NOT EXISTS client_seqs (
     site      TEXT NOT NULL,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction as SqlTx};
 use sesame_proto::{
-    codec, Command, CommandResult, Conflict, LogIndex, Op, Role, TokenRecord, Transaction,
+    codec, Command, CommandResult, Conflict, LogIndex, Op, Publish, Role, TokenRecord, Transaction,
 };
 use thiserror::Error;
 
@@ -150,7 +150,15 @@ impl Store {
             .execute("ATTACH DATABASE ?1 AS snap", params![src_str])?;
         let copied = (|| -> Result<(), StoreError> {
             let tx = self.conn.transaction()?;
-            for table in ["meta", "sites", "tokens", "tuples", "client_seqs"] {
+            for table in [
+                "meta",
+                "sites",
+                "tokens",
+                "tuples",
+                "client_seqs",
+                "roots",
+                "versions",
+            ] {
                 tx.execute_batch(&format!(
                     "DELETE FROM main.{table}; INSERT INTO main.{table} SELECT * FROM snap.{table};"
                 ))?;
@@ -196,7 +204,50 @@ fn apply_command(
             Ok(CommandResult::TokenStored)
         }
         Command::Tx(t) => apply_tx(tx, index, t),
+        Command::Publish(p) => apply_publish(tx, index, p),
     }
+}
+
+fn apply_publish(
+    tx: &SqlTx<'_>,
+    index: LogIndex,
+    p: &Publish,
+) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, &p.site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: p.site.clone(),
+        });
+    }
+    let current = View::new(tx).root(&p.site)?.map(|r| r.manifest);
+    if current != p.expected {
+        return Ok(CommandResult::RootMoved { current });
+    }
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO roots (site, manifest, idx, log_index, files, published_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        p.site,
+        p.manifest,
+        p.index as i64,
+        index as i64,
+        p.files as i64,
+        p.published_at_ms as i64
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO versions (site, log_index, manifest, idx, files, published_at_ms, rollback)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        p.site,
+        index as i64,
+        p.manifest,
+        p.index as i64,
+        p.files as i64,
+        p.published_at_ms as i64,
+        p.rollback
+    ])?;
+    Ok(CommandResult::Published)
 }
 
 fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandResult, StoreError> {

@@ -18,6 +18,21 @@ pub struct SiteRecord {
     pub created_at_ms: u64,
 }
 
+/// A published site version: the manifest a site's root points at, or pointed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootRecord {
+    pub site: String,
+    pub manifest: String,
+    /// The commit index the manifest reflects.
+    pub index: LogIndex,
+    /// The log index of the publish command.
+    pub log_index: LogIndex,
+    pub files: u64,
+    pub published_at_ms: u64,
+    /// True for a rollback (only in history).
+    pub rollback: bool,
+}
+
 /// The latest change to one key: a put (with its value) or a delete (`value: None`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -226,6 +241,55 @@ impl<'c> View<'c> {
             .optional()?)
     }
 
+    /// The current root of a site.
+    pub fn root(&self, site: &str) -> Result<Option<RootRecord>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT site, manifest, idx, log_index, files, published_at_ms, 0 FROM roots WHERE site = ?1",
+            )?
+            .query_row(params![site], root_from_row)
+            .optional()?)
+    }
+
+    /// Roots published after log index `since`, in log order (how a server learns what to
+    /// reload).
+    pub fn roots_since(&self, since: LogIndex) -> Result<Vec<RootRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, manifest, idx, log_index, files, published_at_ms, 0 FROM roots
+             WHERE log_index > ?1 ORDER BY log_index",
+        )?;
+        let rows = stmt.query_map(params![since as i64], root_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A site's published versions, newest first, at most `limit`.
+    pub fn versions(&self, site: &str, limit: usize) -> Result<Vec<RootRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, manifest, idx, log_index, files, published_at_ms, rollback FROM versions
+             WHERE site = ?1 ORDER BY log_index DESC LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![site, limit], root_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest version of a site that reflects commit `index` (not counting rollbacks).
+    pub fn version_at(
+        &self,
+        site: &str,
+        index: LogIndex,
+    ) -> Result<Option<RootRecord>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT site, manifest, idx, log_index, files, published_at_ms, rollback FROM versions
+                 WHERE site = ?1 AND idx = ?2 AND rollback = 0 ORDER BY log_index DESC LIMIT 1",
+            )?
+            .query_row(params![site, index as i64], root_from_row)
+            .optional()?)
+    }
+
     /// The token whose secret hashes to `hash`.
     pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row: Option<(String, String, String)> = self
@@ -249,6 +313,18 @@ fn site_from_row(r: &Row<'_>) -> rusqlite::Result<SiteRecord> {
         name: r.get(0)?,
         created_index: r.get::<_, i64>(1)? as u64,
         created_at_ms: r.get::<_, i64>(2)? as u64,
+    })
+}
+
+fn root_from_row(r: &Row<'_>) -> rusqlite::Result<RootRecord> {
+    Ok(RootRecord {
+        site: r.get(0)?,
+        manifest: r.get(1)?,
+        index: r.get::<_, i64>(2)? as u64,
+        log_index: r.get::<_, i64>(3)? as u64,
+        files: r.get::<_, i64>(4)? as u64,
+        published_at_ms: r.get::<_, i64>(5)? as u64,
+        rollback: r.get(6)?,
     })
 }
 

@@ -447,3 +447,71 @@ fn corrupt_value_is_an_error_not_a_panic() {
     let err = f.store.view().get("demo", "p", "a").unwrap_err();
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
 }
+
+#[test]
+fn publish_is_compare_and_set_and_keeps_history() {
+    use sesame_proto::Publish;
+    let mut f = Fixture::new();
+    let publish = |manifest: &str, index, expected: Option<&str>, rollback| {
+        Command::Publish(Publish {
+            site: "demo".into(),
+            manifest: manifest.into(),
+            index,
+            files: 3,
+            published_at_ms: 5,
+            expected: expected.map(str::to_string),
+            rollback,
+        })
+    };
+    assert_eq!(
+        f.apply(publish("m1", 1, None, false)),
+        CommandResult::Published
+    ); // log 2
+       // A stale projector (expecting no root) loses.
+    assert_eq!(
+        f.apply(publish("mX", 1, None, false)),
+        CommandResult::RootMoved {
+            current: Some("m1".into())
+        }
+    );
+    assert_eq!(
+        f.apply(publish("m2", 3, Some("m1"), false)),
+        CommandResult::Published
+    ); // log 4
+    assert_eq!(
+        f.apply(publish("m1", 1, Some("m2"), true)),
+        CommandResult::Published
+    ); // log 5
+    let v = f.store.view();
+    let root = v.root("demo").unwrap().unwrap();
+    assert_eq!(
+        (root.manifest.as_str(), root.index, root.log_index),
+        ("m1", 1, 5)
+    );
+    let history: Vec<_> = v
+        .versions("demo", 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.manifest, r.rollback))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("m1".into(), true),
+            ("m2".into(), false),
+            ("m1".into(), false)
+        ]
+    );
+    assert_eq!(v.version_at("demo", 3).unwrap().unwrap().manifest, "m2");
+    assert!(v.version_at("demo", 9).unwrap().is_none());
+    assert_eq!(v.roots_since(4).unwrap().len(), 1);
+    assert_eq!(v.roots_since(5).unwrap().len(), 0);
+    let mut unknown = publish("m", 1, None, false);
+    if let Command::Publish(p) = &mut unknown {
+        p.site = "nope".into();
+    }
+    assert!(matches!(
+        f.apply(unknown),
+        CommandResult::UnknownSite { .. }
+    ));
+}

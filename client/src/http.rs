@@ -1,0 +1,263 @@
+//! A typed client for the node's HTTP API under `/v1`.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sesame_proto::api::{
+    ChangesPage, CreateSite, CreateToken, ErrorBody, ScanPage, SiteInfo, SiteList, TokenCreated,
+    TupleBody, TxRequest, TxResponse,
+};
+use sesame_proto::{LogIndex, Op, Role};
+use thiserror::Error;
+
+/// How long one request may take before the client gives up.
+const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The node answered with an error body.
+    #[error("{status}: {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot reach the node: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("unexpected answer from the node ({status}): {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+impl ClientError {
+    /// The API error code (`conflict`, `not_found`, ...), if the node sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one node's HTTP API.
+#[derive(Clone)]
+pub struct Http {
+    base: String,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+impl Http {
+    /// `base` is the node's URL, like `http://127.0.0.1:7700`.
+    pub fn new(base: &str, token: Option<String>) -> Http {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+            .build()
+            .expect("build an HTTP client with default TLS-free settings");
+        Http {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            client,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn create_site(&self, name: &str) -> Result<SiteInfo, ClientError> {
+        self.call(
+            Method::POST,
+            "/v1/sites",
+            Some(&CreateSite { name: name.into() }),
+        )
+        .await
+    }
+
+    pub async fn list_sites(&self) -> Result<SiteList, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/sites", None).await
+    }
+
+    pub async fn tx(&self, site: &str, req: &TxRequest) -> Result<TxResponse, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sites/{}/tx", seg(site)),
+            Some(req),
+        )
+        .await
+    }
+
+    /// One put in its own transaction.
+    pub async fn put(
+        &self,
+        site: &str,
+        collection: &str,
+        key: &str,
+        value: serde_json::Value,
+        if_version: Option<LogIndex>,
+    ) -> Result<TxResponse, ClientError> {
+        let value = sesame_proto::Value::from_json(value).map_err(|m| ClientError::Api {
+            status: 400,
+            code: "bad_request".into(),
+            message: m,
+        })?;
+        let op = Op::Put {
+            collection: collection.into(),
+            key: key.into(),
+            value,
+            if_version,
+        };
+        self.tx(
+            site,
+            &TxRequest {
+                ops: vec![op],
+                client_id: None,
+                seq: None,
+            },
+        )
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        site: &str,
+        collection: &str,
+        key: &str,
+        if_version: Option<LogIndex>,
+    ) -> Result<TxResponse, ClientError> {
+        let op = Op::Delete {
+            collection: collection.into(),
+            key: key.into(),
+            if_version,
+        };
+        self.tx(
+            site,
+            &TxRequest {
+                ops: vec![op],
+                client_id: None,
+                seq: None,
+            },
+        )
+        .await
+    }
+
+    pub async fn get(
+        &self,
+        site: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<TupleBody, ClientError> {
+        let path = format!(
+            "/v1/sites/{}/tuples/{}/{}",
+            seg(site),
+            seg(collection),
+            seg(key)
+        );
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn scan(
+        &self,
+        site: &str,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, ClientError> {
+        let mut path = format!(
+            "/v1/sites/{}/tuples/{}?prefix={}&limit={limit}",
+            seg(site),
+            seg(collection),
+            seg(prefix)
+        );
+        if let Some(after) = after {
+            path.push_str(&format!("&after={}", seg(after)));
+        }
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn changes(
+        &self,
+        site: &str,
+        since: LogIndex,
+        limit: usize,
+    ) -> Result<ChangesPage, ClientError> {
+        let path = format!(
+            "/v1/sites/{}/changes?since={since}&limit={limit}",
+            seg(site)
+        );
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn create_token(&self, site: &str, role: Role) -> Result<TokenCreated, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sites/{}/tokens", seg(site)),
+            Some(&CreateToken { role }),
+        )
+        .await
+    }
+
+    /// Sends a request and decodes a JSON answer; any non-2xx status becomes an error.
+    pub async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected {
+                status: status.as_u16(),
+                body: format!("{e}: {}", String::from_utf8_lossy(&bytes)),
+            });
+        }
+        Err(api_error(status, &bytes))
+    }
+}
+
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api {
+            status: status.as_u16(),
+            code: body.error.code,
+            message: body.error.message,
+        },
+        Err(_) => ClientError::Unexpected {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(bytes).into(),
+        },
+    }
+}
+
+/// Percent-encodes one path segment or query value.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(super::seg("a/b c?é"), "a%2Fb%20c%3F%C3%A9");
+        assert_eq!(super::seg("plain-key_1.x~"), "plain-key_1.x~");
+    }
+}

@@ -1,0 +1,411 @@
+//! The HTTP API under `/v1` (JSON), plus `/healthz` and `/readyz`.
+//!
+//! Every handler checks its input before anything reaches the log: names, sizes and
+//! counts are validated here (with the limit named in the error), so the state machine only
+//! ever sees well-formed commands.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use sesame_proto::api::{
+    ChangeBody, ChangeOp, ChangesPage, CreateSite, CreateToken, ScanPage, SiteInfo, SiteList,
+    TokenCreated, TupleBody, TxRequest, TxResponse,
+};
+use sesame_proto::tuple::{TxError, TX_BYTES_MAX};
+use sesame_proto::{
+    validate_collection, validate_key, validate_site, Command, CommandResult, Origin, Role,
+    TokenRecord, Transaction,
+};
+use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
+
+use crate::auth::{self, Caller};
+use crate::error::ApiError;
+use crate::node::{Node, HTTP_CONCURRENCY_MAX};
+
+/// Largest request body. JSON spells bytes in base64 and escapes strings, so it allows more
+/// than the encoded transaction limit; the transaction itself is checked after parsing.
+pub const BODY_BYTES_MAX: usize = 2 * TX_BYTES_MAX;
+const SCAN_LIMIT_DEFAULT: usize = 100;
+const CHANGES_LIMIT_DEFAULT: usize = 1_000;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/sites", post(create_site).get(list_sites))
+        .route("/v1/sites/{site}/tx", post(write_tx))
+        .route("/v1/sites/{site}/tokens", post(create_token))
+        .route("/v1/sites/{site}/tuples/{collection}", get(scan))
+        .route(
+            "/v1/sites/{site}/tuples/{collection}/{*key}",
+            get(get_tuple),
+        )
+        .route("/v1/sites/{site}/changes", get(changes))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            HTTP_CONCURRENCY_MAX,
+        ))
+        .with_state(node)
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let metrics = node.raft.metrics().borrow().clone();
+    match (&metrics.running_state, metrics.current_leader) {
+        (Ok(()), Some(leader)) => {
+            (StatusCode::OK, format!("ready; leader is node {leader}\n")).into_response()
+        }
+        (Ok(()), None) => (StatusCode::SERVICE_UNAVAILABLE, "no leader yet\n").into_response(),
+        (Err(e), _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("raft stopped: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// A JSON body read within [`BODY_BYTES_MAX`] and parsed strictly (unknown fields refused),
+/// with errors in the API's format.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body()).await?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request(
+                "request body is empty; send a JSON object",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, BODY_BYTES_MAX)
+        .await
+        .map_err(|_| {
+            ApiError::too_large(format!(
+                "request body is over the limit of {BODY_BYTES_MAX} bytes"
+            ))
+        })
+}
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid path: {e}")))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
+}
+
+fn check_site(site: &str) -> Result<(), ApiError> {
+    validate_site(site).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Fails with 404 unless the site exists.
+async fn require_site(node: &Node, site: &str) -> Result<SiteRecord, ApiError> {
+    let name = site.to_string();
+    node.read(move |v| v.site(&name))
+        .await?
+        .ok_or_else(|| ApiError::unknown_site(site))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn site_info(r: SiteRecord) -> SiteInfo {
+    SiteInfo {
+        name: r.name,
+        created_index: r.created_index,
+        created_at_ms: r.created_at_ms,
+    }
+}
+
+async fn create_site(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateSite>,
+) -> Result<(StatusCode, Json<SiteInfo>), ApiError> {
+    caller.require_admin()?;
+    check_site(&req.name)?;
+    let (index, result) = node
+        .propose(Command::CreateSite {
+            name: req.name.clone(),
+            created_at_ms: now_ms(),
+        })
+        .await?;
+    match result {
+        CommandResult::SiteCreated => {
+            let record = require_site(&node, &req.name).await?;
+            debug_assert_eq!(record.created_index, index);
+            Ok((StatusCode::CREATED, Json(site_info(record))))
+        }
+        CommandResult::SiteExists => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "site_exists",
+            format!("site {:?} already exists", req.name),
+        )),
+        other => Err(ApiError::internal(format!(
+            "create site {}: unexpected result {other:?}",
+            req.name
+        ))),
+    }
+}
+
+async fn list_sites(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+) -> Result<Json<SiteList>, ApiError> {
+    let sites = node.read(|v| v.sites()).await?;
+    let sites = sites
+        .into_iter()
+        .filter(|s| caller.require(&s.name, Role::Reader).is_ok())
+        .map(site_info)
+        .collect();
+    Ok(Json(SiteList { sites }))
+}
+
+async fn create_token(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    site: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<CreateToken>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    let site = path(site)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Owner)?;
+    require_site(&node, &site).await?;
+    let token = auth::new_token();
+    let record = TokenRecord {
+        hash: auth::hash_token(&token),
+        site: site.clone(),
+        role: req.role,
+    };
+    match node.propose(Command::PutToken(record)).await?.1 {
+        CommandResult::TokenStored => Ok((
+            StatusCode::CREATED,
+            Json(TokenCreated {
+                token,
+                site,
+                role: req.role,
+            }),
+        )),
+        CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
+        other => Err(ApiError::internal(format!(
+            "create token: unexpected result {other:?}"
+        ))),
+    }
+}
+
+async fn write_tx(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    site: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<TxRequest>,
+) -> Result<Json<TxResponse>, ApiError> {
+    let site = path(site)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Editor)?;
+    let origin = match (req.client_id, req.seq) {
+        (Some(client_id), Some(seq)) => Some(Origin { client_id, seq }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "client_id and seq go together: send both or neither",
+            ))
+        }
+    };
+    let tx = Transaction {
+        site: site.clone(),
+        ops: req.ops,
+        origin,
+    };
+    tx.validate().map_err(|e| match e {
+        TxError::TooLarge { .. } | TxError::ValueTooLarge { .. } | TxError::TooManyOps { .. } => {
+            ApiError::too_large(e.to_string())
+        }
+        _ => ApiError::bad_request(e.to_string()),
+    })?;
+    require_site(&node, &site).await?;
+    let (_, result) = node.propose(Command::Tx(tx)).await?;
+    match result {
+        CommandResult::Committed { index } => Ok(Json(TxResponse {
+            index,
+            duplicate: false,
+        })),
+        CommandResult::Duplicate { index } => Ok(Json(TxResponse {
+            index,
+            duplicate: true,
+        })),
+        CommandResult::Conflict(c) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "op {}: {}/{} is at version {}, the op expected {}{}; nothing was written",
+                c.op,
+                c.collection,
+                c.key,
+                c.current,
+                c.expected,
+                if c.current == 0 {
+                    " (0 means absent)"
+                } else {
+                    ""
+                }
+            ),
+        )),
+        CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
+        other => Err(ApiError::internal(format!(
+            "transaction: unexpected result {other:?}"
+        ))),
+    }
+}
+
+fn check_collection_key(collection: &str, key: Option<&str>) -> Result<(), ApiError> {
+    validate_collection(collection).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(key) = key {
+        validate_key(key).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn get_tuple(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Json<TupleBody>, ApiError> {
+    let (site, collection, key) = path(p)?;
+    check_site(&site)?;
+    check_collection_key(&collection, Some(&key))?;
+    caller.require(&site, Role::Reader)?;
+    require_site(&node, &site).await?;
+    let (c, k) = (collection.clone(), key.clone());
+    let tuple = node.read(move |v| v.get(&site, &c, &k)).await?;
+    let t = tuple.ok_or_else(|| ApiError::not_found(format!("no tuple {collection}/{key}")))?;
+    Ok(Json(TupleBody {
+        key: t.key,
+        value: t.value,
+        version: t.version,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanParams {
+    #[serde(default)]
+    prefix: String,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+fn check_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit.unwrap_or(default) {
+        0 => Err(ApiError::bad_request("limit must be at least 1")),
+        n if n > max => Err(ApiError::bad_request(format!(
+            "limit {n} is over the maximum of {max}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+async fn scan(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<ScanParams>, QueryRejection>,
+) -> Result<Json<ScanPage>, ApiError> {
+    let (site, collection) = path(p)?;
+    let params = query(q)?;
+    check_site(&site)?;
+    check_collection_key(&collection, None)?;
+    caller.require(&site, Role::Reader)?;
+    let limit = check_limit(params.limit, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX)?;
+    require_site(&node, &site).await?;
+    let tuples = node
+        .read(move |v| {
+            v.scan(
+                &site,
+                &collection,
+                &params.prefix,
+                params.after.as_deref(),
+                limit,
+            )
+        })
+        .await?;
+    let next = if tuples.len() == limit {
+        tuples.last().map(|t| t.key.clone())
+    } else {
+        None
+    };
+    let tuples = tuples
+        .into_iter()
+        .map(|t| TupleBody {
+            key: t.key,
+            value: t.value,
+            version: t.version,
+        })
+        .collect();
+    Ok(Json(ScanPage { tuples, next }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesParams {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+async fn changes(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<ChangesParams>, QueryRejection>,
+) -> Result<Json<ChangesPage>, ApiError> {
+    let site = path(p)?;
+    let params = query(q)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Reader)?;
+    let limit = check_limit(params.limit, CHANGES_LIMIT_DEFAULT, CHANGES_LIMIT_MAX)?;
+    require_site(&node, &site).await?;
+    let page = node
+        .read(move |v| v.changes(Some(&site), params.since, limit))
+        .await?;
+    let changes = page
+        .changes
+        .into_iter()
+        .map(|c| ChangeBody {
+            index: c.index,
+            collection: c.collection,
+            key: c.key,
+            op: if c.value.is_some() {
+                ChangeOp::Put
+            } else {
+                ChangeOp::Delete
+            },
+            value: c.value,
+        })
+        .collect();
+    Ok(Json(ChangesPage {
+        changes,
+        next_since: page.next_since,
+    }))
+}

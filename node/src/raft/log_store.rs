@@ -1,0 +1,660 @@
+//! The Raft log on SQLite: openraft's [`RaftLogStorage`] over `<dir>/raft-log.db`.
+//!
+//! One row per entry, encoded by hand: `(idx, term, leader_node_id, kind, payload)`. A normal
+//! entry's payload is the [`Command`] in Sesame's framed bincode ([`sesame_proto::codec`]), a
+//! membership entry's payload is JSON, a blank entry has none. The vote, the committed log id
+//! and the last purged log id live in a `meta` table as JSON.
+//!
+//! [`Command`]: sesame_proto::Command
+//!
+//! Durability: the file is in WAL mode with `synchronous=FULL`, so a COMMIT returns only after
+//! the WAL is fsynced. Each `append` call is one transaction (openraft hands over batches, and
+//! one fsync per batch is what keeps many concurrent writers fast), and the flush callback runs
+//! after that commit. The one write that skips the fsync is `save_committed`; see there why.
+//!
+//! SQLite calls block, so they run on tokio's blocking pool, one hop per call. Replication
+//! tasks read through [`LogReader`]s that share a second, read-only connection: WAL readers
+//! never wait for the writer, so replication does not queue behind an fsync.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{EntryPayload, OptionalSend, RaftLogReader, StorageIOError};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sesame_proto::codec::{self, CodecError};
+use thiserror::Error;
+
+use super::{blocking, Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
+
+/// The log's file name inside the node's data directory.
+pub const LOG_FILE_NAME: &str = "raft-log.db";
+
+/// Most entries one [`RaftLogReader::limited_get_log_entries`] call returns: bounds the size of
+/// one replication message.
+pub const READ_ENTRIES_MAX: u64 = 4096;
+/// Most payload bytes one [`RaftLogReader::limited_get_log_entries`] call returns. The first
+/// entry is returned whatever its size, so a read always makes progress.
+pub const READ_PAYLOAD_BYTES_MAX: usize = 16 << 20;
+
+/// Marks the SQLite file as a Sesame Raft log (`PRAGMA application_id`): ASCII "SSRL".
+const APPLICATION_ID: i32 = i32::from_be_bytes(*b"SSRL");
+/// Version of the tables below (`PRAGMA user_version`); bumped on any incompatible change.
+const SCHEMA_VERSION: i32 = 1;
+/// How long a statement waits for the other connection's lock (a WAL checkpoint) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite integers are signed; log indexes and terms past this do not fit (nor ever occur).
+const SQL_INTEGER_MAX: u64 = i64::MAX as u64;
+
+const SCHEMA: &str = "
+    CREATE TABLE log (
+        idx            INTEGER PRIMARY KEY,
+        term           INTEGER NOT NULL,
+        leader_node_id INTEGER NOT NULL,
+        kind           INTEGER NOT NULL,
+        payload        BLOB    NOT NULL
+    );
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+";
+
+const META_VOTE: &str = "vote";
+const META_COMMITTED: &str = "committed";
+const META_LAST_PURGED: &str = "last_purged";
+
+/// What a row's `payload` column holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadKind {
+    /// No payload: the entry a new leader appends to commit its term.
+    Blank = 0,
+    /// A [`Command`] in framed bincode.
+    Normal = 1,
+    /// A membership config as JSON.
+    Membership = 2,
+}
+
+impl PayloadKind {
+    fn from_sql(kind: i64) -> Option<PayloadKind> {
+        match kind {
+            0 => Some(PayloadKind::Blank),
+            1 => Some(PayloadKind::Normal),
+            2 => Some(PayloadKind::Membership),
+            _ => None,
+        }
+    }
+}
+
+/// Why reading or writing the log failed. Converted to openraft's [`StorageError`] at the
+/// trait boundary, where the subject (logs, vote, one entry) is known.
+#[derive(Debug, Error)]
+pub enum LogStoreError {
+    #[error("cannot create the log directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{path} is not a Sesame Raft log (application_id {found:#x})")]
+    NotALog { path: PathBuf, found: i32 },
+    #[error(
+        "{path} has Raft log schema version {found}, this build reads version {SCHEMA_VERSION}"
+    )]
+    Version { path: PathBuf, found: i32 },
+    #[error("cannot switch the log to WAL mode, SQLite kept journal mode {0:?}")]
+    NoWal(String),
+    #[error("entry {index}: unknown payload kind {kind}")]
+    UnknownKind { index: u64, kind: i64 },
+    #[error("entry {index}: payload column is not a blob")]
+    PayloadNotBlob { index: u64 },
+    #[error("entry {index}: blank entry carries {bytes} payload bytes")]
+    BlankWithPayload { index: u64, bytes: usize },
+    #[error("entry {index}: cannot decode command: {source}")]
+    DecodeCommand { index: u64, source: CodecError },
+    #[error("entry {index}: cannot decode membership: {source}")]
+    DecodeMembership {
+        index: u64,
+        source: serde_json::Error,
+    },
+    #[error("entry {index}: cannot encode membership: {source}")]
+    EncodeMembership {
+        index: u64,
+        source: serde_json::Error,
+    },
+    #[error("cannot decode meta {key:?}: {source}")]
+    DecodeMeta {
+        key: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("cannot encode meta {key:?}: {source}")]
+    EncodeMeta {
+        key: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+fn read_logs_error(e: LogStoreError) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_logs_error(e: LogStoreError) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+/// The Raft log of one node. Openraft owns it and calls it from its core task only.
+pub struct LogStore {
+    path: PathBuf,
+    /// Every write, and the core's own reads.
+    conn: Arc<Mutex<Connection>>,
+    /// Shared by the [`LogReader`]s handed to replication tasks.
+    reader_conn: Arc<Mutex<Connection>>,
+}
+
+impl LogStore {
+    /// Opens (creating if absent) the log `<dir>/raft-log.db`.
+    ///
+    /// Blocks on SQLite: call it at startup or inside `spawn_blocking`.
+    pub fn open(dir: &Path) -> Result<LogStore, LogStoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| LogStoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(LOG_FILE_NAME);
+
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let journal_mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !journal_mode.eq_ignore_ascii_case("wal") {
+            return Err(LogStoreError::NoWal(journal_mode));
+        }
+        // Every COMMIT fsyncs the WAL: an append is on disk before openraft hears it is.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        init_schema(&mut conn, &path)?;
+
+        // Opened after the schema exists, so it never sees a half-made file.
+        let reader_conn = Connection::open(&path)?;
+        reader_conn.busy_timeout(BUSY_TIMEOUT)?;
+        reader_conn.pragma_update(None, "query_only", true)?;
+
+        Ok(LogStore {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+            reader_conn: Arc::new(Mutex::new(reader_conn)),
+        })
+    }
+
+    /// The log's SQLite file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates the tables in a new file, or checks that an existing file is a log this build reads.
+fn init_schema(conn: &mut Connection, path: &Path) -> Result<(), LogStoreError> {
+    let tx = conn.transaction()?;
+    let application_id: i32 = tx.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+    let version: i32 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    match (application_id, version) {
+        (0, 0) => {
+            // A new file, unless it is some other SQLite database that happens to sit here.
+            let tables: i64 =
+                tx.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))?;
+            if tables != 0 {
+                return Err(LogStoreError::NotALog {
+                    path: path.to_path_buf(),
+                    found: application_id,
+                });
+            }
+            tx.execute_batch(SCHEMA)?;
+            // PRAGMA takes no bound parameters; both values are our own constants.
+            tx.execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+            ))?;
+        }
+        (APPLICATION_ID, SCHEMA_VERSION) => {}
+        (APPLICATION_ID, found) => {
+            return Err(LogStoreError::Version {
+                path: path.to_path_buf(),
+                found,
+            })
+        }
+        (found, _) => {
+            return Err(LogStoreError::NotALog {
+                path: path.to_path_buf(),
+                found,
+            })
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Node ids are arbitrary `u64`s and are never compared in SQL, so they are stored bit for bit
+/// in SQLite's signed integers.
+fn node_id_to_sql(node_id: NodeId) -> i64 {
+    i64::from_ne_bytes(node_id.to_ne_bytes())
+}
+
+fn node_id_from_sql(stored: i64) -> NodeId {
+    NodeId::from_ne_bytes(stored.to_ne_bytes())
+}
+
+fn make_log_id(term: u64, leader_node_id: NodeId, index: u64) -> LogId {
+    LogId::new(
+        openraft::CommittedLeaderId::new(term, leader_node_id),
+        index,
+    )
+}
+
+fn read_meta<T: DeserializeOwned>(
+    conn: &Connection,
+    key: &'static str,
+) -> Result<Option<T>, LogStoreError> {
+    let bytes: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?;
+    match bytes {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| LogStoreError::DecodeMeta { key, source }),
+    }
+}
+
+fn write_meta<T: Serialize>(
+    conn: &Connection,
+    key: &'static str,
+    value: &T,
+) -> Result<(), LogStoreError> {
+    let bytes =
+        serde_json::to_vec(value).map_err(|source| LogStoreError::EncodeMeta { key, source })?;
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+        .execute(params![key, bytes])?;
+    Ok(())
+}
+
+/// Encodes a payload into its `(kind, payload)` columns.
+fn encode_payload(entry: &Entry) -> Result<(PayloadKind, Vec<u8>), LogStoreError> {
+    Ok(match &entry.payload {
+        EntryPayload::Blank => (PayloadKind::Blank, Vec::new()),
+        EntryPayload::Normal(command) => (PayloadKind::Normal, codec::encode(command)),
+        EntryPayload::Membership(membership) => {
+            let bytes = serde_json::to_vec(membership).map_err(|source| {
+                LogStoreError::EncodeMembership {
+                    index: entry.log_id.index,
+                    source,
+                }
+            })?;
+            (PayloadKind::Membership, bytes)
+        }
+    })
+}
+
+/// Decodes a row's `(kind, payload)` columns. Bytes from disk are checked, never trusted.
+fn decode_payload(
+    index: u64,
+    kind: i64,
+    payload: &[u8],
+) -> Result<EntryPayload<TypeConfig>, LogStoreError> {
+    match PayloadKind::from_sql(kind) {
+        Some(PayloadKind::Blank) if payload.is_empty() => Ok(EntryPayload::Blank),
+        Some(PayloadKind::Blank) => Err(LogStoreError::BlankWithPayload {
+            index,
+            bytes: payload.len(),
+        }),
+        Some(PayloadKind::Normal) => codec::decode(payload)
+            .map(EntryPayload::Normal)
+            .map_err(|source| LogStoreError::DecodeCommand { index, source }),
+        Some(PayloadKind::Membership) => serde_json::from_slice(payload)
+            .map(EntryPayload::Membership)
+            .map_err(|source| LogStoreError::DecodeMembership { index, source }),
+        None => Err(LogStoreError::UnknownKind { index, kind }),
+    }
+}
+
+/// Writes `entries` in one transaction; one fsync when it commits.
+fn append_entries(conn: &mut Connection, entries: &[Entry]) -> Result<(), LogStoreError> {
+    // Openraft hands over consecutive entries; anything else is a bug upstream of us.
+    for pair in entries.windows(2) {
+        assert_eq!(
+            pair[0].log_id.index + 1,
+            pair[1].log_id.index,
+            "append got non-consecutive entries"
+        );
+    }
+    let tx = conn.transaction()?;
+    {
+        // REPLACE, not INSERT: openraft truncates conflicting entries before appending, so an
+        // index already present can only hold the very same entry again.
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO log (idx, term, leader_node_id, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for entry in entries {
+            let (kind, payload) = encode_payload(entry)?;
+            let leader = &entry.log_id.leader_id;
+            insert.execute(params![
+                entry.log_id.index,
+                leader.term,
+                node_id_to_sql(leader.node_id),
+                kind as i64,
+                payload
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// A read's size limits; `None` in [`read_entries`] reads the whole range.
+#[derive(Debug, Clone, Copy)]
+struct ReadLimit {
+    entries_max: u64,
+    payload_bytes_max: usize,
+}
+
+const REPLICATION_READ_LIMIT: ReadLimit = ReadLimit {
+    entries_max: READ_ENTRIES_MAX,
+    payload_bytes_max: READ_PAYLOAD_BYTES_MAX,
+};
+
+/// Turns any range of indexes into `[start, end)` clamped to what SQLite integers hold.
+fn half_open(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start.min(SQL_INTEGER_MAX), end.min(SQL_INTEGER_MAX))
+}
+
+/// Reads the entries present in `[start, end)`, in index order.
+fn read_entries(
+    conn: &Connection,
+    start: u64,
+    end: u64,
+    limit: Option<ReadLimit>,
+) -> Result<Vec<Entry>, LogStoreError> {
+    let mut entries = Vec::new();
+    if start >= end {
+        return Ok(entries);
+    }
+    let rows_max = limit.map_or(SQL_INTEGER_MAX, |l| l.entries_max);
+    let mut select = conn.prepare_cached(
+        "SELECT idx, term, leader_node_id, kind, payload FROM log
+         WHERE idx >= ?1 AND idx < ?2 ORDER BY idx LIMIT ?3",
+    )?;
+    let mut rows = select.query(params![start, end, rows_max])?;
+    let mut payload_bytes = 0usize;
+    while let Some(row) = rows.next()? {
+        let index: u64 = row.get(0)?;
+        let term: u64 = row.get(1)?;
+        let leader_node_id = node_id_from_sql(row.get(2)?);
+        let kind: i64 = row.get(3)?;
+        let ValueRef::Blob(payload) = row.get_ref(4)? else {
+            return Err(LogStoreError::PayloadNotBlob { index });
+        };
+        let payload_len = payload.len();
+        let entry = Entry {
+            log_id: make_log_id(term, leader_node_id, index),
+            payload: decode_payload(index, kind, payload)?,
+        };
+        assert!(
+            (start..end).contains(&entry.log_id.index),
+            "SQLite returned entry {index} outside [{start}, {end})"
+        );
+        entries.push(entry);
+
+        payload_bytes = payload_bytes.saturating_add(payload_len);
+        if limit.is_some_and(|l| payload_bytes >= l.payload_bytes_max) {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+fn log_state(conn: &Connection) -> Result<LogState<TypeConfig>, LogStoreError> {
+    let last_purged_log_id: Option<LogId> = read_meta(conn, META_LAST_PURGED)?;
+    let last_row = conn
+        .prepare_cached("SELECT idx, term, leader_node_id FROM log ORDER BY idx DESC LIMIT 1")?
+        .query_row([], |row| {
+            Ok((
+                row.get::<_, u64>(0)?,
+                row.get::<_, u64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })
+        .optional()?;
+    // The last entry present, else where purging left off. Not checked against the purge
+    // point: openraft's own storage suite appends below it and expects to read that entry back.
+    let last_log_id = match last_row {
+        Some((index, term, node)) => Some(make_log_id(term, node_id_from_sql(node), index)),
+        None => last_purged_log_id,
+    };
+    Ok(LogState {
+        last_purged_log_id,
+        last_log_id,
+    })
+}
+
+/// Removes entries from `log_id` on, after a conflict with the leader's log.
+fn truncate(conn: &Connection, log_id: &LogId) -> Result<(), LogStoreError> {
+    conn.prepare_cached("DELETE FROM log WHERE idx >= ?1")?
+        .execute([log_id.index.min(SQL_INTEGER_MAX)])?;
+    Ok(())
+}
+
+/// Removes entries up to `log_id` inclusive and records how far the log was purged, together.
+fn purge(conn: &mut Connection, log_id: &LogId) -> Result<(), LogStoreError> {
+    let tx = conn.transaction()?;
+    write_meta(&tx, META_LAST_PURGED, log_id)?;
+    tx.prepare_cached("DELETE FROM log WHERE idx <= ?1")?
+        .execute([log_id.index.min(SQL_INTEGER_MAX)])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Saves the committed log id without waiting for an fsync.
+///
+/// Openraft needs the saved value never to be ahead of what was truly committed. Being behind
+/// is harmless: the state machine records its own last-applied log id atomically with the data,
+/// and a leader commits its log again once elected. So this write may be lost in a crash; it
+/// becomes durable with the next fsynced commit (WAL frames reach the disk in order). That
+/// saves one fsync per advance of the commit index.
+fn save_committed(conn: &mut Connection, committed: &Option<LogId>) -> Result<(), LogStoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let written = write_meta(conn, META_COMMITTED, committed);
+    // If restoring FULL fails the error stops the node, so no append ever goes un-fsynced.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    written
+}
+
+/// Reads `range` through `conn` on the blocking pool.
+async fn get_entries(
+    conn: &Arc<Mutex<Connection>>,
+    (start, end): (u64, u64),
+    limit: Option<ReadLimit>,
+) -> Result<Vec<Entry>, StorageError> {
+    blocking::run(conn, move |conn| read_entries(conn, start, end, limit))
+        .await
+        .map_err(read_logs_error)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        get_entries(&self.conn, half_open(&range), None).await
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        get_entries(
+            &self.conn,
+            half_open(&(start..end)),
+            Some(REPLICATION_READ_LIMIT),
+        )
+        .await
+    }
+}
+
+/// Reads the log for one replication task.
+#[derive(Clone)]
+pub struct LogReader {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        get_entries(&self.conn, half_open(&range), None).await
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        get_entries(
+            &self.conn,
+            half_open(&(start..end)),
+            Some(REPLICATION_READ_LIMIT),
+        )
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        blocking::run(&self.conn, |conn| log_state(conn))
+            .await
+            .map_err(read_logs_error)
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        LogReader {
+            conn: Arc::clone(&self.reader_conn),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let vote = *vote;
+        blocking::run(&self.conn, move |conn| write_meta(conn, META_VOTE, &vote))
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        blocking::run(&self.conn, |conn| read_meta(conn, META_VOTE))
+            .await
+            .map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        blocking::run(&self.conn, move |conn| save_committed(conn, &committed))
+            .await
+            .map_err(write_logs_error)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        // Stored as JSON `null` once openraft saved "nothing committed".
+        let stored: Option<Option<LogId>> =
+            blocking::run(&self.conn, |conn| read_meta(conn, META_COMMITTED))
+                .await
+                .map_err(read_logs_error)?;
+        Ok(stored.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let written = blocking::run(&self.conn, move |conn| append_entries(conn, &entries))
+            .await
+            .map_err(write_logs_error);
+        // The commit fsynced the WAL (synchronous=FULL): the entries are durable now.
+        match &written {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(io::Error::other(e.to_string()))),
+        }
+        written
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        blocking::run(&self.conn, move |conn| truncate(conn, &log_id))
+            .await
+            .map_err(write_logs_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        blocking::run(&self.conn, move |conn| purge(conn, &log_id))
+            .await
+            .map_err(write_logs_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_round_trip_through_sql_bit_for_bit() {
+        for id in [0, 1, u64::MAX, i64::MAX as u64 + 1] {
+            assert_eq!(node_id_from_sql(node_id_to_sql(id)), id);
+        }
+    }
+
+    #[test]
+    fn ranges_become_half_open_and_clamped() {
+        assert_eq!(half_open(&(3..7)), (3, 7));
+        assert_eq!(half_open(&(3..=7)), (3, 8));
+        assert_eq!(half_open(&(..)), (0, SQL_INTEGER_MAX));
+        assert_eq!(half_open(&(5..=u64::MAX)), (5, SQL_INTEGER_MAX));
+    }
+
+    #[test]
+    fn garbage_payloads_are_errors() {
+        assert!(matches!(
+            decode_payload(1, 9, b""),
+            Err(LogStoreError::UnknownKind { index: 1, kind: 9 })
+        ));
+        assert!(matches!(
+            decode_payload(2, PayloadKind::Blank as i64, b"x"),
+            Err(LogStoreError::BlankWithPayload { index: 2, bytes: 1 })
+        ));
+        assert!(matches!(
+            decode_payload(3, PayloadKind::Normal as i64, b"SSM\x01\xff\xff"),
+            Err(LogStoreError::DecodeCommand { index: 3, .. })
+        ));
+        assert!(matches!(
+            decode_payload(4, PayloadKind::Membership as i64, b"{"),
+            Err(LogStoreError::DecodeMembership { index: 4, .. })
+        ));
+    }
+}
