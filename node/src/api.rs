@@ -244,8 +244,9 @@ async fn write_tx(
         }
         _ => ApiError::bad_request(e.to_string()),
     })?;
-    require_site(&node, &site).await?;
-    let (_, result) = node.propose(Command::Tx(tx)).await?;
+    // No existence pre-check: the state machine answers UnknownSite itself, and a read here
+    // would cost every write a trip to the blocking pool.
+    let (_, result) = node.write_tx(tx).await?;
     match result {
         CommandResult::Committed { index } => Ok(Json(TxResponse {
             index,

@@ -1,8 +1,11 @@
 //! A running node: Raft, the tuple store's readers, and the HTTP server, wired together.
 //!
-//! The path of a write: [`crate::api`] validates it and calls [`Node::propose`], which hands
-//! the command to openraft; the leader appends it to the log (durably), commits it, and the
-//! state machine applies it to the tuple store; `propose` returns the result computed there.
+//! The path of a write: [`crate::api`] validates it and calls [`Node::write_tx`], which queues
+//! it for [`group_commit`]: transactions that arrive while one log entry is being made
+//! durable go together into the next (one entry, one fsync, each transaction still atomic on
+//! its own). [`propose`] hands the entry to openraft; the leader appends it to the log
+//! (durably), commits it, and the state machine applies it to the tuple store; the results
+//! computed there travel back to each waiting request.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,9 +15,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use openraft::error::{ClientWriteError, RaftError};
-use sesame_proto::{Command, CommandResult, LogIndex};
+use sesame_proto::{codec, Command, CommandResult, LogIndex, Transaction};
 use sesame_sync::{ReadPool, StoreError, View};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth;
@@ -27,6 +30,14 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 const LEADER_WAIT_MS: u64 = 10_000;
 /// Most requests served at once; more wait in the listener's backlog.
 pub const HTTP_CONCURRENCY_MAX: usize = 1024;
+/// Transactions waiting for the next log entry; past this, writers wait (backpressure).
+const TX_QUEUE_MAX: usize = 4_096;
+/// Most transactions grouped into one log entry.
+const TXS_PER_ENTRY_MAX: usize = 512;
+/// Encoded bytes after which no more transactions join an entry. One transaction may
+/// overshoot it by at most its own size (itself at most `TX_BYTES_MAX`), well inside the
+/// codec's frame limit.
+const ENTRY_BYTES_MAX: usize = 16 << 20;
 /// Idle reader connections kept open for HTTP reads.
 const READ_POOL_IDLE_MAX: usize = 16;
 
@@ -58,6 +69,16 @@ pub struct Node {
     reads: Arc<ReadPool>,
     applied: watch::Receiver<LogIndex>,
     admin_hash: String,
+    txs: mpsc::Sender<PendingTx>,
+}
+
+type Proposed = Result<(LogIndex, CommandResult), ApiError>;
+
+/// A transaction waiting for [`group_commit`] to put it in a log entry.
+struct PendingTx {
+    tx: Transaction,
+    bytes: usize,
+    reply: oneshot::Sender<Proposed>,
 }
 
 impl Node {
@@ -85,27 +106,85 @@ impl Node {
         self.applied.clone()
     }
 
-    /// Orders `command` through the Raft log and returns its log index and what applying it
-    /// did. Returns once the entry is committed (durable on a quorum) and applied.
-    pub async fn propose(&self, command: Command) -> Result<(LogIndex, CommandResult), ApiError> {
-        match self.raft.client_write(command).await {
-            Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::new(
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                "not_leader",
-                match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(n)) => {
-                        format!("this node is not the leader; node {id} at {} is", n.addr)
-                    }
-                    _ => {
-                        "this node is not the leader and knows no leader now; retry shortly".into()
-                    }
-                },
-            )),
-            Err(RaftError::APIError(e)) => Err(ApiError::unavailable(format!("cannot write: {e}"))),
-            Err(RaftError::Fatal(e)) => {
-                tracing::error!("raft stopped: {e}");
-                Err(ApiError::unavailable(format!("raft has stopped: {e}")))
+    /// Orders one command through the Raft log on its own; see [`propose`].
+    pub async fn propose(&self, command: Command) -> Proposed {
+        propose(&self.raft, command).await
+    }
+
+    /// Commits a validated transaction and returns its log index and result (committed,
+    /// duplicate, conflict, unknown site). Returns once the transaction is durable and
+    /// applied.
+    pub async fn write_tx(&self, tx: Transaction) -> Proposed {
+        let (reply, answer) = oneshot::channel();
+        let bytes = codec::encoded_len(&tx);
+        self.txs
+            .send(PendingTx { tx, bytes, reply })
+            .await
+            .map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| ApiError::unavailable("the node is shutting down"))?
+    }
+}
+
+/// Orders `command` through the Raft log and returns its log index and what applying it did.
+/// Returns once the entry is committed (durable on a quorum) and applied.
+pub async fn propose(raft: &Raft, command: Command) -> Proposed {
+    match raft.client_write(command).await {
+        Ok(resp) => Ok((resp.log_id.index, resp.data)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => {
+                    format!("this node is not the leader; node {id} at {} is", n.addr)
+                }
+                _ => "this node is not the leader and knows no leader now; retry shortly".into(),
+            },
+        )),
+        Err(RaftError::APIError(e)) => Err(ApiError::unavailable(format!("cannot write: {e}"))),
+        Err(RaftError::Fatal(e)) => {
+            tracing::error!("raft stopped: {e}");
+            Err(ApiError::unavailable(format!("raft has stopped: {e}")))
+        }
+    }
+}
+
+/// Group commit: takes every transaction queued while the previous entry was in flight (up
+/// to the entry limits) and proposes them as one [`Command::Txs`]. A lone writer gets an
+/// entry of its own at once; many writers share entries, and fsyncs. Ends when the node is
+/// dropped.
+async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingTx>) {
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < TXS_PER_ENTRY_MAX && bytes < ENTRY_BYTES_MAX {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes;
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (txs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.tx, p.reply)).unzip();
+        match propose(&raft, Command::Txs(txs)).await {
+            Ok((index, CommandResult::Txs(results))) if results.len() == replies.len() => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    // A requester that went away (client disconnected) needs no answer.
+                    let _ = reply.send(Ok((index, result)));
+                }
+            }
+            Ok((_, other)) => {
+                let e = ApiError::internal(format!("transactions: unexpected result {other:?}"));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
             }
         }
     }
@@ -202,12 +281,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .await
         .context("wait for leadership")?;
 
+    let (txs, queue) = mpsc::channel(TX_QUEUE_MAX);
+    tokio::spawn(group_commit(raft.clone(), queue));
     let node = Arc::new(Node {
         id: config.node_id,
         raft,
         reads,
         applied,
         admin_hash: auth::hash_token(&admin_token),
+        txs,
     });
     let app = crate::api::router(node.clone());
     let cancel = CancellationToken::new();

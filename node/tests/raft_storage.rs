@@ -72,7 +72,7 @@ fn create_site(name: &str) -> Command {
 }
 
 fn put(site: &str, key: &str, json: serde_json::Value) -> anyhow::Result<Command> {
-    Ok(Command::Tx(Transaction {
+    Ok(Command::Txs(vec![Transaction {
         site: site.into(),
         ops: vec![Op::Put {
             collection: "profiles".into(),
@@ -81,7 +81,7 @@ fn put(site: &str, key: &str, json: serde_json::Value) -> anyhow::Result<Command
             if_version: None,
         }],
         origin: None,
-    }))
+    }]))
 }
 
 /// What a freshly initialised single-voter node logs and applies: the initial membership at
@@ -123,7 +123,7 @@ async fn reopen_keeps_vote_log_committed_and_applied() -> anyhow::Result<()> {
                 CommandResult::Ok,
                 CommandResult::Ok,
                 CommandResult::SiteCreated,
-                CommandResult::Committed { index: 3 }
+                CommandResult::Txs(vec![CommandResult::Committed { index: 3 }])
             ]
         );
         assert_eq!(*state_machine.applied_index().borrow(), 3);
@@ -293,7 +293,9 @@ async fn snapshot_streams_to_another_node_and_survives_restart() -> anyhow::Resu
     );
     assert_eq!(
         follower.apply([next]).await?,
-        vec![CommandResult::Committed { index: 4 }]
+        vec![CommandResult::Txs(vec![CommandResult::Committed {
+            index: 4
+        }])]
     );
     drop(follower);
     drop(leader);
@@ -379,9 +381,9 @@ async fn single_voter_raft_commits_snapshots_and_restarts_on_this_storage() -> a
         .await?;
     assert_eq!(
         written.data,
-        CommandResult::Committed {
+        CommandResult::Txs(vec![CommandResult::Committed {
             index: written.log_id.index
-        }
+        }])
     );
     // The watch moves before openraft answers the write: read-your-writes can rely on it.
     assert_eq!(*applied.borrow_and_update(), written.log_id.index);
@@ -409,9 +411,9 @@ async fn single_voter_raft_commits_snapshots_and_restarts_on_this_storage() -> a
     assert!(more.log_id.index > written.log_id.index);
     assert_eq!(
         more.data,
-        CommandResult::Committed {
+        CommandResult::Txs(vec![CommandResult::Committed {
             index: more.log_id.index
-        }
+        }])
     );
     raft.shutdown().await?;
     Ok(())

@@ -86,7 +86,7 @@ mod tests {
     use crate::{Command, Op, Transaction, Value};
 
     fn sample() -> Command {
-        Command::Tx(Transaction {
+        Command::Txs(vec![Transaction {
             site: "demo".into(),
             ops: vec![Op::Put {
                 collection: "profiles".into(),
@@ -96,7 +96,7 @@ mod tests {
                 if_version: Some(3),
             }],
             origin: None,
-        })
+        }])
     }
 
     #[test]

@@ -58,8 +58,10 @@ pub enum Command {
     CreateSite { name: String, created_at_ms: u64 },
     /// Store a site token.
     PutToken(TokenRecord),
-    /// Apply a transaction to one site's tuples.
-    Tx(Transaction),
+    /// Apply transactions, in order, each atomically. The node groups transactions that
+    /// arrive while the previous entry is being made durable into one entry (group commit):
+    /// they share its log index, and one fsync.
+    Txs(Vec<Transaction>),
     /// Point a site's root at a manifest: publish a new version, or roll back to an old one.
     Publish(Publish),
 }
@@ -116,6 +118,8 @@ pub enum CommandResult {
     UnknownSite {
         site: String,
     },
+    /// One result per transaction of a [`Command::Txs`], in order.
+    Txs(Vec<CommandResult>),
     /// The root moved.
     Published,
     /// The root was not at `expected`; nothing changed.

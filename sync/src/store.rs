@@ -203,7 +203,11 @@ fn apply_command(
             .execute(params![hash, site, role.as_str(), index as i64])?;
             Ok(CommandResult::TokenStored)
         }
-        Command::Tx(t) => apply_tx(tx, index, t),
+        Command::Txs(txs) => Ok(CommandResult::Txs(
+            txs.iter()
+                .map(|t| apply_tx(tx, index, t))
+                .collect::<Result<_, _>>()?,
+        )),
         Command::Publish(p) => apply_publish(tx, index, p),
     }
 }

@@ -14,11 +14,11 @@ fn put(coll: &str, key: &str, v: i64) -> Op {
 }
 
 fn tx(ops: Vec<Op>) -> Command {
-    Command::Tx(Transaction {
+    Command::Txs(vec![Transaction {
         site: "demo".into(),
         ops,
         origin: None,
-    })
+    }])
 }
 
 fn site(name: &str) -> Command {
@@ -50,10 +50,16 @@ impl Fixture {
     fn apply(&mut self, c: Command) -> CommandResult {
         let index = self.next;
         self.next += 1;
-        self.store
+        // A single-transaction batch yields that transaction's result.
+        match self
+            .store
             .apply(&[(index, Some(&c))], &[])
             .unwrap()
             .remove(0)
+        {
+            CommandResult::Txs(mut results) if results.len() == 1 => results.remove(0),
+            other => other,
+        }
     }
 }
 
@@ -249,14 +255,14 @@ fn change_feed_pages_never_split_a_commit() {
 fn client_seq_is_applied_at_most_once() {
     let mut f = Fixture::new();
     let with_origin = |seq, v| {
-        Command::Tx(Transaction {
+        Command::Txs(vec![Transaction {
             site: "demo".into(),
             ops: vec![put("p", "a", v)],
             origin: Some(Origin {
                 client_id: "phone".into(),
                 seq,
             }),
-        })
+        }])
     };
     assert_eq!(
         f.apply(with_origin(1, 10)),
@@ -293,8 +299,8 @@ fn client_seq_is_applied_at_most_once() {
 fn unknown_sites_sites_and_tokens() {
     let mut f = Fixture::new();
     let mut c = tx(vec![put("p", "a", 1)]);
-    if let Command::Tx(t) = &mut c {
-        t.site = "nope".into();
+    if let Command::Txs(t) = &mut c {
+        t[0].site = "nope".into();
     }
     assert_eq!(
         f.apply(c),
@@ -348,14 +354,8 @@ fn batches_are_atomic_and_ordered_with_meta() {
             &[("raft.applied", b"x")],
         )
         .unwrap();
-    assert_eq!(
-        results,
-        [
-            CommandResult::Committed { index: 2 },
-            CommandResult::Ok,
-            CommandResult::Committed { index: 4 }
-        ]
-    );
+    let one = |index| CommandResult::Txs(vec![CommandResult::Committed { index }]);
+    assert_eq!(results, [one(2), CommandResult::Ok, one(4)]);
     assert_eq!(
         f.store.meta("raft.applied").unwrap().as_deref(),
         Some(&b"x"[..])
@@ -514,4 +514,40 @@ fn publish_is_compare_and_set_and_keeps_history() {
         f.apply(unknown),
         CommandResult::UnknownSite { .. }
     ));
+}
+
+#[test]
+fn a_batch_applies_each_transaction_on_its_own_at_one_index() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1)])); // 2
+    let guarded = |v| Op::Put {
+        collection: "p".into(),
+        key: "a".into(),
+        value: Value::Int(v),
+        if_version: Some(2),
+    };
+    let t = |ops| Transaction {
+        site: "demo".into(),
+        ops,
+        origin: None,
+    };
+    let batch = Command::Txs(vec![
+        t(vec![guarded(10), put("p", "b", 1)]),
+        // Sees the first transaction's write: the guard on version 2 now fails.
+        t(vec![guarded(11)]),
+        t(vec![put("p", "c", 1)]),
+    ]);
+    let results = f.store.apply(&[(3, Some(&batch))], &[]).unwrap();
+    let CommandResult::Txs(results) = &results[0] else {
+        panic!("{results:?}")
+    };
+    assert_eq!(results[0], CommandResult::Committed { index: 3 });
+    assert!(matches!(&results[1], CommandResult::Conflict(c) if c.current == 3));
+    assert_eq!(results[2], CommandResult::Committed { index: 3 });
+    let v = f.store.view();
+    assert_eq!(
+        v.get("demo", "p", "a").unwrap().unwrap().value,
+        Value::Int(10)
+    );
+    assert!(v.get("demo", "p", "c").unwrap().is_some());
 }
