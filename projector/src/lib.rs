@@ -1,1 +1,54 @@
-//! placeholder
+//! Sesame's projector: site data (tuples) → static pages in object storage.
+//!
+//! The node follows the commit log and, per site, hands a [`SiteProjector`] a consistent read
+//! view ([`Source`]) and the keys that changed. The projector works out which pages those keys
+//! touched, renders them with minijinja in a sandbox, content-addresses every file with
+//! blake3 and returns a [`Projection`]: a new [`Manifest`] plus the blobs it introduced. The
+//! node publishes them with a [`Publisher`], commits the new [`Root`] through Raft itself and
+//! mirrors it to the store.
+//!
+//! This crate does no Raft and no HTTP. Rendering is blocking, CPU-bound work on scoped
+//! threads: call it from `spawn_blocking` (or a dedicated thread), not on the async runtime.
+//!
+//! Map of the modules, in the order a projection uses them:
+//! - `source`: the read interface, and an in-memory implementation;
+//! - `site`: templates, routes and assets parsed from their tuples; `paths`: URL paths and
+//!   content types; `includes`: what a template loads, read from its source;
+//! - `projector`: the engine (claims on paths, dirty paths, manifests); `deps`: the reverse
+//!   dependency index; `render`: minijinja, the sandbox and parallel rendering; `sitemap`; `view`: tuples as templates see them;
+//! - `manifest`: manifests and roots; `publish`: the object store.
+
+mod config;
+mod deps;
+mod error;
+mod includes;
+mod manifest;
+mod paths;
+mod projector;
+mod publish;
+mod render;
+mod site;
+mod sitemap;
+mod source;
+mod view;
+
+pub use config::{
+    Config, FUEL_PER_PAGE_DEFAULT, PAGE_BYTES_MAX_DEFAULT, RECURSION_DEPTH_MAX_DEFAULT,
+    SITE_PAGES_MAX_DEFAULT,
+};
+pub use error::{ProjectError, TemplateError};
+pub use manifest::{
+    content_hash, Delta, FileEntry, Manifest, ManifestError, Root, MANIFEST_FORMAT, ROOT_FORMAT,
+};
+pub use paths::{content_type_for, encode_segment, NOT_FOUND_PATH, ROBOTS_PATH, SITEMAP_PATH};
+pub use projector::{
+    ChangedKey, Projection, SiteProjector, ASSETS_MAX, ERRORS_REPORTED_MAX, ROUTES_MAX,
+    TEMPLATES_MAX,
+};
+pub use publish::{PublishError, Publisher, BLOB_PUTS_CONCURRENT_MAX};
+pub use render::{
+    LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,
+};
+pub use site::{ASSETS, ROUTES, TEMPLATES};
+pub use sitemap::{sitemaps, SITEMAP_URLS_MAX};
+pub use source::{MemorySource, Source, SourceError};

@@ -1,0 +1,329 @@
+//! Publishing site versions to object storage (S3, R2, a local folder) through `object_store`.
+//!
+//! Layout, per site:
+//! - `sites/<site>/blobs/<hash>`: every file, once, under the blake3 hash of its bytes;
+//! - `sites/<site>/manifests/<id>.json`: every site version, under the hash of its JSON;
+//! - `sites/<site>/root`: a mirror of the site's current root (the Raft log holds the real
+//!   one), for edge readers.
+//!
+//! Order makes a version visible only when complete: blobs, then the manifest, then (after
+//! the node commits the root through Raft) the root mirror. Blobs and manifests are immutable
+//! and content-addressed, so writing one twice is harmless and retries are always safe.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutPayload, UpdateVersion};
+use sesame_proto::validate_site;
+use thiserror::Error;
+
+use crate::manifest::{content_hash, is_hash, Manifest, Root};
+use crate::projector::Projection;
+
+/// Blob uploads in flight at once for one publish.
+pub const BLOB_PUTS_CONCURRENT_MAX: usize = 32;
+/// Blob paths remembered as written (to skip re-uploads); the memory is cleared past this.
+pub const BLOBS_KNOWN_MAX: usize = 1_000_000;
+
+/// Why publishing or reading back failed.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("invalid object store URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("creating {path}: {source}")]
+    CreateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid {what} {value:?}")]
+    InvalidName { what: &'static str, value: String },
+    #[error("{path} not found")]
+    NotFound { path: String },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("the root of site {site} changed while it was being mirrored; mirror the committed root again")]
+    RootConflict { site: String },
+}
+
+/// Writes and reads site versions in one object store.
+#[derive(Debug)]
+pub struct Publisher {
+    store: Arc<dyn ObjectStore>,
+    /// Path inside the store under which `sites/` lives (from a URL like `s3://bucket/pages`).
+    prefix: Option<Path>,
+    /// Blob paths known to exist.
+    known: Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    /// Publishes into any object store.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Publisher {
+            store,
+            prefix: None,
+            known: Mutex::default(),
+        }
+    }
+
+    /// Publishes into a local folder, creating it. Writes go to a temporary file and are
+    /// renamed into place, so readers never see a partial file.
+    pub fn local(dir: impl AsRef<std::path::Path>) -> Result<Self, PublishError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| PublishError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self::new(Arc::new(LocalFileSystem::new_with_prefix(dir)?)))
+    }
+
+    /// Publishes into the store a URL names (`s3://bucket/prefix`, `file:///dir`,
+    /// `memory:///`), with options such as `aws_endpoint`, `aws_access_key_id`, `aws_region`
+    /// (see `object_store::aws::AmazonS3ConfigKey`). For R2 use its S3 endpoint.
+    pub fn from_url<I, K, V>(url: &str, options: I) -> Result<Self, PublishError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let parsed = url::Url::parse(url).map_err(|e| PublishError::Url {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
+        let mut publisher = Self::new(Arc::from(store));
+        publisher.prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
+        Ok(publisher)
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Writes a projection's new blobs, then its manifest. Returns the manifest id. The node
+    /// then commits the root through Raft and calls [`Publisher::mirror_root`].
+    pub async fn publish(&self, projection: &Projection) -> Result<String, PublishError> {
+        self.put_blobs(&projection.manifest.site, &projection.new_blobs)
+            .await?;
+        let id = self.put_manifest(&projection.manifest).await?;
+        debug_assert_eq!(id, projection.manifest_id);
+        Ok(id)
+    }
+
+    /// Writes blobs, [`BLOB_PUTS_CONCURRENT_MAX`] at a time, skipping ones known to exist.
+    /// Each blob's hash is checked before it is written. Returns how many were written.
+    pub async fn put_blobs(
+        &self,
+        site: &str,
+        blobs: &[(String, Bytes)],
+    ) -> Result<usize, PublishError> {
+        check_site(site)?;
+        let mut todo = Vec::new();
+        for (hash, body) in blobs {
+            if !is_hash(hash) {
+                return Err(PublishError::InvalidName {
+                    what: "blob hash",
+                    value: hash.clone(),
+                });
+            }
+            let path = self.path(&format!("sites/{site}/blobs/{hash}"));
+            if !self.is_known(&path) {
+                // Owned: a borrowed hash in the stream below makes the future not `Send`
+                // (rustc cannot prove the closure general over the borrow's lifetime).
+                todo.push((path, hash.clone(), body.clone()));
+            }
+        }
+        let written = todo.len();
+        futures::stream::iter(todo)
+            .map(|(path, hash, body)| async move {
+                let actual = content_hash(&body);
+                if actual != hash {
+                    return Err(PublishError::Corrupt {
+                        path: path.to_string(),
+                        reason: format!("bytes hash to {actual}"),
+                    });
+                }
+                self.store.put(&path, PutPayload::from(body)).await?;
+                Ok(path)
+            })
+            .buffer_unordered(BLOB_PUTS_CONCURRENT_MAX)
+            .try_for_each(|path| {
+                self.remember(&path);
+                futures::future::ready(Ok(()))
+            })
+            .await?;
+        Ok(written)
+    }
+
+    /// Writes a manifest under its id and returns the id.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<String, PublishError> {
+        check_site(&manifest.site)?;
+        let json = manifest.to_json();
+        let id = content_hash(&json);
+        let path = self.path(&format!("sites/{}/manifests/{id}.json", manifest.site));
+        self.store.put(&path, PutPayload::from(json)).await?;
+        Ok(id)
+    }
+
+    /// Mirrors a committed root to `sites/<site>/root`. Where the store supports it the write
+    /// is conditional on the root read just before (If-Match on S3 and R2; create-if-absent
+    /// on a local folder), so a concurrent writer is detected: then this returns
+    /// [`PublishError::RootConflict`] and the caller mirrors the root the log holds again.
+    /// Stores without conditional updates (a local folder) are overwritten.
+    pub async fn mirror_root(&self, site: &str, root: &Root) -> Result<(), PublishError> {
+        check_site(site)?;
+        if !is_hash(&root.manifest) {
+            return Err(PublishError::InvalidName {
+                what: "manifest id",
+                value: root.manifest.clone(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/root"));
+        let payload = PutPayload::from(root.to_json());
+        let mode = match self.store.head(&path).await {
+            Ok(meta) if meta.e_tag.is_some() || meta.version.is_some() => {
+                PutMode::Update(UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                })
+            }
+            // Nothing to condition on.
+            Ok(_) => PutMode::Overwrite,
+            Err(object_store::Error::NotFound { .. }) => PutMode::Create,
+            Err(e) => return Err(e.into()),
+        };
+        match self
+            .store
+            .put_opts(&path, payload.clone(), mode.into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotImplemented) => {
+                // LocalFileSystem cannot update conditionally; its writes are atomic renames.
+                self.store.put(&path, payload).await?;
+                Ok(())
+            }
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(PublishError::RootConflict {
+                site: site.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The mirrored root of a site, if one was written.
+    pub async fn get_root(&self, site: &str) -> Result<Option<Root>, PublishError> {
+        check_site(site)?;
+        let path = self.path(&format!("sites/{site}/root"));
+        let bytes = match self.read(&path).await {
+            Ok(bytes) => bytes,
+            Err(PublishError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Root::from_json(&bytes)
+            .map(Some)
+            .map_err(|e| PublishError::Corrupt {
+                path: path.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// A stored manifest, checked against its id.
+    pub async fn get_manifest(&self, site: &str, id: &str) -> Result<Manifest, PublishError> {
+        check_site(site)?;
+        if !is_hash(id) {
+            return Err(PublishError::InvalidName {
+                what: "manifest id",
+                value: id.to_string(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
+        let bytes = self.read(&path).await?;
+        let corrupt = |reason: String| PublishError::Corrupt {
+            path: path.to_string(),
+            reason,
+        };
+        let actual = content_hash(&bytes);
+        if actual != id {
+            return Err(corrupt(format!("bytes hash to {actual}")));
+        }
+        let manifest = Manifest::from_json(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if manifest.site != site {
+            return Err(corrupt(format!("manifest is for site {:?}", manifest.site)));
+        }
+        Ok(manifest)
+    }
+
+    /// A stored blob, checked against its hash.
+    pub async fn get_blob(&self, site: &str, hash: &str) -> Result<Bytes, PublishError> {
+        check_site(site)?;
+        if !is_hash(hash) {
+            return Err(PublishError::InvalidName {
+                what: "blob hash",
+                value: hash.to_string(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/blobs/{hash}"));
+        let bytes = self.read(&path).await?;
+        let actual = content_hash(&bytes);
+        if actual != hash {
+            return Err(PublishError::Corrupt {
+                path: path.to_string(),
+                reason: format!("bytes hash to {actual}"),
+            });
+        }
+        self.remember(&path);
+        Ok(bytes)
+    }
+
+    async fn read(&self, path: &Path) -> Result<Bytes, PublishError> {
+        let result = match self.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(PublishError::NotFound {
+                    path: path.to_string(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(result.bytes().await?)
+    }
+
+    fn path(&self, relative: &str) -> Path {
+        match &self.prefix {
+            Some(prefix) => Path::from(format!("{prefix}/{relative}")),
+            None => Path::from(relative),
+        }
+    }
+
+    fn is_known(&self, path: &Path) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(path.as_ref())
+    }
+
+    fn remember(&self, path: &Path) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= BLOBS_KNOWN_MAX {
+            known.clear();
+        }
+        known.insert(path.to_string());
+    }
+}
+
+fn check_site(site: &str) -> Result<(), PublishError> {
+    validate_site(site).map_err(|_| PublishError::InvalidName {
+        what: "site name",
+        value: site.to_string(),
+    })
+}
