@@ -6,8 +6,8 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sesame_proto::api::{
-    ChangesPage, CreateSite, CreateToken, ErrorBody, ScanPage, SiteInfo, SiteList, TokenCreated,
-    TupleBody, TxRequest, TxResponse,
+    ChangesPage, CreateSite, CreateToken, ErrorBody, Rollback, ScanPage, SiteInfo, SiteList,
+    SiteStatus, TokenCreated, TupleBody, TxRequest, TxResponse, VersionList,
 };
 use sesame_proto::{LogIndex, Op, Role};
 use thiserror::Error;
@@ -197,6 +197,56 @@ impl Http {
             Some(&CreateToken { role }),
         )
         .await
+    }
+
+    pub async fn status(&self, site: &str) -> Result<SiteStatus, ClientError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/sites/{}/status", seg(site)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn rebuild(&self, site: &str) -> Result<serde_json::Value, ClientError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/sites/{}/rebuild", seg(site)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn versions(&self, site: &str, limit: usize) -> Result<VersionList, ClientError> {
+        let path = format!("/v1/sites/{}/versions?limit={limit}", seg(site));
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn rollback(
+        &self,
+        site: &str,
+        index: LogIndex,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/v1/sites/{}/rollback", seg(site));
+        self.call(Method::POST, &path, Some(&Rollback { index }))
+            .await
+    }
+
+    /// Every key of a collection, following the scan cursor page by page.
+    pub async fn keys(&self, site: &str, collection: &str) -> Result<Vec<String>, ClientError> {
+        const PAGE: usize = 1_000;
+        let mut keys = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .scan(site, collection, "", after.as_deref(), PAGE)
+                .await?;
+            keys.extend(page.tuples.into_iter().map(|t| t.key));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(keys),
+            }
+        }
     }
 
     /// Sends a request and decodes a JSON answer; any non-2xx status becomes an error.

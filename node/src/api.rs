@@ -12,18 +12,19 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use sesame_proto::api::{
-    ChangeBody, ChangeOp, ChangesPage, CreateSite, CreateToken, ScanPage, SiteInfo, SiteList,
-    TokenCreated, TupleBody, TxRequest, TxResponse,
+    ChangeBody, ChangeOp, ChangesPage, CreateSite, CreateToken, Rollback, ScanPage, SiteInfo,
+    SiteList, SiteStatus, TemplateProblem, TokenCreated, TupleBody, TxRequest, TxResponse,
+    VersionInfo, VersionList,
 };
 use sesame_proto::tuple::{TxError, TX_BYTES_MAX};
 use sesame_proto::{
-    validate_collection, validate_key, validate_site, Command, CommandResult, Origin, Role,
-    TokenRecord, Transaction,
+    validate_collection, validate_key, validate_site, Command, CommandResult, Origin, Publish,
+    Role, TokenRecord, Transaction,
 };
 use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
 
@@ -50,11 +51,25 @@ pub fn router(node: Arc<Node>) -> Router {
             get(get_tuple),
         )
         .route("/v1/sites/{site}/changes", get(changes))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .route("/v1/sites/{site}/status", get(status))
+        .route("/v1/sites/{site}/rebuild", post(rebuild))
+        .route("/v1/sites/{site}/versions", get(versions))
+        .route("/v1/sites/{site}/rollback", post(rollback))
+        .route("/v1", any(api_not_found))
+        .route("/v1/{*rest}", any(api_not_found))
+        // Everything else is a page of a site.
+        .fallback(crate::serve::serve)
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             HTTP_CONCURRENCY_MAX,
         ))
         .with_state(node)
+}
+
+/// Site names that would shadow the node's own paths in path mode (`/<site>/...`).
+pub const RESERVED_SITE_NAMES: [&str; 5] = ["v1", "healthz", "readyz", "metrics", "static"];
+
+async fn api_not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
@@ -146,6 +161,12 @@ async fn create_site(
 ) -> Result<(StatusCode, Json<SiteInfo>), ApiError> {
     caller.require_admin()?;
     check_site(&req.name)?;
+    if RESERVED_SITE_NAMES.contains(&req.name.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "site name {:?} is reserved: it would shadow /{0}/ on the node; reserved names are {RESERVED_SITE_NAMES:?}",
+            req.name
+        )));
+    }
     let (index, result) = node
         .propose(Command::CreateSite {
             name: req.name.clone(),
@@ -233,6 +254,20 @@ async fn write_tx(
             ))
         }
     };
+    if let Err(wait) = node.limiter.check(&site, std::time::Instant::now()) {
+        let rate = node.limiter.limit().map(|l| l.per_second).unwrap_or(0.0);
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "site {site:?} is writing faster than its limit of {rate} transactions per second; \
+                 nothing was written; retry after {secs} s; the site updates moments after a write lands"
+            ),
+        );
+        e.retry_after = Some(secs);
+        return Err(e);
+    }
     let tx = Transaction {
         site: site.clone(),
         ops: req.ops,
@@ -408,5 +443,151 @@ async fn changes(
     Ok(Json(ChangesPage {
         changes,
         next_since: page.next_since,
+    }))
+}
+
+async fn status(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<SiteStatus>, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Reader)?;
+    require_site(&node, &site).await?;
+    let committed = *node.applied().borrow();
+    let projected = node.pages.projected();
+    let p = node.projections.status(&site).unwrap_or_default();
+    let problem = |e: sesame_projector::TemplateError| TemplateProblem {
+        template: e.template,
+        line: e.line,
+        message: e.message,
+        path: e.path,
+    };
+    Ok(Json(SiteStatus {
+        served_index: node.pages.served_index(&site),
+        site,
+        committed_index: committed,
+        projected_index: projected,
+        pages: p.pages,
+        pages_rendered_total: p.pages_rendered_total,
+        pending: committed.saturating_sub(projected),
+        last_publish_at: p.last_publish_at,
+        last_publish_ms: p.last_publish_ms,
+        last_error: p.last_error.map(problem),
+        errors: p.errors.into_iter().map(problem).collect(),
+    }))
+}
+
+async fn rebuild(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Editor)?;
+    require_site(&node, &site).await?;
+    node.projections.request_rebuild(&site);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "site": site, "rebuild": "queued" })),
+    ))
+}
+
+const VERSIONS_LIMIT_DEFAULT: usize = 100;
+const VERSIONS_LIMIT_MAX: usize = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionsParams {
+    limit: Option<usize>,
+}
+
+async fn versions(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<VersionsParams>, QueryRejection>,
+) -> Result<Json<VersionList>, ApiError> {
+    let site = path(p)?;
+    let params = query(q)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Reader)?;
+    let limit = check_limit(params.limit, VERSIONS_LIMIT_DEFAULT, VERSIONS_LIMIT_MAX)?;
+    require_site(&node, &site).await?;
+    let (current, list) = node
+        .read(move |v| Ok((v.root(&site)?, v.versions(&site, limit)?)))
+        .await?;
+    let current_log = current.map(|r| r.log_index);
+    let versions = list
+        .into_iter()
+        .map(|r| VersionInfo {
+            current: Some(r.log_index) == current_log,
+            index: r.index,
+            manifest: r.manifest,
+            files: r.files,
+            published_at_ms: r.published_at_ms,
+            rollback: r.rollback,
+        })
+        .collect();
+    Ok(Json(VersionList { versions }))
+}
+
+async fn rollback(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<Rollback>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Editor)?;
+    require_site(&node, &site).await?;
+    let name = site.clone();
+    let (target, current) = node
+        .read(move |v| Ok((v.version_at(&name, req.index)?, v.root(&name)?)))
+        .await?;
+    let target = target.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "site {site:?} has no published version at index {}; see its versions",
+            req.index
+        ))
+    })?;
+    let command = Command::Publish(Publish {
+        site: site.clone(),
+        manifest: target.manifest.clone(),
+        index: target.index,
+        files: target.files,
+        published_at_ms: now_ms(),
+        expected: current.map(|r| r.manifest),
+        rollback: true,
+    });
+    match node.propose(command).await?.1 {
+        CommandResult::Published => {}
+        CommandResult::RootMoved { .. } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the site published a new version meanwhile; nothing was rolled back; retry",
+            ))
+        }
+        other => {
+            return Err(ApiError::internal(format!(
+                "rollback: unexpected result {other:?}"
+            )))
+        }
+    }
+    node.pages
+        .refresh(&node)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(VersionInfo {
+        index: target.index,
+        manifest: target.manifest,
+        files: target.files,
+        published_at_ms: now_ms(),
+        rollback: true,
+        current: true,
     }))
 }

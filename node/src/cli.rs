@@ -24,6 +24,8 @@ pub const DEV_HTTP_ADDR: &str = "127.0.0.1:7700";
     about = "A replicated tuple database that projects its data into static web pages"
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub remote: Remote,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,8 +38,6 @@ pub enum Command {
     Site {
         #[command(subcommand)]
         command: SiteCommand,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Put a tuple: `sesame put SITE COLLECTION KEY JSON`.
     Put {
@@ -49,16 +49,12 @@ pub enum Command {
         /// Only if the tuple is at this version (0: only if it does not exist).
         #[arg(long)]
         if_version: Option<u64>,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Get one tuple.
     Get {
         site: String,
         collection: String,
         key: String,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Delete a tuple.
     Del {
@@ -67,8 +63,6 @@ pub enum Command {
         key: String,
         #[arg(long)]
         if_version: Option<u64>,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// List tuples of a collection in key order.
     Scan {
@@ -81,8 +75,6 @@ pub enum Command {
         /// Start after this key (the `next` cursor of the previous page).
         #[arg(long)]
         after: Option<String>,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Show what changed in a site after an index.
     Changes {
@@ -91,15 +83,11 @@ pub enum Command {
         since: u64,
         #[arg(long, default_value_t = 1000)]
         limit: usize,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Make tokens.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
-        #[command(flatten)]
-        remote: Remote,
     },
 }
 
@@ -112,12 +100,48 @@ pub struct DevArgs {
     /// Use this admin token instead of the saved or a generated one.
     #[arg(long, env = "SESAME_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Publish to this object store (`s3://bucket/prefix`; S3/R2 settings from AWS_*
+    /// variables) instead of <data>/objects.
+    #[arg(long)]
+    pub objects: Option<String>,
+    /// Serve `Host: <site>.<domain>` too (subdomain mode).
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// The URL visitors reach this node at (for canonical links and sitemaps).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SiteCommand {
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
+    /// Load a folder (templates/, routes.toml, assets/, data/) into a site in one transaction.
+    Deploy {
+        site: String,
+        dir: PathBuf,
+    },
+    /// Projection and publishing status.
+    Status {
+        site: String,
+    },
+    /// Published versions, newest first.
+    Versions {
+        site: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Serve an earlier version again (by the commit index it reflects).
+    Rollback {
+        site: String,
+        index: u64,
+    },
+    /// Render the whole site again.
+    Rebuild {
+        site: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,10 +153,15 @@ pub enum TokenCommand {
 /// Which node to talk to and as whom.
 #[derive(Debug, Args)]
 pub struct Remote {
-    #[arg(long, env = "SESAME_NODE", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "SESAME_NODE",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub node: String,
     /// Bearer token; defaults to the admin token `sesame dev` saved in ./sesame-data.
-    #[arg(long, env = "SESAME_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SESAME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 
@@ -160,11 +189,21 @@ fn parse_value(json: &str) -> anyhow::Result<Value> {
 
 /// Runs a command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let remote = cli.remote;
     match cli.command {
         Command::Dev(args) => dev(args).await,
-        Command::Site { command, remote } => match command {
+        Command::Site { command } => match command {
             SiteCommand::Create { name } => print_json(&remote.client().create_site(&name).await?),
             SiteCommand::List => print_json(&remote.client().list_sites().await?),
+            SiteCommand::Deploy { site, dir } => deploy(&remote.client(), &site, &dir).await,
+            SiteCommand::Status { site } => print_json(&remote.client().status(&site).await?),
+            SiteCommand::Versions { site, limit } => {
+                print_json(&remote.client().versions(&site, limit).await?)
+            }
+            SiteCommand::Rollback { site, index } => {
+                print_json(&remote.client().rollback(&site, index).await?)
+            }
+            SiteCommand::Rebuild { site } => print_json(&remote.client().rebuild(&site).await?),
         },
         Command::Put {
             site,
@@ -172,7 +211,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             json,
             if_version,
-            remote,
         } => {
             let value = parse_value(&json)?;
             let op = Op::Put {
@@ -192,14 +230,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             site,
             collection,
             key,
-            remote,
         } => print_json(&remote.client().get(&site, &collection, &key).await?),
         Command::Del {
             site,
             collection,
             key,
             if_version,
-            remote,
         } => print_json(
             &remote
                 .client()
@@ -212,22 +248,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             prefix,
             limit,
             after,
-            remote,
         } => print_json(
             &remote
                 .client()
                 .scan(&site, &collection, &prefix, after.as_deref(), limit)
                 .await?,
         ),
-        Command::Changes {
-            site,
-            since,
-            limit,
-            remote,
-        } => print_json(&remote.client().changes(&site, since, limit).await?),
+        Command::Changes { site, since, limit } => {
+            print_json(&remote.client().changes(&site, since, limit).await?)
+        }
         Command::Token {
             command: TokenCommand::Create { site, role },
-            remote,
         } => {
             let role = match role.as_str() {
                 "owner" => Role::Owner,
@@ -240,17 +271,99 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+async fn deploy(client: &Http, site: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let bundle = crate::bundle::load_dir(dir)?;
+    let mut existing = Vec::new();
+    for collection in crate::bundle::PAGE_COLLECTIONS {
+        for key in client.keys(site, collection).await? {
+            existing.push((collection.to_string(), key));
+        }
+    }
+    let ops = crate::bundle::deploy_ops(&bundle, &existing);
+    let deleted = ops
+        .iter()
+        .filter(|op| matches!(op, Op::Delete { .. }))
+        .count();
+    let req = TxRequest {
+        ops,
+        client_id: None,
+        seq: None,
+    };
+    let written = client.tx(site, &req).await?;
+    println!(
+        "deployed {} tuples to {site} (deleted {deleted}) at index {}",
+        bundle.len(),
+        written.index
+    );
+    println!("status: sesame site status {site}");
+    Ok(())
+}
+
+/// The site `sesame dev` seeds on first start.
+pub const DEMO_SITE: &str = "demo";
+
+/// Creates the demo site from the built-in bundle, unless the site exists. Returns whether
+/// it seeded.
+pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
+    let exists = node
+        .read(|v| v.site(DEMO_SITE))
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let created_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let create = sesame_proto::Command::CreateSite {
+        name: DEMO_SITE.into(),
+        created_at_ms,
+    };
+    node.propose(create)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let ops = crate::bundle::deploy_ops(&crate::bundle::demo(), &[]);
+    let tx = sesame_proto::Transaction {
+        site: DEMO_SITE.into(),
+        ops,
+        origin: None,
+    };
+    tx.validate().context("validate the demo bundle")?;
+    match node
+        .write_tx(tx)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?
+        .1
+    {
+        sesame_proto::CommandResult::Committed { .. } => Ok(true),
+        other => anyhow::bail!("seed the demo site: {other:?}"),
+    }
+}
+
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&args.data, args.http);
     config.admin_token = args.admin_token;
+    config.objects = args.objects;
+    config.domain = args.domain;
+    config.public_url = args.public_url;
     let running = crate::node::start(config).await?;
+    let seeded = seed_demo(&running.node).await?;
     let url = running.url();
+    let demo = format!("{url}/{DEMO_SITE}");
     println!("Sesame dev node listening on {url}");
     println!("  data:        {}", args.data.display());
     println!("  admin token: {}", running.admin_token);
-    println!("  try:         sesame site create demo && sesame put demo profiles alice '{{\"name\": \"Alice\"}}'");
     println!(
-        "  or:          curl -H 'Authorization: Bearer {}' {url}/v1/sites",
+        "  demo site:   {demo}/{}",
+        if seeded { "   (seeded just now)" } else { "" }
+    );
+    println!("               {demo}/alice  {demo}/bob  {demo}/carol");
+    println!("  edit:        sesame put demo profiles alice '{{\"name\": \"Alice\", \"bio\": \"Edited\"}}'");
+    println!("  status:      sesame site status demo");
+    println!(
+        "  API:         curl -H 'Authorization: Bearer {}' {url}/v1/sites",
         running.admin_token
     );
     tokio::select! {

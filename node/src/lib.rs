@@ -1,14 +1,19 @@
 //! The Sesame server: openraft replication, the HTTP API and the `sesame` command line.
 //!
 //! Where to start reading: [`node::start`] wires storage, Raft and HTTP together;
-//! [`api`] is where every request enters; [`node::Node::propose`] is where a write is
-//! ordered; [`raft::state_machine`] is where it is applied.
+//! [`api`] is where every request enters; [`node::Node::write_tx`] is where a write is
+//! ordered; [`raft::state_machine`] is where it is applied; [`projection`] turns commits
+//! into published pages and [`serve`] serves them.
 
 pub mod api;
 pub mod auth;
+pub mod bundle;
 pub mod cli;
 pub mod error;
+pub mod limits;
 pub mod node;
+pub mod projection;
 pub mod raft;
+pub mod serve;
 
 pub use node::{start, NodeConfig, RunningNode};

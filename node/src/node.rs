@@ -20,9 +20,14 @@ use sesame_sync::{ReadPool, StoreError, View};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use sesame_projector::Publisher;
+
 use crate::auth;
 use crate::error::ApiError;
+use crate::limits::{RateLimit, SiteLimiter};
+use crate::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
 use crate::raft::{self, Network, NodeId, Raft};
+use crate::serve::{Pages, ServeConfig};
 
 /// Name of the file under the data directory that holds the admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -41,6 +46,9 @@ const ENTRY_BYTES_MAX: usize = 16 << 20;
 /// Idle reader connections kept open for HTTP reads.
 const READ_POOL_IDLE_MAX: usize = 16;
 
+/// Name of the folder under the data directory that is the default object store.
+pub const OBJECTS_DIR: &str = "objects";
+
 /// How to run a node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -49,6 +57,19 @@ pub struct NodeConfig {
     /// The admin token; when absent, the one in `<data>/admin-token`, else a new one.
     pub admin_token: Option<String>,
     pub node_id: NodeId,
+    /// Where pages are published: an object store URL (`s3://bucket/prefix`, `file:///dir`);
+    /// `None`: the local folder `<data>/objects`. S3/R2 settings come from `AWS_*` variables.
+    pub objects: Option<String>,
+    /// The URL visitors reach this node at; `None`: `http://<bound address>`.
+    pub public_url: Option<String>,
+    /// Subdomain mode: serve `Host: <site>.<domain>`.
+    pub domain: Option<String>,
+    /// How long the projector gathers commits before rendering.
+    pub debounce: Duration,
+    /// Per-site write rate limit; `None`: unlimited.
+    pub write_rate: Option<RateLimit>,
+    /// Longest a `Sesame-Min-Index` request waits.
+    pub min_index_wait: Duration,
 }
 
 impl NodeConfig {
@@ -58,6 +79,12 @@ impl NodeConfig {
             http_addr,
             admin_token: None,
             node_id: 1,
+            objects: None,
+            public_url: None,
+            domain: None,
+            debounce: Duration::from_millis(DEBOUNCE_MS_DEFAULT),
+            write_rate: Some(RateLimit::default()),
+            min_index_wait: ServeConfig::default().min_index_wait,
         }
     }
 }
@@ -70,6 +97,11 @@ pub struct Node {
     applied: watch::Receiver<LogIndex>,
     admin_hash: String,
     txs: mpsc::Sender<PendingTx>,
+    /// What is served, and the projected index.
+    pub pages: Arc<Pages>,
+    pub projections: Arc<Projections>,
+    pub limiter: SiteLimiter,
+    pub publisher: Arc<Publisher>,
 }
 
 type Proposed = Result<(LogIndex, CommandResult), ApiError>;
@@ -197,6 +229,7 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    projector: tokio::task::JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -212,6 +245,7 @@ impl RunningNode {
             .await
             .context("join the HTTP server")?
             .context("serve HTTP")?;
+        self.projector.await.context("join the projector")?;
         self.node.raft.shutdown().await.context("shut down raft")?;
         Ok(())
     }
@@ -281,6 +315,36 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .await
         .context("wait for leadership")?;
 
+    let publisher = Arc::new(match &config.objects {
+        None => Publisher::local(config.data_dir.join(OBJECTS_DIR))
+            .context("open the local object folder")?,
+        Some(url) => {
+            let options = std::env::vars()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v));
+            Publisher::from_url(url, options).with_context(|| format!("open object store {url}"))?
+        }
+    });
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let pages = Arc::new(Pages::new(
+        ServeConfig {
+            domain: config.domain.clone(),
+            min_index_wait: config.min_index_wait,
+        },
+        publisher.clone(),
+    ));
+    let projections = Arc::new(Projections::new(
+        ProjectionConfig {
+            debounce: config.debounce,
+            public_url,
+            domain: config.domain.clone(),
+        },
+        publisher.clone(),
+    ));
+
     let (txs, queue) = mpsc::channel(TX_QUEUE_MAX);
     tokio::spawn(group_commit(raft.clone(), queue));
     let node = Arc::new(Node {
@@ -290,9 +354,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         applied,
         admin_hash: auth::hash_token(&admin_token),
         txs,
+        pages,
+        projections: projections.clone(),
+        limiter: SiteLimiter::new(config.write_rate),
+        publisher,
     });
-    let app = crate::api::router(node.clone());
+    // Serve the last published versions from the first request on.
+    node.pages
+        .refresh(&node)
+        .await
+        .context("load published site versions")?;
     let cancel = CancellationToken::new();
+    let projector = tokio::spawn(projections.run(node.clone(), cancel.clone()));
+    let app = crate::api::router(node.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -306,6 +380,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         node,
         cancel,
         server,
+        projector,
     })
 }
 

@@ -120,3 +120,64 @@ pub struct TokenCreated {
     pub site: String,
     pub role: Role,
 }
+
+/// `GET /v1/sites/{site}/status`: how far projection and publishing have come.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: String,
+    /// Every commit at or below this index is applied on this node.
+    pub committed_index: LogIndex,
+    /// Every commit at or below this index is reflected in the served pages.
+    pub projected_index: LogIndex,
+    /// The commit index of the version served now, if one is published.
+    pub served_index: Option<LogIndex>,
+    /// HTML pages in the current version.
+    pub pages: u64,
+    /// Page renders since the node started.
+    pub pages_rendered_total: u64,
+    /// Log entries committed but not yet projected.
+    pub pending: u64,
+    pub last_publish_at: Option<u64>,
+    pub last_publish_ms: Option<u64>,
+    /// The first standing template problem, or null.
+    pub last_error: Option<TemplateProblem>,
+    /// Every standing problem.
+    pub errors: Vec<TemplateProblem>,
+}
+
+/// A template or route problem: `{ template, line, message }` (and the page, when one failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateProblem {
+    pub template: String,
+    pub line: Option<usize>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// One published version of a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The commit index the version reflects (what `Sesame-Version` says).
+    pub index: LogIndex,
+    pub manifest: String,
+    pub files: u64,
+    pub published_at_ms: u64,
+    /// True if this entry re-pointed the root to an earlier version.
+    pub rollback: bool,
+    /// True for the version served now.
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionList {
+    pub versions: Vec<VersionInfo>,
+}
+
+/// `POST /v1/sites/{site}/rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    /// The commit index of the version to go back to (see `versions`).
+    pub index: LogIndex,
+}

@@ -8,7 +8,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use sesame_proto::{codec, Home, LogIndex, Origin, TokenRecord, Tuple, Value};
 
 use crate::store::{applied_index_key, decode_i64, get_meta, role_from_str, StoreError};
-use crate::{CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
+use crate::CHANGES_LIMIT_MAX;
+#[cfg(doc)]
+use crate::SCAN_LIMIT_MAX;
 
 /// A site as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +107,8 @@ impl<'c> View<'c> {
     }
 
     /// Live tuples of a collection whose key starts with `prefix` and sorts after `after`, in
-    /// key order, at most `limit` (capped at [`SCAN_LIMIT_MAX`]).
+    /// key order, at most `limit`. The API caps `limit` at [`SCAN_LIMIT_MAX`]; the projector
+    /// bounds its own reads.
     pub fn scan(
         &self,
         site: &str,
@@ -114,7 +117,6 @@ impl<'c> View<'c> {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Tuple>, StoreError> {
-        let limit = limit.min(SCAN_LIMIT_MAX);
         // Keys with a prefix form the range [prefix, successor(prefix)): SQLite compares
         // TEXT bytewise and UTF-8 preserves code point order.
         let lower = match after {
@@ -132,8 +134,9 @@ impl<'c> View<'c> {
                AND value IS NOT NULL
              ORDER BY key LIMIT ?6",
         )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt.query_map(
-            params![site, collection, lower, strict, upper, limit as i64],
+            params![site, collection, lower, strict, upper, limit],
             RawTuple::from_row,
         )?;
         let mut out = Vec::new();

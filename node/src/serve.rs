@@ -1,0 +1,513 @@
+//! Serving published pages at clean URLs: `GET /<site>/<path>` (path mode) and
+//! `Host: <site>.<domain>` (subdomain mode).
+//!
+//! The hot path touches no database and no object store: each site's current manifest is
+//! held in memory (swapped whole on publish, so a reader never sees half a version) and
+//! recently served files sit in a byte-bounded cache keyed by content hash. Both are refreshed
+//! by [`Pages::refresh`], which whoever moves a root (the projector, a rollback) calls.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
+use sesame_proto::{validate_site, LogIndex};
+use tokio::sync::watch;
+
+use crate::node::Node;
+
+/// Longest request path we look up, in bytes.
+pub const PATH_BYTES_MAX: usize = 2_048;
+/// Bytes of file content kept in memory.
+pub const BLOB_CACHE_BYTES_MAX: usize = 256 << 20;
+/// Files larger than this are served but not cached.
+const BLOB_CACHED_BYTES_MAX: usize = 8 << 20;
+/// Header that asks to wait for a projected index (read-your-writes).
+pub const MIN_INDEX_HEADER: &str = "sesame-min-index";
+/// Header naming the commit index of the version served.
+pub const VERSION_HEADER: &str = "sesame-version";
+/// What CDNs and browsers are told: revalidate in the browser (the ETag makes that a cheap
+/// 304), keep it briefly at the edge, and serve stale while refetching.
+const CACHE_CONTROL: &str = "public, max-age=0, s-maxage=10, stale-while-revalidate=60";
+
+/// How serving behaves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Subdomain mode: `Host: <site>.<domain>` serves `<site>`. `None`: path mode only.
+    pub domain: Option<String>,
+    /// Longest a `Sesame-Min-Index` request waits for the projection.
+    pub min_index_wait: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            domain: None,
+            min_index_wait: Duration::from_millis(2_000),
+        }
+    }
+}
+
+/// One site's published version, as served.
+struct SiteVersion {
+    index: LogIndex,
+    version_header: HeaderValue,
+    files: HashMap<String, Served>,
+    not_found: Option<Served>,
+}
+
+#[derive(Clone)]
+struct Served {
+    hash: String,
+    etag: HeaderValue,
+    content_type: HeaderValue,
+}
+
+impl Served {
+    fn new(entry: &FileEntry) -> Option<Served> {
+        Some(Served {
+            hash: entry.hash.clone(),
+            etag: HeaderValue::from_str(&format!("\"{}\"", entry.hash)).ok()?,
+            content_type: HeaderValue::from_str(&entry.content_type).ok()?,
+        })
+    }
+}
+
+impl SiteVersion {
+    fn new(manifest: &Manifest) -> SiteVersion {
+        let files: HashMap<String, Served> = manifest
+            .files
+            .iter()
+            .filter_map(|(path, entry)| Some((path.clone(), Served::new(entry)?)))
+            .collect();
+        SiteVersion {
+            index: manifest.index,
+            version_header: HeaderValue::from(manifest.index),
+            not_found: files.get(NOT_FOUND_PATH).cloned(),
+            files,
+        }
+    }
+}
+
+/// Content-addressed file bytes, bounded in total size; the oldest entries leave first.
+#[derive(Default)]
+struct BlobCache {
+    map: HashMap<String, Bytes>,
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl BlobCache {
+    fn get(&self, hash: &str) -> Option<Bytes> {
+        self.map.get(hash).cloned()
+    }
+
+    fn insert(&mut self, hash: &str, body: Bytes) {
+        if body.len() > BLOB_CACHED_BYTES_MAX || self.map.contains_key(hash) {
+            return;
+        }
+        while self.bytes + body.len() > BLOB_CACHE_BYTES_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.map.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+        self.bytes += body.len();
+        self.order.push_back(hash.to_string());
+        self.map.insert(hash.to_string(), body);
+    }
+}
+
+/// The served state of every site.
+pub struct Pages {
+    config: ServeConfig,
+    publisher: Arc<Publisher>,
+    sites: RwLock<HashMap<String, Arc<SiteVersion>>>,
+    blobs: Mutex<BlobCache>,
+    /// The newest root log index loaded; refresh reads roots after it.
+    roots_seen: tokio::sync::Mutex<LogIndex>,
+    /// Every commit at or below this index is reflected in the served versions.
+    projected: watch::Sender<LogIndex>,
+}
+
+impl Pages {
+    pub fn new(config: ServeConfig, publisher: Arc<Publisher>) -> Pages {
+        Pages {
+            config,
+            publisher,
+            sites: RwLock::new(HashMap::new()),
+            blobs: Mutex::new(BlobCache::default()),
+            roots_seen: tokio::sync::Mutex::new(0),
+            projected: watch::channel(0).0,
+        }
+    }
+
+    /// Loads the roots published since the last refresh (at start-up: all of them) and swaps
+    /// in their manifests.
+    pub async fn refresh(&self, node: &Node) -> anyhow::Result<()> {
+        let mut seen = self.roots_seen.lock().await;
+        let since = *seen;
+        let roots = node
+            .read(move |v| v.roots_since(since))
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        for root in roots {
+            let manifest = self
+                .publisher
+                .get_manifest(&root.site, &root.manifest)
+                .await?;
+            self.install(&manifest);
+            *seen = root.log_index;
+        }
+        Ok(())
+    }
+
+    /// Serves `manifest` as its site's current version, and primes the cache with files the
+    /// caller already holds.
+    pub fn install(&self, manifest: &Manifest) {
+        let version = Arc::new(SiteVersion::new(manifest));
+        self.sites
+            .write()
+            .expect("pages lock poisoned")
+            .insert(manifest.site.clone(), version);
+    }
+
+    pub fn prime(&self, hash: &str, body: Bytes) {
+        self.blobs
+            .lock()
+            .expect("blob cache lock poisoned")
+            .insert(hash, body);
+    }
+
+    /// Marks every commit up to `index` as projected and served.
+    pub fn set_projected(&self, index: LogIndex) {
+        self.projected.send_if_modified(|p| {
+            let moved = index > *p;
+            *p = (*p).max(index);
+            moved
+        });
+    }
+
+    pub fn projected(&self) -> LogIndex {
+        *self.projected.borrow()
+    }
+
+    /// The commit index a site's served version reflects.
+    pub fn served_index(&self, site: &str) -> Option<LogIndex> {
+        self.sites
+            .read()
+            .expect("pages lock poisoned")
+            .get(site)
+            .map(|v| v.index)
+    }
+
+    /// Waits until every commit up to `index` is served, up to the configured bound.
+    async fn wait_projected(&self, index: LogIndex) -> bool {
+        let mut rx = self.projected.subscribe();
+        tokio::time::timeout(self.config.min_index_wait, rx.wait_for(|p| *p >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
+        if let Some(b) = self
+            .blobs
+            .lock()
+            .expect("blob cache lock poisoned")
+            .get(hash)
+        {
+            return Ok(b);
+        }
+        let body = self.publisher.get_blob(site, hash).await?;
+        self.prime(hash, body.clone());
+        Ok(body)
+    }
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut resp = (status, format!("{}\n", message.into())).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Splits a request into (site, path): subdomain mode when the Host names a site under the
+/// configured domain, else path mode (`/<site>/<path>`).
+fn site_and_path<'a>(
+    config: &ServeConfig,
+    headers: &'a HeaderMap,
+    path: &'a str,
+) -> (&'a str, &'a str) {
+    if let Some(domain) = &config.domain {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let host = host.split(':').next().unwrap_or("");
+        if let Some(site) = host
+            .strip_suffix(domain.as_str())
+            .and_then(|s| s.strip_suffix('.'))
+        {
+            return (site, path);
+        }
+    }
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
+/// Normalises a raw request path the way the manifest spells paths: percent-encodings of
+/// unreserved characters are decoded, others upper-cased; encoded slashes, `.`/`..`
+/// segments, empty segments and control characters are refused.
+pub fn normalize_path(raw: &str) -> Result<String, String> {
+    if raw.len() > PATH_BYTES_MAX {
+        return Err(format!(
+            "path is {} bytes, the limit is {PATH_BYTES_MAX}",
+            raw.len()
+        ));
+    }
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or("truncated percent-encoding")?;
+            let v =
+                u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding %{hex}"))?;
+            match v {
+                b'/' | b'\\' => return Err("encoded slashes are not allowed in paths".into()),
+                v if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
+                    out.push(v as char)
+                }
+                v if v < 0x20 || v == 0x7f => {
+                    return Err("control characters are not allowed in paths".into())
+                }
+                v => out.push_str(&format!("%{v:02X}")),
+            }
+            i += 3;
+        } else if b < 0x20 || b == 0x7f || b == b'\\' {
+            return Err("control characters and backslashes are not allowed in paths".into());
+        } else {
+            out.push(b as char);
+            i += 1;
+        }
+    }
+    let inner = out.strip_prefix('/').unwrap_or(&out);
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if !inner.is_empty()
+        && inner
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err("paths may not have empty, '.' or '..' segments".into());
+    }
+    if !out.starts_with('/') {
+        out.insert(0, '/');
+    }
+    Ok(out)
+}
+
+fn min_index(headers: &HeaderMap, query: Option<&str>) -> Result<Option<LogIndex>, String> {
+    let from_query = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("_min=")));
+    let raw = match (headers.get(MIN_INDEX_HEADER), from_query) {
+        (Some(h), _) => h
+            .to_str()
+            .map_err(|_| "Sesame-Min-Index is not text".to_string())?,
+        (None, Some(q)) => q,
+        (None, None) => return Ok(None),
+    };
+    raw.trim()
+        .parse::<LogIndex>()
+        .map(Some)
+        .map_err(|_| format!("minimum index {raw:?} is not a whole number"))
+}
+
+/// The handler for every non-API request.
+pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "pages are read with GET or HEAD",
+        );
+    }
+    let pages = &node.pages;
+    let headers = req.headers();
+    let (site, raw_path) = site_and_path(&pages.config, headers, req.uri().path());
+    if validate_site(site).is_err() {
+        return plain(StatusCode::NOT_FOUND, "no such site");
+    }
+    let path = match normalize_path(raw_path) {
+        Ok(p) => p,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, e),
+    };
+    match min_index(headers, req.uri().query()) {
+        Err(e) => return plain(StatusCode::BAD_REQUEST, e),
+        Ok(Some(n)) if pages.projected() < n && !pages.wait_projected(n).await => {
+            let mut resp = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "index {n} is not published yet (published up to {}); retry shortly",
+                    pages.projected()
+                ),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+        Ok(_) => {}
+    }
+    let Some(version) = pages
+        .sites
+        .read()
+        .expect("pages lock poisoned")
+        .get(site)
+        .cloned()
+    else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "no such site, or nothing published yet",
+        );
+    };
+    let (file, status) = match version.files.get(&path) {
+        Some(f) => (f, StatusCode::OK),
+        None => {
+            // "/alice/" → "/alice": one canonical URL per page.
+            if let Some(trimmed) = path
+                .strip_suffix('/')
+                .filter(|t| version.files.contains_key(*t))
+            {
+                let base = if pages.config.domain.is_some() && raw_path == req.uri().path() {
+                    String::new()
+                } else {
+                    format!("/{site}")
+                };
+                let mut resp = plain(StatusCode::PERMANENT_REDIRECT, "moved");
+                if let Ok(loc) = HeaderValue::from_str(&format!("{base}{trimmed}")) {
+                    resp.headers_mut().insert(header::LOCATION, loc);
+                }
+                return resp;
+            }
+            match &version.not_found {
+                Some(f) => (f, StatusCode::NOT_FOUND),
+                None => return plain(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
+    };
+    let mut resp_headers = HeaderMap::with_capacity(5);
+    resp_headers.insert(header::ETAG, file.etag.clone());
+    resp_headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_CONTROL),
+    );
+    resp_headers.insert(VERSION_HEADER, version.version_header.clone());
+    if status == StatusCode::OK && etag_matches(headers, &file.hash) {
+        return (StatusCode::NOT_MODIFIED, resp_headers).into_response();
+    }
+    resp_headers.insert(header::CONTENT_TYPE, file.content_type.clone());
+    match pages.body(site, &file.hash).await {
+        Ok(body) => (status, resp_headers, Body::from(body)).into_response(),
+        Err(e) => {
+            tracing::error!("serve {site}{path}: read blob {}: {e:#}", file.hash);
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this file cannot be read right now; retry shortly",
+            )
+        }
+    }
+}
+
+/// Whether `If-None-Match` names this file's ETag (or `*`).
+fn etag_matches(headers: &HeaderMap, hash: &str) -> bool {
+    let Some(v) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    v.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/").trim_matches('"') == hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_or_refused() {
+        assert_eq!(normalize_path("/").unwrap(), "/");
+        assert_eq!(normalize_path("").unwrap(), "/");
+        assert_eq!(normalize_path("/alice").unwrap(), "/alice");
+        assert_eq!(normalize_path("/%61lice").unwrap(), "/alice");
+        assert_eq!(normalize_path("/zo%c3%ab").unwrap(), "/zo%C3%AB");
+        assert_eq!(normalize_path("/blog/").unwrap(), "/blog/");
+        for bad in [
+            "/../etc/passwd",
+            "/a/../b",
+            "/%2e%2e/x",
+            "/a%2Fb",
+            "/a%5Cb",
+            "/a//b",
+            "/./a",
+            "/%zz",
+            "/%4",
+            "/a%00",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+        assert!(normalize_path(&format!("/{}", "a".repeat(PATH_BYTES_MAX))).is_err());
+    }
+
+    #[test]
+    fn sites_from_path_or_host() {
+        let mut h = HeaderMap::new();
+        let cfg = ServeConfig {
+            domain: Some("example.com".into()),
+            ..Default::default()
+        };
+        assert_eq!(site_and_path(&cfg, &h, "/demo/alice"), ("demo", "/alice"));
+        assert_eq!(site_and_path(&cfg, &h, "/demo"), ("demo", "/"));
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("demo.example.com:8080"),
+        );
+        assert_eq!(site_and_path(&cfg, &h, "/alice"), ("demo", "/alice"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        assert_eq!(site_and_path(&cfg, &h, "/demo/x"), ("demo", "/x"));
+    }
+
+    #[test]
+    fn etags_match_strong_weak_and_lists() {
+        let mut h = HeaderMap::new();
+        assert!(!etag_matches(&h, "abc"));
+        h.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"x\", W/\"abc\""),
+        );
+        assert!(etag_matches(&h, "abc"));
+        assert!(!etag_matches(&h, "abd"));
+    }
+
+    #[test]
+    fn blob_cache_is_bounded() {
+        let mut c = BlobCache::default();
+        let big = Bytes::from(vec![0u8; BLOB_CACHED_BYTES_MAX]);
+        for i in 0..(BLOB_CACHE_BYTES_MAX / BLOB_CACHED_BYTES_MAX + 3) {
+            c.insert(&format!("h{i}"), big.clone());
+            assert!(c.bytes <= BLOB_CACHE_BYTES_MAX);
+        }
+        assert!(c.get("h0").is_none(), "oldest evicted");
+        c.insert("huge", Bytes::from(vec![0u8; BLOB_CACHED_BYTES_MAX + 1]));
+        assert!(c.get("huge").is_none());
+    }
+}
