@@ -28,6 +28,33 @@ impl TestNode {
         })
     }
 
+    /// Starts a node in a fresh temporary directory with its configuration adjusted by
+    /// `adjust` (e.g. `|c| c.write_rate = None`).
+    pub async fn start_with(adjust: impl FnOnce(&mut NodeConfig)) -> anyhow::Result<TestNode> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = config(dir.path());
+        adjust(&mut cfg);
+        let node = sesame_node::start(cfg).await?;
+        Ok(TestNode {
+            node,
+            dir: Dir::Owned(dir),
+        })
+    }
+
+    /// Starts a node on an existing data directory with an adjusted configuration.
+    pub async fn start_in_with(
+        data: &Path,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> anyhow::Result<TestNode> {
+        let mut cfg = config(data);
+        adjust(&mut cfg);
+        let node = sesame_node::start(cfg).await?;
+        Ok(TestNode {
+            node,
+            dir: Dir::Borrowed(data.to_path_buf()),
+        })
+    }
+
     /// Starts a node on an existing data directory (to test restarts).
     pub async fn start_in(data: &Path) -> anyhow::Result<TestNode> {
         let node = sesame_node::start(config(data)).await?;

@@ -1,0 +1,620 @@
+//! End to end against a real node: committed tuples become published, served pages.
+//! Publishing, incremental re-rendering, read-your-writes, caching headers, atomic versions,
+//! template failure and recovery, rollback, restarts, odd paths, rate limits, subdomains.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, ETAG, IF_NONE_MATCH, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde_json::json;
+use sesame_client::{ClientError, Http};
+use sesame_node::bundle;
+use sesame_proto::api::TxRequest;
+use sesame_proto::Op;
+use sesame_tests::TestNode;
+
+const SITE: &str = "demo";
+
+fn fast(c: &mut sesame_node::NodeConfig) {
+    c.debounce = Duration::from_millis(5);
+}
+
+/// Creates the site and deploys the built-in demo bundle; returns the commit index.
+async fn deploy_demo(admin: &Http) -> u64 {
+    admin.create_site(SITE).await.unwrap();
+    let ops = bundle::deploy_ops(&bundle::demo(), &[]);
+    admin
+        .tx(
+            SITE,
+            &TxRequest {
+                ops,
+                client_id: None,
+                seq: None,
+            },
+        )
+        .await
+        .unwrap()
+        .index
+}
+
+struct Page {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    fn version(&self) -> u64 {
+        self.headers["sesame-version"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+async fn get(node: &TestNode, path: &str, min_index: Option<u64>) -> Page {
+    get_with(node, path, |r| match min_index {
+        Some(n) => r.header("Sesame-Min-Index", n.to_string()),
+        None => r,
+    })
+    .await
+}
+
+async fn get_with(
+    node: &TestNode,
+    path: &str,
+    f: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> Page {
+    let client = reqwest::Client::new();
+    let resp = f(client.get(format!("{}{path}", node.node.url())))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.text().await.unwrap();
+    Page {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A GET sent exactly as written; returns the status code and the body.
+async fn raw_get(node: &TestNode, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(node.node.addr)
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn rendered_total(admin: &Http) -> u64 {
+    admin.status(SITE).await.unwrap().pages_rendered_total
+}
+
+#[tokio::test]
+async fn publish_edit_delete_add_rerenders_only_what_changed() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+
+    let home = get(&node, "/demo/", Some(index)).await;
+    assert_eq!(home.status, StatusCode::OK, "{}", home.body);
+    assert!(
+        home.body.contains("Alice Liddell") && home.body.contains("Bob Builder"),
+        "{}",
+        home.body
+    );
+    assert!(home.version() >= index);
+    let base = format!("{}/demo", node.node.url());
+    assert!(
+        home.body
+            .contains(&format!(r#"<link rel="canonical" href="{base}/">"#)),
+        "{}",
+        home.body
+    );
+    let alice = get(&node, "/demo/alice", None).await;
+    assert!(alice.body.contains("<h1>Alice Liddell</h1>"));
+    assert!(alice
+        .body
+        .contains(&format!(r#"<link rel="canonical" href="{base}/alice">"#)));
+    assert_eq!(alice.headers["content-type"], "text/html; charset=utf-8");
+    let css = get(&node, "/demo/style.css", None).await;
+    assert_eq!(
+        (css.status, css.headers["content-type"].to_str().unwrap()),
+        (StatusCode::OK, "text/css; charset=utf-8")
+    );
+    let sitemap = get(&node, "/demo/sitemap.xml", None).await.body;
+    assert!(
+        sitemap.contains(&format!("<loc>{base}/carol</loc>")),
+        "{sitemap}"
+    );
+    assert!(get(&node, "/demo/robots.txt", None)
+        .await
+        .body
+        .contains(&format!("Sitemap: {base}/sitemap.xml")));
+    let status = admin.status(SITE).await.unwrap();
+    assert_eq!(
+        (status.pages, status.last_error.is_none(), status.pending),
+        (4, true, 0),
+        "{status:?}"
+    );
+
+    // An edit re-renders the profile and the index that lists it: two pages, no more.
+    let before = rendered_total(&admin).await;
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "bob",
+            json!({"name": "Robert", "bio": "Renamed"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let bob = get(&node, "/demo/bob", Some(w.index)).await;
+    assert!(
+        bob.body.contains("<h1>Robert</h1>"),
+        "read-your-writes: {}",
+        bob.body
+    );
+    assert!(bob.version() >= w.index);
+    assert_eq!(rendered_total(&admin).await - before, 2);
+    assert!(get(&node, "/demo/", None).await.body.contains("Robert"));
+
+    // Delete: the page goes (404 page served), the index and sitemap drop it.
+    let before = rendered_total(&admin).await;
+    let w = admin.delete(SITE, "profiles", "carol", None).await.unwrap();
+    let carol = get(&node, "/demo/carol", Some(w.index)).await;
+    assert_eq!(carol.status, StatusCode::NOT_FOUND);
+    assert!(
+        carol.body.contains("Not found"),
+        "the site's 404 template: {}",
+        carol.body
+    );
+    assert!(!get(&node, "/demo/", None).await.body.contains("Carol"));
+    assert!(!get(&node, "/demo/sitemap.xml", None)
+        .await
+        .body
+        .contains("/carol<"));
+    assert_eq!(
+        rendered_total(&admin).await - before,
+        1,
+        "only the index re-renders"
+    );
+
+    // Add: a new page appears.
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "dave",
+            json!({"name": "Dave", "bio": "New"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let dave = get(&node, "/demo/dave", Some(w.index)).await;
+    assert_eq!(dave.status, StatusCode::OK);
+    assert!(dave.body.contains("<h1>Dave</h1>"));
+    assert!(get(&node, "/demo/sitemap.xml", None)
+        .await
+        .body
+        .contains("/dave</loc>"));
+    assert_eq!(admin.status(SITE).await.unwrap().pages, 4);
+
+    // A burst of edits to one profile is coalesced, and the last one wins.
+    let mut last = 0;
+    for i in 0..20 {
+        last = admin
+            .put(
+                SITE,
+                "profiles",
+                "dave",
+                json!({"name": format!("Dave {i}")}),
+                None,
+            )
+            .await
+            .unwrap()
+            .index;
+    }
+    assert!(get(&node, "/demo/dave", Some(last))
+        .await
+        .body
+        .contains("<h1>Dave 19</h1>"));
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn read_your_writes_etags_and_bounded_waits() {
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.min_index_wait = Duration::from_millis(300);
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+
+    let page = get_with(&node, &format!("/demo/alice?_min={index}"), |r| r).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let etag = page.headers[ETAG].to_str().unwrap().to_string();
+    assert!(
+        etag.starts_with('"') && etag.len() == 66,
+        "strong blake3 ETag: {etag}"
+    );
+    let cc = page.headers["cache-control"].to_str().unwrap();
+    assert!(
+        cc.contains("s-maxage") && cc.contains("stale-while-revalidate"),
+        "{cc}"
+    );
+    let same = get_with(&node, "/demo/alice", |r| r.header(IF_NONE_MATCH, &etag)).await;
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+    assert!(same.body.is_empty());
+
+    // After an edit the old ETag no longer matches.
+    let w = admin
+        .put(SITE, "profiles", "alice", json!({"name": "Alice 2"}), None)
+        .await
+        .unwrap();
+    let changed = get_with(&node, "/demo/alice", |r| {
+        r.header(IF_NONE_MATCH, &etag)
+            .header("Sesame-Min-Index", w.index.to_string())
+    })
+    .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_ne!(changed.headers[ETAG].to_str().unwrap(), etag);
+
+    // An index that will not come in time: 503 with Retry-After, after the bounded wait.
+    let started = std::time::Instant::now();
+    let future = get(&node, "/demo/alice", Some(w.index + 1_000)).await;
+    assert_eq!(future.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(future.headers.contains_key(RETRY_AFTER));
+    assert!(
+        started.elapsed() >= Duration::from_millis(250)
+            && started.elapsed() < Duration::from_secs(5)
+    );
+    assert_eq!(
+        get(&node, "/demo/alice", None).await.status,
+        StatusCode::OK,
+        "without a minimum, serve at once"
+    );
+    let bad = get_with(&node, "/demo/alice", |r| {
+        r.header("Sesame-Min-Index", "soon")
+    })
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readers_never_see_half_a_transaction() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    get(&node, "/demo/", Some(index)).await;
+
+    // Each transaction renames alice and bob together; the index page lists both.
+    let writer = {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..40 {
+                let put = |key: &str| Op::Put {
+                    collection: "profiles".into(),
+                    key: key.into(),
+                    value: sesame_proto::Value::from_json(json!({"name": format!("gen{i}")}))
+                        .unwrap(),
+                    if_version: None,
+                };
+                let req = TxRequest {
+                    ops: vec![put("alice"), put("bob")],
+                    client_id: None,
+                    seq: None,
+                };
+                last = admin.tx(SITE, &req).await.unwrap().index;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            last
+        })
+    };
+    let generation = |body: &str| -> Vec<String> {
+        body.match_indices("gen")
+            .map(|(i, _)| {
+                body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut by_version: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut checks = 0;
+    while !writer.is_finished() {
+        for path in ["/demo/", "/demo/alice", "/demo/bob"] {
+            let page = get(&node, path, None).await;
+            let gens = generation(&page.body);
+            if gens.is_empty() {
+                continue;
+            }
+            assert!(
+                gens.iter().all(|g| g == &gens[0]),
+                "one page mixes versions: {gens:?}"
+            );
+            // Every page of one published version shows the same generation.
+            let seen = by_version
+                .entry(page.version())
+                .or_insert_with(|| gens[0].clone());
+            assert_eq!(
+                seen,
+                &gens[0],
+                "version {} mixes generations",
+                page.version()
+            );
+            checks += 1;
+        }
+    }
+    let last = writer.await.unwrap();
+    assert!(get(&node, "/demo/", Some(last))
+        .await
+        .body
+        .contains("gen39"));
+    assert!(checks > 10, "the reader ran ({checks} checks)");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_template_keeps_the_last_good_pages_and_a_fix_recovers() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    let good = get(&node, "/demo/alice", Some(index)).await.body;
+
+    let broken = json!({"source": "{% extends \"layout.html\" %}\n{% block main %}\n<h1>{{ page.tuple.value.name }</h1>\n{% endblock %}"});
+    let w = admin
+        .put(SITE, "_templates", "profile.html", broken, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&node, "/demo/alice", Some(w.index)).await.body,
+        good,
+        "last good page stays live"
+    );
+    let status = admin.status(SITE).await.unwrap();
+    let err = status.last_error.expect("the error shows in the status");
+    assert_eq!(
+        (err.template.as_str(), err.line),
+        ("profile.html", Some(3)),
+        "{err:?}"
+    );
+    // An edit meanwhile still updates pages that do not use the broken template.
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            json!({"name": "Alice Fixed"}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(get(&node, "/demo/", Some(w.index))
+        .await
+        .body
+        .contains("Alice Fixed"));
+
+    // Runaway loops run out of fuel instead of hanging the projector.
+    let looping = json!({"source": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"});
+    let w = admin
+        .put(SITE, "_templates", "profile.html", looping, None)
+        .await
+        .unwrap();
+    get(&node, "/demo/", Some(w.index)).await;
+    assert!(admin.status(SITE).await.unwrap().last_error.is_some());
+
+    let fixed = json!({"source": "{% extends \"layout.html\" %}{% block main %}<h1 class=\"v2\">{{ page.tuple.value.name }}</h1>{% endblock %}"});
+    let w = admin
+        .put(SITE, "_templates", "profile.html", fixed, None)
+        .await
+        .unwrap();
+    let alice = get(&node, "/demo/alice", Some(w.index)).await;
+    assert!(
+        alice.body.contains(r#"<h1 class="v2">Alice Fixed</h1>"#),
+        "{}",
+        alice.body
+    );
+    assert!(get(&node, "/demo/bob", None)
+        .await
+        .body
+        .contains(r#"<h1 class="v2">"#));
+    assert!(admin.status(SITE).await.unwrap().last_error.is_none());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rollback_and_restart_serve_published_versions() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let first = deploy_demo(&admin).await;
+    let v1 = get(&node, "/demo/alice", Some(first)).await;
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            json!({"name": "Alice Two"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let v2 = get(&node, "/demo/alice", Some(w.index)).await;
+    assert!(v2.body.contains("Alice Two"));
+
+    let versions = admin.versions(SITE, 10).await.unwrap().versions;
+    assert!(versions[0].current && versions.len() >= 2, "{versions:?}");
+    let err = admin.rollback(SITE, 999_999).await.unwrap_err();
+    assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err}");
+    admin.rollback(SITE, v1.version()).await.unwrap();
+    let back = get(&node, "/demo/alice", None).await;
+    assert_eq!(
+        (back.body.as_str(), back.version()),
+        (v1.body.as_str(), v1.version())
+    );
+    assert!(admin.versions(SITE, 10).await.unwrap().versions[0].rollback);
+
+    // Restart: the published version is served by the very first request.
+    let dir = node.stop().await.unwrap().expect("owned dir");
+    let node = TestNode::start_in_with(dir.path(), fast).await.unwrap();
+    let after = get(&node, "/demo/alice", None).await;
+    assert_eq!(
+        (after.status, after.body.as_str()),
+        (StatusCode::OK, v1.body.as_str())
+    );
+
+    // After the restart, edits project again from the current data.
+    let w = node
+        .admin()
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            json!({"name": "Alice Three"}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(get(&node, "/demo/alice", Some(w.index))
+        .await
+        .body
+        .contains("Alice Three"));
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn odd_paths_never_escape_the_site() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    get(&node, "/demo/", Some(index)).await;
+    let long = format!("/demo/{}", "a".repeat(3_000));
+    let cases: [(&str, u16); 11] = [
+        ("/demo/%2e%2e/%2e%2e/etc/passwd", 400),
+        ("/demo/..%2F..%2Fetc%2Fpasswd", 400),
+        ("/demo/a%2Fb", 400),
+        ("/demo/a%5C..%5Cb", 400),
+        ("/demo/a//b", 400),
+        ("/demo/%00", 400),
+        ("/demo/%zz", 400),
+        (&long, 400),
+        ("/demo/no-such-page", 404),
+        ("/nosuchsite/alice", 404),
+        ("/Bad_Site/alice", 404),
+    ];
+    // Sent byte for byte: HTTP clients would normalise some of these away.
+    for (path, status) in cases {
+        let (got, body) = raw_get(&node, path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(!body.contains("root:"), "{path}");
+    }
+    let (got, _) = raw_get(&node, "/demo/../v1/sites").await;
+    assert_eq!(got, 400, "a raw '..' is refused too");
+    // Trailing slash: one canonical URL.
+    let slash = get_with(&node, "/demo/alice/", |r| r).await;
+    assert_eq!(slash.status, StatusCode::OK, "redirect followed");
+    assert!(slash.body.contains("<h1>Alice Liddell</h1>"));
+    // Pages are read-only.
+    let post = reqwest::Client::new()
+        .post(format!("{}/demo/alice", node.node.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_rate_limit_answers_429_and_spares_other_sites() {
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.write_rate = Some(sesame_node::limits::RateLimit {
+            per_second: 0.5,
+            burst: 2.0,
+        });
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    admin.create_site("busy").await.unwrap();
+    admin.create_site("calm").await.unwrap();
+    for i in 0..2 {
+        admin.put("busy", "p", "k", json!(i), None).await.unwrap();
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sites/busy/tx", node.node.url()))
+        .bearer_auth(&node.node.admin_token)
+        .body(r#"{"ops":[{"put":{"collection":"p","key":"k","value":3}}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()[RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("retry after"));
+    assert_eq!(
+        admin.get("busy", "p", "k").await.unwrap().value.to_json(),
+        json!(1),
+        "nothing written"
+    );
+    admin
+        .put("calm", "p", "k", json!(1), None)
+        .await
+        .expect("another site is not limited");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn subdomain_mode_serves_by_host() {
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.domain = Some("sites.test".into());
+        c.public_url = Some("https://sites.test".into());
+    })
+    .await
+    .unwrap();
+    let index = deploy_demo(&node.admin()).await;
+    let page = get_with(&node, "/alice", |r| {
+        r.header("Host", "demo.sites.test")
+            .header("Sesame-Min-Index", index.to_string())
+    })
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains(r#"<link rel="canonical" href="https://demo.sites.test/alice">"#),
+        "{}",
+        page.body
+    );
+    // Path mode still works on the node's own address.
+    assert_eq!(get(&node, "/demo/alice", None).await.status, StatusCode::OK);
+    node.stop().await.unwrap();
+}
