@@ -57,7 +57,40 @@ pub fn environment(
     env.set_fuel(Some(fuel_per_page));
     env.set_recursion_limit(recursion_depth_max);
     env.set_auto_escape_callback(auto_escape);
+    env.set_formatter(format_value);
     env
+}
+
+/// Writes a value into the output. Strings in HTML are escaped for `& < > " '` only, which is
+/// what text and quoted attributes need; minijinja's default also escapes `/`, which turns
+/// every URL in a page into `http:&#x2f;&#x2f;…`. Everything else keeps the default.
+fn format_value(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &JValue,
+) -> Result<(), minijinja::Error> {
+    let plain_string = value.kind() == minijinja::value::ValueKind::String && !value.is_safe();
+    match value.as_str() {
+        Some(text) if plain_string && state.auto_escape() == AutoEscape::Html => {
+            let mut last = 0;
+            for (i, b) in text.bytes().enumerate() {
+                let entity = match b {
+                    b'&' => "&amp;",
+                    b'<' => "&lt;",
+                    b'>' => "&gt;",
+                    b'"' => "&quot;",
+                    b'\'' => "&#39;",
+                    _ => continue,
+                };
+                out.write_str(&text[last..i])
+                    .map_err(minijinja::Error::from)?;
+                out.write_str(entity).map_err(minijinja::Error::from)?;
+                last = i + 1;
+            }
+            out.write_str(&text[last..]).map_err(minijinja::Error::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
 }
 
 /// Output is HTML-escaped (SPEC.md), which is also correct for XML feeds. Templates named
@@ -638,6 +671,25 @@ fn find_ascii_ci(hay: &str, needle: &str, from: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn html_escaping_covers_markup_and_quotes_but_leaves_slashes() {
+        let templates = Arc::new(std::collections::BTreeMap::from([(
+            "t.html".to_string(),
+            "<a title=\"{{ v }}\" href=\"{{ u }}\">{{ v }}</a>{{ s|safe }}".to_string(),
+        )]));
+        let env = super::environment(templates, 10_000, 10);
+        let out = env
+            .get_template("t.html")
+            .unwrap()
+            .render(minijinja::context! { v => "<b>\"A&B's\"</b>", u => "https://x.test/a/b", s => "<i>ok</i>" })
+            .unwrap();
+        assert_eq!(
+            out,
+            "<a title=\"&lt;b&gt;&quot;A&amp;B&#39;s&quot;&lt;/b&gt;\" href=\"https://x.test/a/b\">\
+             &lt;b&gt;&quot;A&amp;B&#39;s&quot;&lt;/b&gt;</a><i>ok</i>"
+        );
+    }
+
     use super::*;
 
     #[test]

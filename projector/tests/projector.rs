@@ -13,18 +13,18 @@ use sesame_proto::Tuple;
 
 const ALICE_HTML: &str = r#"<!doctype html>
 <html>
-<head><link rel="canonical" href="https://demo.example.com/alice"><title>Alice</title><link rel="stylesheet" href="https:&#x2f;&#x2f;demo.example.com/style.css"></head>
+<head><link rel="canonical" href="https://demo.example.com/alice"><title>Alice</title><link rel="stylesheet" href="https://demo.example.com/style.css"></head>
 <body><h1>Alice</h1>
-<p>Likes &lt;b&gt;bold&lt;&#x2f;b&gt; claims</p></body>
+<p>Likes &lt;b&gt;bold&lt;/b&gt; claims</p></body>
 </html>"#;
 
 const INDEX_HTML: &str = r#"<!doctype html>
 <html>
-<head><link rel="canonical" href="https://demo.example.com/"><title>demo</title><link rel="stylesheet" href="https:&#x2f;&#x2f;demo.example.com/style.css"></head>
+<head><link rel="canonical" href="https://demo.example.com/"><title>demo</title><link rel="stylesheet" href="https://demo.example.com/style.css"></head>
 <body><h1>People</h1>
 <ul>
-<li><a href="https:&#x2f;&#x2f;demo.example.com/alice">Alice</a></li>
-<li><a href="https:&#x2f;&#x2f;demo.example.com/bob">Bob</a></li>
+<li><a href="https://demo.example.com/alice">Alice</a></li>
+<li><a href="https://demo.example.com/bob">Bob</a></li>
 </ul></body>
 </html>"#;
 
@@ -465,7 +465,7 @@ fn a_404_template_becomes_the_404_page() {
     h.template("404.html", "<h1>Not found</h1>{{ page.path }}");
     h.full();
     // Served at every unknown URL, so it names no canonical URL and is not in the sitemap.
-    assert_eq!(h.page("/404.html"), "<h1>Not found</h1>&#x2f;404.html");
+    assert_eq!(h.page("/404.html"), "<h1>Not found</h1>/404.html");
     assert!(!h.page("/sitemap.xml").contains("404"));
 
     h.delete("_templates", "404.html");
