@@ -618,3 +618,125 @@ async fn subdomain_mode_serves_by_host() {
     assert_eq!(get(&node, "/demo/alice", None).await.status, StatusCode::OK);
     node.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_burst_inside_the_debounce_window_renders_each_page_once() {
+    let node = TestNode::start_with(|c| c.debounce = Duration::from_millis(400))
+        .await
+        .unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    get(&node, "/demo/", Some(index)).await;
+    let before = rendered_total(&admin).await;
+    let mut last = 0;
+    for i in 0..10 {
+        last = admin
+            .put(
+                SITE,
+                "profiles",
+                "alice",
+                json!({"name": format!("Alice {i}")}),
+                None,
+            )
+            .await
+            .unwrap()
+            .index;
+    }
+    assert!(get(&node, "/demo/alice", Some(last))
+        .await
+        .body
+        .contains("<h1>Alice 9</h1>"));
+    assert_eq!(
+        rendered_total(&admin).await - before,
+        2,
+        "alice and the index, once each"
+    );
+
+    // The root is mirrored to the object store for edge readers.
+    let current = admin.versions(SITE, 1).await.unwrap().versions.remove(0);
+    let root = std::fs::read(node.data_dir().join("objects/sites/demo/root")).unwrap();
+    let root: serde_json::Value = serde_json::from_slice(&root).unwrap();
+    assert_eq!(root["manifest"], current.manifest.as_str());
+    let manifest = node.data_dir().join(format!(
+        "objects/sites/demo/manifests/{}.json",
+        current.manifest
+    ));
+    assert!(manifest.is_file(), "{}", manifest.display());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn site_deploy_loads_a_folder_and_removes_what_it_lost() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("blog").await.unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/demo");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&demo, dir.path());
+    let url = node.node.url();
+    let deploy = |dir: &std::path::Path| {
+        let args = [
+            "sesame",
+            "--node",
+            &url,
+            "--token",
+            &node.node.admin_token,
+            "site",
+            "deploy",
+            "blog",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([dir.display().to_string()]);
+        sesame_node::cli::run(<sesame_node::cli::Cli as clap::Parser>::parse_from(args))
+    };
+    deploy(dir.path()).await.unwrap();
+    let last = admin.changes("blog", 0, 1000).await.unwrap().next_since;
+    assert!(get(&node, "/blog/carol", Some(last))
+        .await
+        .body
+        .contains("Carol Shaw"));
+
+    // Change a template, drop the 404 template: a second deploy applies both.
+    std::fs::write(
+        dir.path().join("templates/profile.html"),
+        "<h1 class=\"new\">{{ page.tuple.value.name }}</h1>",
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join("templates/404.html")).unwrap();
+    deploy(dir.path()).await.unwrap();
+    let last = admin.changes("blog", 0, 1000).await.unwrap().next_since;
+    assert!(get(&node, "/blog/carol", Some(last))
+        .await
+        .body
+        .contains(r#"<h1 class="new">Carol Shaw</h1>"#));
+    assert!(
+        admin.get("blog", "_templates", "404.html").await.is_err(),
+        "removed from the folder, removed from the site"
+    );
+    let missing = get(&node, "/blog/nobody", None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(
+        !missing.body.contains("See everyone"),
+        "no 404 template any more"
+    );
+
+    let err = deploy(&dir.path().join("no-such-folder"))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("not a folder"), "{err:#}");
+    node.stop().await.unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
