@@ -373,7 +373,7 @@ impl Projections {
             expected,
             rollback: false,
         });
-        let (_, result) = node
+        let (root_log_index, result) = node
             .propose(command)
             .await
             .map_err(|e| anyhow::anyhow!("commit root: {}", e.message))?;
@@ -388,7 +388,7 @@ impl Projections {
         for (hash, body) in &projection.new_blobs {
             node.pages.prime(hash, body.clone());
         }
-        node.pages.install(&manifest);
+        node.pages.install(&manifest, root_log_index);
         let root = Root {
             manifest: id,
             index: manifest.index,

@@ -56,6 +56,8 @@ impl Default for ServeConfig {
 /// One site's published version, as served.
 struct SiteVersion {
     index: LogIndex,
+    /// The log index of the root that published this version: installs only move forward.
+    root_log_index: LogIndex,
     version_header: HeaderValue,
     files: HashMap<String, Served>,
     not_found: Option<Served>,
@@ -79,7 +81,7 @@ impl Served {
 }
 
 impl SiteVersion {
-    fn new(manifest: &Manifest) -> SiteVersion {
+    fn new(manifest: &Manifest, root_log_index: LogIndex) -> SiteVersion {
         let files: HashMap<String, Served> = manifest
             .files
             .iter()
@@ -87,6 +89,7 @@ impl SiteVersion {
             .collect();
         SiteVersion {
             index: manifest.index,
+            root_log_index,
             version_header: HeaderValue::from(manifest.index),
             not_found: files.get(NOT_FOUND_PATH).cloned(),
             files,
@@ -163,22 +166,27 @@ impl Pages {
                 .publisher
                 .get_manifest(&root.site, &root.manifest)
                 .await?;
-            self.install(&manifest);
+            self.install(&manifest, root.log_index);
             *seen = root.log_index;
         }
         Ok(())
     }
 
-    /// Serves `manifest` as its site's current version, and primes the cache with files the
-    /// caller already holds.
-    pub fn install(&self, manifest: &Manifest) {
-        let version = Arc::new(SiteVersion::new(manifest));
-        self.sites
-            .write()
-            .expect("pages lock poisoned")
-            .insert(manifest.site.clone(), version);
+    /// Serves `manifest`, published by the root committed at `root_log_index`, as its
+    /// site's current version, unless a later root's version is served already (the
+    /// projector and a refresh may race; the later root must win).
+    pub fn install(&self, manifest: &Manifest, root_log_index: LogIndex) {
+        let version = Arc::new(SiteVersion::new(manifest, root_log_index));
+        let mut sites = self.sites.write().expect("pages lock poisoned");
+        match sites.get(&manifest.site) {
+            Some(current) if current.root_log_index > root_log_index => {}
+            _ => {
+                sites.insert(manifest.site.clone(), version);
+            }
+        }
     }
 
+    /// Puts file bytes the caller already holds into the cache.
     pub fn prime(&self, hash: &str, body: Bytes) {
         self.blobs
             .lock()
@@ -496,6 +504,34 @@ mod tests {
         );
         assert!(etag_matches(&h, "abc"));
         assert!(!etag_matches(&h, "abd"));
+    }
+
+    #[test]
+    fn installs_only_move_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let publisher = Arc::new(Publisher::local(dir.path()).unwrap());
+        let pages = Pages::new(ServeConfig::default(), publisher);
+        let manifest = |index| Manifest {
+            format: sesame_projector::MANIFEST_FORMAT,
+            site: "demo".into(),
+            index,
+            previous: None,
+            files: Default::default(),
+            delta: Default::default(),
+        };
+        pages.install(&manifest(7), 10);
+        pages.install(&manifest(3), 5);
+        assert_eq!(
+            pages.served_index("demo"),
+            Some(7),
+            "an older root does not replace a newer one"
+        );
+        pages.install(&manifest(3), 12);
+        assert_eq!(
+            pages.served_index("demo"),
+            Some(3),
+            "a later root (a rollback) does"
+        );
     }
 
     #[test]
