@@ -216,18 +216,23 @@ impl Projections {
             .read(move |view| me.render(view, since, &rebuild))
             .await
             .map_err(|e| anyhow::anyhow!("render: {}", e.message))?;
+        // A site whose version was rendered but not published must not keep that state:
+        // its next incremental render would find nothing new and never publish it. So every
+        // site whose publish fails is forgotten, and the next round adopts its committed
+        // root and renders it from scratch. Other sites publish independently.
+        let mut failed = 0;
         for out in outputs {
             let site = out.site.clone();
             if let Err(e) = self.publish(node, out).await {
-                // Forget the site's state: the next round adopts the committed root and
-                // renders it from scratch, so nothing rendered here is lost or half-kept.
                 self.sites
                     .lock()
                     .expect("projections lock poisoned")
                     .remove(&site);
-                return Err(e.context(format!("publish site {site}")));
+                tracing::error!("publish site {site}: {e:#}");
+                failed += 1;
             }
         }
+        anyhow::ensure!(failed == 0, "{failed} site(s) failed to publish");
         Ok(index)
     }
 

@@ -53,12 +53,23 @@ impl Page {
     }
 }
 
+/// How long a test waits for a commit to be published before failing. Generous: CI machines
+/// are slow and noisy, and debug builds render slowly; speed is the benchmark's business.
+const PUBLISH_WAIT: Duration = Duration::from_secs(30);
+
+/// GETs a page; with `min_index`, retries the node's bounded wait (503) until the page
+/// reflects that index or [`PUBLISH_WAIT`] passes.
 async fn get(node: &TestNode, path: &str, min_index: Option<u64>) -> Page {
-    get_with(node, path, |r| match min_index {
-        Some(n) => r.header("Sesame-Min-Index", n.to_string()),
-        None => r,
-    })
-    .await
+    let Some(n) = min_index else {
+        return get_with(node, path, |r| r).await;
+    };
+    let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+    loop {
+        let page = get_with(node, path, |r| r.header("Sesame-Min-Index", n.to_string())).await;
+        if page.status != StatusCode::SERVICE_UNAVAILABLE || std::time::Instant::now() > deadline {
+            return page;
+        }
+    }
 }
 
 async fn get_with(
@@ -247,6 +258,7 @@ async fn read_your_writes_etags_and_bounded_waits() {
     let admin = node.admin();
     let index = deploy_demo(&admin).await;
 
+    get(&node, "/demo/alice", Some(index)).await;
     let page = get_with(&node, &format!("/demo/alice?_min={index}"), |r| r).await;
     assert_eq!(page.status, StatusCode::OK);
     let etag = page.headers[ETAG].to_str().unwrap().to_string();
@@ -268,6 +280,7 @@ async fn read_your_writes_etags_and_bounded_waits() {
         .put(SITE, "profiles", "alice", json!({"name": "Alice 2"}), None)
         .await
         .unwrap();
+    get(&node, "/demo/alice", Some(w.index)).await;
     let changed = get_with(&node, "/demo/alice", |r| {
         r.header(IF_NONE_MATCH, &etag)
             .header("Sesame-Min-Index", w.index.to_string())
@@ -278,7 +291,10 @@ async fn read_your_writes_etags_and_bounded_waits() {
 
     // An index that will not come in time: 503 with Retry-After, after the bounded wait.
     let started = std::time::Instant::now();
-    let future = get(&node, "/demo/alice", Some(w.index + 1_000)).await;
+    let future = get_with(&node, "/demo/alice", |r| {
+        r.header("Sesame-Min-Index", (w.index + 1_000).to_string())
+    })
+    .await;
     assert_eq!(future.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(future.headers.contains_key(RETRY_AFTER));
     assert!(
@@ -602,6 +618,7 @@ async fn subdomain_mode_serves_by_host() {
     .await
     .unwrap();
     let index = deploy_demo(&node.admin()).await;
+    get(&node, "/demo/alice", Some(index)).await;
     let page = get_with(&node, "/alice", |r| {
         r.header("Host", "demo.sites.test")
             .header("Sesame-Min-Index", index.to_string())
@@ -621,7 +638,7 @@ async fn subdomain_mode_serves_by_host() {
 
 #[tokio::test]
 async fn a_burst_inside_the_debounce_window_renders_each_page_once() {
-    let node = TestNode::start_with(|c| c.debounce = Duration::from_millis(400))
+    let node = TestNode::start_with(|c| c.debounce = Duration::from_millis(1_000))
         .await
         .unwrap();
     let admin = node.admin();
@@ -739,4 +756,61 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+#[tokio::test]
+async fn a_failed_publish_keeps_the_old_version_and_recovers() {
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.min_index_wait = Duration::from_millis(300);
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    let good = get(&node, "/demo/alice", Some(index)).await.body;
+
+    // Break the object store under the site: blob writes fail.
+    let blobs = node.data_dir().join("objects/sites/demo/blobs");
+    let aside = node.data_dir().join("objects/sites/demo/blobs.aside");
+    std::fs::rename(&blobs, &aside).unwrap();
+    std::fs::write(&blobs, b"not a folder").unwrap();
+
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            json!({"name": "Alice Later"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let waiting = get_with(&node, "/demo/alice", |r| {
+        r.header("Sesame-Min-Index", w.index.to_string())
+    })
+    .await;
+    assert_eq!(
+        waiting.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not published, so not claimed"
+    );
+    assert_eq!(
+        get(&node, "/demo/alice", None).await.body,
+        good,
+        "the old version stays live"
+    );
+    assert!(admin.status(SITE).await.unwrap().pending > 0);
+
+    // Repair it: the projector retries and publishes the edit.
+    std::fs::remove_file(&blobs).unwrap();
+    std::fs::rename(&aside, &blobs).unwrap();
+    let page = get(&node, "/demo/alice", Some(w.index)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("<h1>Alice Later</h1>"), "{}", page.body);
+    assert!(get(&node, "/demo/", None)
+        .await
+        .body
+        .contains("Alice Later"));
+    node.stop().await.unwrap();
 }
