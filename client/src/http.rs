@@ -108,15 +108,7 @@ impl Http {
             value,
             if_version,
         };
-        self.tx(
-            site,
-            &TxRequest {
-                ops: vec![op],
-                client_id: None,
-                seq: None,
-            },
-        )
-        .await
+        self.one_op(site, op).await
     }
 
     pub async fn delete(
@@ -131,15 +123,17 @@ impl Http {
             key: key.into(),
             if_version,
         };
-        self.tx(
-            site,
-            &TxRequest {
-                ops: vec![op],
-                client_id: None,
-                seq: None,
-            },
-        )
-        .await
+        self.one_op(site, op).await
+    }
+
+    /// One op in a transaction of its own.
+    async fn one_op(&self, site: &str, op: Op) -> Result<TxResponse, ClientError> {
+        let req = TxRequest {
+            ops: vec![op],
+            client_id: None,
+            seq: None,
+        };
+        self.tx(site, &req).await
     }
 
     pub async fn get(
