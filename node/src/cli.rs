@@ -110,6 +110,15 @@ pub struct DevArgs {
     /// The URL visitors reach this node at (for canonical links and sitemaps).
     #[arg(long)]
     pub public_url: Option<String>,
+    /// How long the projector gathers commits before rendering, in milliseconds.
+    #[arg(long, default_value_t = crate::projection::DEBOUNCE_MS_DEFAULT)]
+    pub debounce_ms: u64,
+    /// Sustained transactions per second each site may write (0: unlimited).
+    #[arg(long, default_value_t = crate::limits::WRITE_RATE_PER_SECOND_DEFAULT)]
+    pub write_rate: f64,
+    /// Transactions a site may write in a burst.
+    #[arg(long, default_value_t = crate::limits::WRITE_BURST_DEFAULT)]
+    pub write_burst: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +357,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     config.objects = args.objects;
     config.domain = args.domain;
     config.public_url = args.public_url;
+    config.debounce = std::time::Duration::from_millis(args.debounce_ms);
+    config.write_rate = match (args.write_rate, args.write_burst) {
+        (rate, _) if rate == 0.0 => None,
+        (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::limits::RateLimit { per_second: rate, burst }),
+        (rate, burst) => anyhow::bail!("--write-rate {rate} and --write-burst {burst}: need rate > 0 (or 0 for no limit) and burst >= 1"),
+    };
     let running = crate::node::start(config).await?;
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();
