@@ -359,7 +359,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     config.public_url = args.public_url;
     config.debounce = std::time::Duration::from_millis(args.debounce_ms);
     config.write_rate = match (args.write_rate, args.write_burst) {
-        (rate, _) if rate == 0.0 => None,
+        (0.0, _) => None,
         (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::limits::RateLimit { per_second: rate, burst }),
         (rate, burst) => anyhow::bail!("--write-rate {rate} and --write-burst {burst}: need rate > 0 (or 0 for no limit) and burst >= 1"),
     };
