@@ -1,0 +1,190 @@
+//! The benchmark harness: runs workloads against real nodes in this process, runs the peers
+//! they are compared with on the same machine (the disk's own fsync, Hugo, nginx), and prints
+//! one markdown table. Absolute numbers are noisy; each figure is shown next to a peer
+//! measured in the same run, as a ratio.
+//!
+//! Sections (`--only`, comma-separated; all by default):
+//! - `writes`: durable write latency and throughput ([`writes`]);
+//! - `projection`: full projection of a generated site, side by side with Hugo
+//!   ([`projection`]);
+//! - `latency`: commit → new page served, by site size ([`latency`]);
+//! - `serving`: one page under wrk, side by side with nginx ([`serving`]).
+//!
+//! Missing peers (`hugo`, `wrk`, `nginx`) are installed with `apt-get`. Every request goes
+//! to 127.0.0.1, every loop is bounded, and every process started here is stopped here.
+//!
+//! `cargo run --release -p sesame-tests --bin sesame-bench -- --help`
+
+mod latency;
+mod projection;
+mod report;
+mod serving;
+mod site;
+mod tools;
+mod writes;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+
+use report::Row;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Writes,
+    Projection,
+    Latency,
+    Serving,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Sesame benchmark harness: prints a markdown table")]
+pub struct Args {
+    /// Sections to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "writes,projection,latency,serving"
+    )]
+    only: Vec<Section>,
+    /// Small sizes everywhere, for a run of a minute or two; explicit size flags still win.
+    #[arg(long)]
+    quick: bool,
+    /// Where to put the nodes' data (default: a temporary folder under the current one,
+    /// so it is on the same disk as the fsync probe).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+
+    /// writes: sequential durable writes by one client [default: 2000; 200 with --quick].
+    #[arg(long)]
+    single_writes: Option<usize>,
+    /// writes: concurrent writers for the throughput run.
+    #[arg(long, default_value_t = 64)]
+    writers: usize,
+    /// writes: length of the throughput run, in seconds [default: 5; 2 with --quick].
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// writes: fsyncs for the disk floor [default: 2000; 200 with --quick].
+    #[arg(long)]
+    fsyncs: Option<usize>,
+
+    /// projection: profiles (pages) in the generated site [default: 10000; 1000 with --quick].
+    #[arg(long)]
+    profiles: Option<usize>,
+    /// projection: rebuilds of Sesame and builds of Hugo; the median is reported
+    /// [default: 3; 1 with --quick].
+    #[arg(long)]
+    runs: Option<usize>,
+
+    /// latency: site sizes in profiles, comma-separated
+    /// [default: 1000,10000,100000; 1000,10000 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    latency_sizes: Option<Vec<usize>>,
+    /// latency: measured single-profile edits per site size [default: 200; 50 with --quick].
+    #[arg(long)]
+    edits: Option<usize>,
+    /// latency: idle time between edits, in milliseconds, so that each edit finds the
+    /// projector idle (as a lone editor does) instead of joining a round already under way.
+    #[arg(long, default_value_t = 50)]
+    edit_gap_ms: u64,
+    /// The projector's debounce, in milliseconds, for the projection and latency nodes
+    /// [default: the node's default].
+    #[arg(long)]
+    debounce_ms: Option<u64>,
+
+    /// serving: length of each wrk run, in seconds [default: 10; 3 with --quick].
+    #[arg(long)]
+    wrk_seconds: Option<u64>,
+    /// serving: wrk threads.
+    #[arg(long, default_value_t = 2)]
+    wrk_threads: usize,
+    /// serving: wrk connections (kept alive).
+    #[arg(long, default_value_t = 64)]
+    wrk_connections: usize,
+}
+
+impl Args {
+    fn pick<T>(&self, set: Option<T>, full: T, quick: T) -> T {
+        set.unwrap_or(if self.quick { quick } else { full })
+    }
+    pub fn single_writes(&self) -> usize {
+        self.pick(self.single_writes, 2_000, 200)
+    }
+    pub fn seconds(&self) -> u64 {
+        self.pick(self.seconds, 5, 2)
+    }
+    pub fn fsyncs(&self) -> usize {
+        self.pick(self.fsyncs, 2_000, 200)
+    }
+    pub fn profiles(&self) -> usize {
+        self.pick(self.profiles, 10_000, 1_000)
+    }
+    pub fn runs(&self) -> usize {
+        self.pick(self.runs, 3, 1).max(1)
+    }
+    pub fn latency_sizes(&self) -> Vec<usize> {
+        self.pick(
+            self.latency_sizes.clone(),
+            vec![1_000, 10_000, 100_000],
+            vec![1_000, 10_000],
+        )
+    }
+    pub fn edits(&self) -> usize {
+        self.pick(self.edits, 200, 50).max(1)
+    }
+    pub fn debounce(&self) -> Option<Duration> {
+        self.debounce_ms.map(Duration::from_millis)
+    }
+    pub fn wrk_seconds(&self) -> u64 {
+        self.pick(self.wrk_seconds, 10, 3).max(1)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let base = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("sesame-bench-")
+        .tempdir_in(&base)
+        .context("make bench dir")?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failed = 0;
+    for section in [
+        Section::Writes,
+        Section::Projection,
+        Section::Latency,
+        Section::Serving,
+    ] {
+        if !args.only.contains(&section) {
+            continue;
+        }
+        let name = format!("{section:?}").to_lowercase();
+        eprintln!("== {name}");
+        let result = match section {
+            Section::Writes => writes::run(&args, tmp.path(), &mut rows).await,
+            Section::Projection => projection::run(&args, tmp.path(), &mut rows).await,
+            Section::Latency => latency::run(&args, tmp.path(), &mut rows).await,
+            Section::Serving => serving::run(&args, tmp.path(), &mut rows).await,
+        };
+        if let Err(e) = result {
+            // One broken section should not hide the others' numbers.
+            eprintln!("{name} failed: {e:#}");
+            rows.push(Row::new(
+                format!("{name} section"),
+                format!("failed: {e:#}"),
+                "—",
+                "—",
+            ));
+            failed += 1;
+        }
+    }
+    report::print(&rows);
+    anyhow::ensure!(failed == 0, "{failed} section(s) failed; see the table");
+    Ok(())
+}
