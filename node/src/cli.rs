@@ -110,7 +110,7 @@ pub struct DevArgs {
     /// The URL visitors reach this node at (for canonical links and sitemaps).
     #[arg(long)]
     pub public_url: Option<String>,
-    /// How long the projector gathers commits before rendering, in milliseconds.
+    /// Projector throttle: commits within this many milliseconds of a render are coalesced.
     #[arg(long, default_value_t = crate::projection::DEBOUNCE_MS_DEFAULT)]
     pub debounce_ms: u64,
     /// Sustained transactions per second each site may write (0: unlimited).

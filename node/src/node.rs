@@ -64,7 +64,8 @@ pub struct NodeConfig {
     pub public_url: Option<String>,
     /// Subdomain mode: serve `Host: <site>.<domain>`.
     pub domain: Option<String>,
-    /// How long the projector gathers commits before rendering.
+    /// Throttle of the projector: commits arriving within this window after a render are
+    /// rendered together in the next round (a commit to an idle projector renders at once).
     pub debounce: Duration,
     /// Per-site write rate limit; `None`: unlimited.
     pub write_rate: Option<RateLimit>,

@@ -1,7 +1,9 @@
 //! The projection loop: committed changes become published site versions.
 //!
-//! It follows the state machine's applied index. After a short debounce (so a burst of
-//! commits costs one render per affected page), it opens one consistent snapshot of the
+//! It follows the state machine's applied index. Rounds are throttled: a commit that finds
+//! the projector idle is rendered at once, and commits arriving within the debounce window
+//! after a round are coalesced into the next one (so a burst costs at most two renders per
+//! affected page, however long it is). Each round opens one consistent snapshot of the
 //! tuple store, reads the change feed since the last round, and asks each affected site's
 //! [`SiteProjector`] to re-render what those keys touched. Each changed site version is
 //! published in order: blobs and manifest to the object store, then the new root through the
@@ -27,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 
-/// How long commits are gathered before a projection starts.
+/// The shortest time between the starts of two rounds that render: commits arriving within
+/// it after a round wait for the window to end and are rendered together.
 pub const DEBOUNCE_MS_DEFAULT: u64 = 20;
 /// Wait after a failed round before trying again.
 const RETRY_MS: u64 = 500;
@@ -175,6 +178,8 @@ impl Projections {
     pub async fn run(self: Arc<Self>, node: Arc<Node>, cancel: CancellationToken) {
         let mut applied = node.applied();
         let mut projected: LogIndex = 0;
+        // When the last round that rendered something started.
+        let mut last_render: Option<Instant> = None;
         let mut first = true;
         loop {
             if !first {
@@ -183,13 +188,20 @@ impl Projections {
                     r = applied.wait_for(|a| *a > projected) => if r.is_err() { return },
                     _ = self.wake.notified() => {}
                 }
-                tokio::time::sleep(self.config.debounce).await;
+                let since = last_render.map_or(self.config.debounce, |at| at.elapsed());
+                if since < self.config.debounce {
+                    tokio::time::sleep(self.config.debounce - since).await;
+                }
             }
             first = false;
+            let started = Instant::now();
             match self.round(&node, projected).await {
-                Ok(index) => {
+                Ok((index, rendered)) => {
                     projected = index;
                     node.pages.set_projected(index);
+                    if rendered {
+                        last_render = Some(started);
+                    }
                 }
                 Err(e) => {
                     tracing::error!("projection round failed, retrying: {e:#}");
@@ -203,16 +215,16 @@ impl Projections {
     }
 
     /// One round: everything committed after `since`, up to the snapshot's applied index,
-    /// which it returns.
+    /// which it returns, with whether any site rendered.
     async fn round(
         self: &Arc<Self>,
         node: &Arc<Node>,
         since: LogIndex,
-    ) -> anyhow::Result<LogIndex> {
+    ) -> anyhow::Result<(LogIndex, bool)> {
         self.adopt_published(node).await?;
         let rebuild = std::mem::take(&mut *self.rebuild.lock().expect("rebuild lock poisoned"));
         let me = self.clone();
-        let (index, outputs) = node
+        let (index, rendered, outputs) = node
             .read(move |view| me.render(view, since, &rebuild))
             .await
             .map_err(|e| anyhow::anyhow!("render: {}", e.message))?;
@@ -233,7 +245,7 @@ impl Projections {
             }
         }
         anyhow::ensure!(failed == 0, "{failed} site(s) failed to publish");
-        Ok(index)
+        Ok((index, rendered))
     }
 
     /// Gives sites this projector has no state for (all of them after start-up) their
@@ -289,7 +301,7 @@ impl Projections {
         view: View<'_>,
         since: LogIndex,
         rebuild: &BTreeSet<String>,
-    ) -> Result<(LogIndex, Vec<Output>), StoreError> {
+    ) -> Result<(LogIndex, bool, Vec<Output>), StoreError> {
         let index = view.applied_index()?;
         let mut changed: BTreeMap<String, Vec<ChangedKey>> = BTreeMap::new();
         let mut cursor = since;
@@ -309,6 +321,7 @@ impl Projections {
         }
 
         let mut outputs = Vec::new();
+        let mut rendered = false;
         let mut sites = self.sites.lock().expect("projections lock poisoned");
         for (name, state) in sites.iter_mut() {
             let keys = changed.get(name.as_str());
@@ -320,6 +333,7 @@ impl Projections {
             }
             let src = SiteSource { view, site: name };
             let started = Instant::now();
+            rendered = true;
             let result = if from_scratch {
                 state.projector.render_all(&src, index)
             } else {
@@ -355,7 +369,7 @@ impl Projections {
                 });
             }
         }
-        Ok((index, outputs))
+        Ok((index, rendered, outputs))
     }
 
     /// Publishes one site version: files, manifest, root through Raft, served version, mirror.
@@ -393,7 +407,7 @@ impl Projections {
         for (hash, body) in &projection.new_blobs {
             node.pages.prime(hash, body.clone());
         }
-        node.pages.install(&manifest, root_log_index);
+        node.pages.install(manifest.clone(), root_log_index);
         let root = Root {
             manifest: id,
             index: manifest.index,

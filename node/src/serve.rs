@@ -53,48 +53,27 @@ impl Default for ServeConfig {
     }
 }
 
-/// One site's published version, as served.
+/// One site's published version, as served: the manifest itself, shared with the projector
+/// that made it, so installing a version costs nothing per file.
 struct SiteVersion {
-    index: LogIndex,
+    manifest: Arc<Manifest>,
     /// The log index of the root that published this version: installs only move forward.
     root_log_index: LogIndex,
     version_header: HeaderValue,
-    files: HashMap<String, Served>,
-    not_found: Option<Served>,
-}
-
-#[derive(Clone)]
-struct Served {
-    hash: String,
-    etag: HeaderValue,
-    content_type: HeaderValue,
-}
-
-impl Served {
-    fn new(entry: &FileEntry) -> Option<Served> {
-        Some(Served {
-            hash: entry.hash.clone(),
-            etag: HeaderValue::from_str(&format!("\"{}\"", entry.hash)).ok()?,
-            content_type: HeaderValue::from_str(&entry.content_type).ok()?,
-        })
-    }
 }
 
 impl SiteVersion {
-    fn new(manifest: &Manifest, root_log_index: LogIndex) -> SiteVersion {
-        let files: HashMap<String, Served> = manifest
-            .files
-            .iter()
-            .filter_map(|(path, entry)| Some((path.clone(), Served::new(entry)?)))
-            .collect();
-        SiteVersion {
-            index: manifest.index,
-            root_log_index,
-            version_header: HeaderValue::from(manifest.index),
-            not_found: files.get(NOT_FOUND_PATH).cloned(),
-            files,
-        }
+    fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.manifest.files.get(path)
     }
+}
+
+/// The headers that name one file: its strong ETag and content type.
+fn file_headers(entry: &FileEntry) -> Option<(HeaderValue, HeaderValue)> {
+    Some((
+        HeaderValue::from_str(&format!("\"{}\"", entry.hash)).ok()?,
+        HeaderValue::from_str(&entry.content_type).ok()?,
+    ))
 }
 
 /// Content-addressed file bytes, bounded in total size; the oldest entries leave first.
@@ -166,7 +145,7 @@ impl Pages {
                 .publisher
                 .get_manifest(&root.site, &root.manifest)
                 .await?;
-            self.install(&manifest, root.log_index);
+            self.install(Arc::new(manifest), root.log_index);
             *seen = root.log_index;
         }
         Ok(())
@@ -175,13 +154,18 @@ impl Pages {
     /// Serves `manifest`, published by the root committed at `root_log_index`, as its
     /// site's current version, unless a later root's version is served already (the
     /// projector and a refresh may race; the later root must win).
-    pub fn install(&self, manifest: &Manifest, root_log_index: LogIndex) {
-        let version = Arc::new(SiteVersion::new(manifest, root_log_index));
+    pub fn install(&self, manifest: Arc<Manifest>, root_log_index: LogIndex) {
+        let site = manifest.site.clone();
+        let version = Arc::new(SiteVersion {
+            version_header: HeaderValue::from(manifest.index),
+            manifest,
+            root_log_index,
+        });
         let mut sites = self.sites.write().expect("pages lock poisoned");
-        match sites.get(&manifest.site) {
+        match sites.get(&site) {
             Some(current) if current.root_log_index > root_log_index => {}
             _ => {
-                sites.insert(manifest.site.clone(), version);
+                sites.insert(site, version);
             }
         }
     }
@@ -213,7 +197,7 @@ impl Pages {
             .read()
             .expect("pages lock poisoned")
             .get(site)
-            .map(|v| v.index)
+            .map(|v| v.manifest.index)
     }
 
     /// Waits until every commit up to `index` is served, up to the configured bound.
@@ -386,14 +370,11 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
             "no such site, or nothing published yet",
         );
     };
-    let (file, status) = match version.files.get(&path) {
+    let (file, status) = match version.file(&path) {
         Some(f) => (f, StatusCode::OK),
         None => {
             // "/alice/" → "/alice": one canonical URL per page.
-            if let Some(trimmed) = path
-                .strip_suffix('/')
-                .filter(|t| version.files.contains_key(*t))
-            {
+            if let Some(trimmed) = path.strip_suffix('/').filter(|t| version.file(t).is_some()) {
                 let base = if pages.config.domain.is_some() && raw_path == req.uri().path() {
                     String::new()
                 } else {
@@ -405,14 +386,23 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
                 }
                 return resp;
             }
-            match &version.not_found {
+            match version.file(NOT_FOUND_PATH) {
                 Some(f) => (f, StatusCode::NOT_FOUND),
                 None => return plain(StatusCode::NOT_FOUND, "not found"),
             }
         }
     };
     let mut resp_headers = HeaderMap::with_capacity(5);
-    resp_headers.insert(header::ETAG, file.etag.clone());
+    let Some((etag, content_type)) = file_headers(file) else {
+        tracing::error!(
+            "serve {site}{path}: the manifest has a header-unsafe hash or content type"
+        );
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "this file cannot be served",
+        );
+    };
+    resp_headers.insert(header::ETAG, etag);
     resp_headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(CACHE_CONTROL),
@@ -421,7 +411,7 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
     if status == StatusCode::OK && etag_matches(headers, &file.hash) {
         return (StatusCode::NOT_MODIFIED, resp_headers).into_response();
     }
-    resp_headers.insert(header::CONTENT_TYPE, file.content_type.clone());
+    resp_headers.insert(header::CONTENT_TYPE, content_type);
     match pages.body(site, &file.hash).await {
         Ok(body) => (status, resp_headers, Body::from(body)).into_response(),
         Err(e) => {
@@ -519,14 +509,14 @@ mod tests {
             files: Default::default(),
             delta: Default::default(),
         };
-        pages.install(&manifest(7), 10);
-        pages.install(&manifest(3), 5);
+        pages.install(Arc::new(manifest(7)), 10);
+        pages.install(Arc::new(manifest(3)), 5);
         assert_eq!(
             pages.served_index("demo"),
             Some(7),
             "an older root does not replace a newer one"
         );
-        pages.install(&manifest(3), 12);
+        pages.install(Arc::new(manifest(3)), 12);
         assert_eq!(
             pages.served_index("demo"),
             Some(3),

@@ -74,6 +74,9 @@ pub struct Projection {
     pub manifest: Arc<Manifest>,
     /// `manifest.id()`.
     pub manifest_id: String,
+    /// `manifest.to_json()`, made once: what the id hashes and what is stored. Empty when
+    /// `changed` is false (nothing to publish).
+    pub manifest_json: Bytes,
     /// Blobs this version references that the previous one did not have at the same path:
     /// `(hash, bytes)`. Publish them before the manifest.
     pub new_blobs: Vec<(String, Bytes)>,
@@ -1119,6 +1122,7 @@ impl SiteProjector {
             return Projection {
                 manifest: Arc::clone(manifest),
                 manifest_id: id.clone(),
+                manifest_json: Bytes::new(),
                 new_blobs: Vec::new(),
                 pages_rendered: run.pages_rendered,
                 errors,
@@ -1145,11 +1149,13 @@ impl SiteProjector {
             files: self.files.clone(),
             delta,
         });
-        let id = manifest.id();
+        let manifest_json = Bytes::from(manifest.to_json());
+        let id = content_hash(&manifest_json);
         self.current = Some((id.clone(), Arc::clone(&manifest)));
         Projection {
             manifest,
             manifest_id: id,
+            manifest_json,
             new_blobs,
             pages_rendered: run.pages_rendered,
             errors,

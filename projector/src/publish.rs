@@ -110,10 +110,22 @@ impl Publisher {
     /// Writes a projection's new blobs, then its manifest. Returns the manifest id. The node
     /// then commits the root through Raft and calls [`Publisher::mirror_root`].
     pub async fn publish(&self, projection: &Projection) -> Result<String, PublishError> {
-        self.put_blobs(&projection.manifest.site, &projection.new_blobs)
+        let site = &projection.manifest.site;
+        check_site(site)?;
+        self.put_blobs(site, &projection.new_blobs).await?;
+        // The projector serialised the manifest once for its id; store those very bytes.
+        let json = &projection.manifest_json;
+        let id = content_hash(json);
+        if id != projection.manifest_id {
+            return Err(PublishError::Corrupt {
+                path: format!("sites/{site}/manifests/{}.json", projection.manifest_id),
+                reason: format!("manifest bytes hash to {id}"),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
+        self.store
+            .put(&path, PutPayload::from(json.clone()))
             .await?;
-        let id = self.put_manifest(&projection.manifest).await?;
-        debug_assert_eq!(id, projection.manifest_id);
         Ok(id)
     }
 
