@@ -9,7 +9,7 @@ use sesame_proto::api::{
     ChangesPage, CreateSite, CreateToken, ErrorBody, Rollback, ScanPage, SiteInfo, SiteList,
     SiteStatus, TokenCreated, TupleBody, TxRequest, TxResponse, VersionList,
 };
-use sesame_proto::{LogIndex, Op, Role};
+use sesame_proto::{encode_segment as seg, LogIndex, Op, Role};
 use thiserror::Error;
 
 /// How long one request may take before the client gives up.
@@ -281,27 +281,5 @@ fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
             status: status.as_u16(),
             body: String::from_utf8_lossy(bytes).into(),
         },
-    }
-}
-
-/// Percent-encodes one path segment or query value.
-fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn segments_are_escaped() {
-        assert_eq!(super::seg("a/b c?é"), "a%2Fb%20c%3F%C3%A9");
-        assert_eq!(super::seg("plain-key_1.x~"), "plain-key_1.x~");
     }
 }

@@ -5,7 +5,6 @@
 //! ever sees well-formed commands.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -30,7 +29,7 @@ use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
 
 use crate::auth::{self, Caller};
 use crate::error::ApiError;
-use crate::node::{Node, HTTP_CONCURRENCY_MAX};
+use crate::node::{now_ms, Node, HTTP_CONCURRENCY_MAX};
 
 /// Largest request body. JSON spells bytes in base64 and escapes strings, so it allows more
 /// than the encoded transaction limit; the transaction itself is checked after parsing.
@@ -137,13 +136,6 @@ async fn require_site(node: &Node, site: &str) -> Result<SiteRecord, ApiError> {
     node.read(move |v| v.site(&name))
         .await?
         .ok_or_else(|| ApiError::unknown_site(site))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn site_info(r: SiteRecord) -> SiteInfo {

@@ -322,13 +322,9 @@ pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
     if exists {
         return Ok(false);
     }
-    let created_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let create = sesame_proto::Command::CreateSite {
         name: DEMO_SITE.into(),
-        created_at_ms,
+        created_at_ms: crate::node::now_ms(),
     };
     node.propose(create)
         .await

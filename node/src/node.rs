@@ -385,6 +385,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     })
 }
 
+/// Wall-clock milliseconds since the Unix epoch, as proposers put them into commands (the
+/// state machine never reads the clock itself).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The admin token: the configured one (saved for next time), else the saved one, else new.
 fn load_admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -27,7 +27,7 @@ use sesame_sync::{StoreError, View, CHANGES_LIMIT_MAX};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Node;
+use crate::node::{now_ms, Node};
 
 /// The shortest time between the starts of two rounds that render: commits arriving within
 /// it after a round wait for the window to end and are rendered together.
@@ -134,13 +134,6 @@ impl Source for SiteSource<'_> {
             .scan(self.site, collection, prefix, None, limit)
             .map_err(SourceError::new)
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Projections {

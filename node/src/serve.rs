@@ -16,6 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
+use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
 use tokio::sync::watch;
 
@@ -278,9 +279,7 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
                 u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding %{hex}"))?;
             match v {
                 b'/' | b'\\' => return Err("encoded slashes are not allowed in paths".into()),
-                v if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
-                    out.push(v as char)
-                }
+                v if is_unreserved(v) => out.push(v as char),
                 v if v < 0x20 || v == 0x7f => {
                     return Err("control characters are not allowed in paths".into())
                 }

@@ -23,23 +23,9 @@ pub const NOT_FOUND_PATH: &str = "/404.html";
 /// The template that, when present, is rendered to [`NOT_FOUND_PATH`].
 pub const NOT_FOUND_TEMPLATE: &str = "404.html";
 
-/// Percent-encodes a key for use as (part of) one path segment. Only RFC 3986 unreserved
-/// characters stay as they are: `/` in a key must not split the segment, and characters like
-/// `+`, `;` or `&` are read differently by different servers and caches.
-pub fn encode_segment(key: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = String::with_capacity(key.len());
-    for &b in key.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xF)]));
-        }
-    }
-    out
-}
+/// Percent-encodes a key for use as (part of) one path segment (defined in `proto`, which
+/// API clients use too).
+pub use sesame_proto::encode_segment;
 
 /// Checks a path before it is published: starts with `/`, has no empty, `.` or `..`
 /// segments (browsers and caches collapse those, so the file could never be reached), and

@@ -12,7 +12,7 @@ pub mod tuple;
 pub mod value;
 
 pub use command::{Command, CommandResult, Conflict, Publish, Role, TokenRecord};
-pub use names::{validate_collection, validate_key, validate_site, NameError};
+pub use names::{encode_segment, validate_collection, validate_key, validate_site, NameError};
 pub use tuple::{Home, Op, Origin, Transaction, Tuple, TxError};
 pub use value::Value;
 

@@ -79,6 +79,31 @@ pub fn validate_key(key: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Whether a byte may stand in a URL path segment as it is (RFC 3986 "unreserved"). Every
+/// other byte is percent-encoded.
+pub fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Percent-encodes a string (a site, collection or key) for use as one URL path segment or
+/// query value, with upper-case hex. Only unreserved bytes stay as they are: `/` in a key
+/// must not split the segment, and `+`, `;` or `&` are read differently by different servers
+/// and caches. Pages and API clients both spell URLs this way.
+pub fn encode_segment(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if is_unreserved(b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
+        }
+    }
+    out
+}
+
 fn truncate_for_message(s: &str) -> String {
     const SHOWN_CHARS_MAX: usize = 80;
     if s.chars().count() <= SHOWN_CHARS_MAX {
@@ -125,6 +150,12 @@ mod tests {
             validate_collection("_secret"),
             Err(NameError::ReservedCollection(_))
         ));
+    }
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(encode_segment("a/b c?é"), "a%2Fb%20c%3F%C3%A9");
+        assert_eq!(encode_segment("plain-key_1.x~"), "plain-key_1.x~");
     }
 
     #[test]
