@@ -39,7 +39,7 @@ const CHANGES_LIMIT_DEFAULT: usize = 1_000;
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/sites", post(create_site).get(list_sites))
         .route("/v1/sites/{site}/tx", post(write_tx))
@@ -71,8 +71,19 @@ async fn api_not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
+/// Alive and able to work: 503 while Raft is stopped (a storage failure) and restarting.
+async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    match node.raft.problem() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response(),
+    }
+}
+
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    let metrics = node.raft.metrics().borrow().clone();
+    if let Some(problem) = node.raft.problem() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response();
+    }
+    let metrics = node.raft.get().metrics().borrow().clone();
     match (&metrics.running_state, metrics.current_leader) {
         (Ok(()), Some(leader)) => {
             (StatusCode::OK, format!("ready; leader is node {leader}\n")).into_response()
@@ -446,9 +457,15 @@ async fn status(
     let site = path(p)?;
     check_site(&site)?;
     caller.require(&site, Role::Reader)?;
-    require_site(&node, &site).await?;
+    let name = site.clone();
+    let (record, root) = node
+        .read(move |v| Ok((v.site(&name)?, v.root(&name)?)))
+        .await?;
+    if record.is_none() {
+        return Err(ApiError::unknown_site(&site));
+    }
     let committed = *node.applied().borrow();
-    let projected = node.pages.projected();
+    let projected = node.projections.projected(&site);
     let p = node.projections.status(&site).unwrap_or_default();
     let problem = |e: sesame_projector::TemplateError| TemplateProblem {
         template: e.template,
@@ -458,6 +475,7 @@ async fn status(
     };
     Ok(Json(SiteStatus {
         served_index: node.pages.served_index(&site),
+        rolled_back: root.is_some_and(|r| r.rollback),
         site,
         committed_index: committed,
         projected_index: projected,

@@ -326,9 +326,7 @@ pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
         name: DEMO_SITE.into(),
         created_at_ms: crate::node::now_ms(),
     };
-    node.propose(create)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+    node.propose(create).await.context("create the demo site")?;
     let ops = crate::bundle::deploy_ops(&crate::bundle::demo(), &[]);
     let tx = sesame_proto::Transaction {
         site: DEMO_SITE.into(),
@@ -336,12 +334,7 @@ pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
         origin: None,
     };
     tx.validate().context("validate the demo bundle")?;
-    match node
-        .write_tx(tx)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message))?
-        .1
-    {
+    match node.write_tx(tx).await.context("write the demo site")?.1 {
         sesame_proto::CommandResult::Committed { .. } => Ok(true),
         other => anyhow::bail!("seed the demo site: {other:?}"),
     }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -45,6 +45,10 @@ const TXS_PER_ENTRY_MAX: usize = 512;
 const ENTRY_BYTES_MAX: usize = 16 << 20;
 /// Idle reader connections kept open for HTTP reads.
 const READ_POOL_IDLE_MAX: usize = 16;
+/// First wait before restarting a Raft that stopped on a storage failure; doubles per failed
+/// attempt up to [`RAFT_RESTART_MS_MAX`].
+const RAFT_RESTART_MS_MIN: u64 = 250;
+const RAFT_RESTART_MS_MAX: u64 = 10_000;
 
 /// Name of the folder under the data directory that is the default object store.
 pub const OBJECTS_DIR: &str = "objects";
@@ -90,10 +94,85 @@ impl NodeConfig {
     }
 }
 
+/// Why a write did not commit. Callers branch on it: only `OutcomeUnknown` may have been
+/// applied, and a retry with the same `(client_id, seq)` settles it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error("this node is not the leader; node {id} at {addr} is")]
+    NotLeader { id: NodeId, addr: String },
+    #[error("this node is not the leader and knows no leader now; retry shortly")]
+    NoLeader,
+    /// Nothing was written.
+    #[error("{0}; nothing was written")]
+    Unavailable(String),
+    /// The node failed while the write was in flight: it may or may not have committed.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    #[error("transactions: unexpected result {0}")]
+    Unexpected(String),
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
+        let mut api = match &e {
+            WriteError::NotLeader { .. } | WriteError::NoLeader => {
+                ApiError::new(http::StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string())
+            }
+            WriteError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            WriteError::OutcomeUnknown(_) => ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                format!(
+                    "{e}; the write may or may not have been applied: retry it with the same \
+                     client_id and seq to apply it at most once"
+                ),
+            ),
+            WriteError::Unexpected(_) => return ApiError::internal(e),
+        };
+        api.retry_after = Some(1);
+        api
+    }
+}
+
+/// The node's Raft. A storage failure (a full or failing disk) stops an openraft instance
+/// for good, so [`supervise_raft`] replaces it with a fresh one on the same storage once
+/// the storage opens again; everyone reaches Raft through this handle.
+pub struct RaftHandle {
+    current: RwLock<Raft>,
+    /// Why Raft is not running now, if it is not.
+    problem: RwLock<Option<String>>,
+}
+
+impl RaftHandle {
+    fn new(raft: Raft) -> RaftHandle {
+        RaftHandle {
+            current: RwLock::new(raft),
+            problem: RwLock::new(None),
+        }
+    }
+
+    /// The running instance (cheap: a handle).
+    pub fn get(&self) -> Raft {
+        self.current.read().expect("raft handle lock poisoned").clone()
+    }
+
+    /// Why Raft is not running, or `None` when it runs.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .read()
+            .expect("raft problem lock poisoned")
+            .clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.write().expect("raft problem lock poisoned") = problem;
+    }
+}
+
 /// Shared state of a running node; handlers hold an `Arc<Node>`.
 pub struct Node {
     pub id: NodeId,
-    pub raft: Raft,
+    pub raft: RaftHandle,
     reads: Arc<ReadPool>,
     applied: watch::Receiver<LogIndex>,
     admin_hash: String,
@@ -105,7 +184,7 @@ pub struct Node {
     pub publisher: Arc<Publisher>,
 }
 
-type Proposed = Result<(LogIndex, CommandResult), ApiError>;
+type Proposed = Result<(LogIndex, CommandResult), WriteError>;
 
 /// A transaction waiting for [`group_commit`] to put it in a log entry.
 struct PendingTx {
@@ -141,7 +220,16 @@ impl Node {
 
     /// Orders one command through the Raft log on its own; see [`propose`].
     pub async fn propose(&self, command: Command) -> Proposed {
-        propose(&self.raft, command).await
+        propose(&self.raft.get(), command).await
+    }
+
+    /// The newest log index this node knows of (appended, committed or applied): an index
+    /// past it has not been written yet.
+    pub fn known_index(&self) -> LogIndex {
+        let metrics = self.raft.get().metrics().borrow().clone();
+        let log = metrics.last_log_index.unwrap_or(0);
+        let applied = *self.applied.borrow();
+        log.max(applied)
     }
 
     /// Commits a validated transaction and returns its log index and result (committed,
@@ -153,32 +241,33 @@ impl Node {
         self.txs
             .send(PendingTx { tx, bytes, reply })
             .await
-            .map_err(|_| ApiError::unavailable("the node is shutting down"))?;
+            .map_err(|_| WriteError::Unavailable("the node is shutting down".into()))?;
         answer
             .await
-            .map_err(|_| ApiError::unavailable("the node is shutting down"))?
+            .map_err(|_| WriteError::OutcomeUnknown("the node shut down during the write".into()))?
     }
 }
 
 /// Orders `command` through the Raft log and returns its log index and what applying it did.
 /// Returns once the entry is committed (durable on a quorum) and applied.
 pub async fn propose(raft: &Raft, command: Command) -> Proposed {
+    if let Err(e) = &raft.metrics().borrow().running_state {
+        return Err(WriteError::Unavailable(format!("raft has stopped: {e}")));
+    }
     match raft.client_write(command).await {
         Ok(resp) => Ok((resp.log_id.index, resp.data)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ApiError::new(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "not_leader",
-            match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => {
-                    format!("this node is not the leader; node {id} at {} is", n.addr)
-                }
-                _ => "this node is not the leader and knows no leader now; retry shortly".into(),
-            },
-        )),
-        Err(RaftError::APIError(e)) => Err(ApiError::unavailable(format!("cannot write: {e}"))),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.addr },
+                _ => WriteError::NoLeader,
+            })
+        }
+        Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(format!("cannot write: {e}"))),
         Err(RaftError::Fatal(e)) => {
-            tracing::error!("raft stopped: {e}");
-            Err(ApiError::unavailable(format!("raft has stopped: {e}")))
+            tracing::error!("raft stopped during a write: {e}");
+            Err(WriteError::OutcomeUnknown(format!(
+                "raft stopped while the write was in flight: {e}"
+            )))
         }
     }
 }
@@ -187,7 +276,7 @@ pub async fn propose(raft: &Raft, command: Command) -> Proposed {
 /// to the entry limits) and proposes them as one [`Command::Txs`]. A lone writer gets an
 /// entry of its own at once; many writers share entries, and fsyncs. Ends when the node is
 /// dropped.
-async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingTx>) {
+async fn group_commit(node: std::sync::Weak<Node>, mut queue: mpsc::Receiver<PendingTx>) {
     while let Some(first) = queue.recv().await {
         let mut bytes = first.bytes;
         let mut batch = vec![first];
@@ -201,6 +290,9 @@ async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingTx>) {
             }
         }
         let (txs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.tx, p.reply)).unzip();
+        let Some(raft) = node.upgrade().map(|n| n.raft.get()) else {
+            return;
+        };
         match propose(&raft, Command::Txs(txs)).await {
             Ok((index, CommandResult::Txs(results))) if results.len() == replies.len() => {
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -209,7 +301,7 @@ async fn group_commit(raft: Raft, mut queue: mpsc::Receiver<PendingTx>) {
                 }
             }
             Ok((_, other)) => {
-                let e = ApiError::internal(format!("transactions: unexpected result {other:?}"));
+                let e = WriteError::Unexpected(format!("{other:?}"));
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -231,6 +323,7 @@ pub struct RunningNode {
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     projector: tokio::task::JoinHandle<()>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl RunningNode {
@@ -247,7 +340,8 @@ impl RunningNode {
             .context("join the HTTP server")?
             .context("serve HTTP")?;
         self.projector.await.context("join the projector")?;
-        self.node.raft.shutdown().await.context("shut down raft")?;
+        self.supervisor.abort();
+        self.node.raft.get().shutdown().await.context("shut down raft")?;
         Ok(())
     }
 
@@ -264,36 +358,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
     let admin_token = load_admin_token(&config.data_dir, config.admin_token.clone())?;
 
-    let dir = config.data_dir.clone();
-    let (log_store, state_machine) = tokio::task::spawn_blocking(move || raft::open_storage(&dir))
-        .await
-        .context("join storage opening")?
-        .context("open raft storage")?;
-    let reads = Arc::new(
-        state_machine
-            .read_pool(READ_POOL_IDLE_MAX)
-            .context("open tuple store readers")?,
-    );
-    let applied = state_machine.applied_index();
-
-    let raft_config = openraft::Config {
-        cluster_name: "sesame".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
-        ..Default::default()
-    }
-    .validate()
-    .context("validate raft config")?;
-    let raft = Raft::new(
-        config.node_id,
-        Arc::new(raft_config),
-        Network,
-        log_store,
-        state_machine,
-    )
-    .await
-    .context("start raft")?;
+    let applied_tx = Arc::new(watch::channel(0).0);
+    let applied = applied_tx.subscribe();
+    let raft_parts = RaftParts {
+        dir: config.data_dir.clone(),
+        node_id: config.node_id,
+        applied: applied_tx,
+    };
+    let (raft, reads) = raft_parts.open().await?;
+    let reads = Arc::new(reads);
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -347,10 +420,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     ));
 
     let (txs, queue) = mpsc::channel(TX_QUEUE_MAX);
-    tokio::spawn(group_commit(raft.clone(), queue));
     let node = Arc::new(Node {
         id: config.node_id,
-        raft,
+        raft: RaftHandle::new(raft),
         reads,
         applied,
         admin_hash: auth::hash_token(&admin_token),
@@ -365,7 +437,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         .refresh(&node)
         .await
         .context("load published site versions")?;
+    tokio::spawn(group_commit(Arc::downgrade(&node), queue));
     let cancel = CancellationToken::new();
+    let supervisor = tokio::spawn(supervise_raft(
+        Arc::downgrade(&node),
+        raft_parts,
+        cancel.clone(),
+    ));
     let projector = tokio::spawn(projections.run(node.clone(), cancel.clone()));
     let app = crate::api::router(node.clone());
     let stop = cancel.clone();
@@ -382,7 +460,110 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         cancel,
         server,
         projector,
+        supervisor,
     })
+}
+
+/// What it takes to (re)start this node's Raft on its storage.
+struct RaftParts {
+    dir: PathBuf,
+    node_id: NodeId,
+    /// The applied index, shared by every instance so followers of it need not resubscribe.
+    applied: Arc<watch::Sender<LogIndex>>,
+}
+
+impl RaftParts {
+    /// Opens the log and the state machine and starts a Raft on them; also returns a read
+    /// pool on the tuple store.
+    async fn open(&self) -> anyhow::Result<(Raft, ReadPool)> {
+        let dir = self.dir.clone();
+        let (log_store, state_machine) =
+            tokio::task::spawn_blocking(move || raft::open_storage(&dir))
+                .await
+                .context("join storage opening")?
+                .context("open raft storage")?;
+        let state_machine = state_machine.with_applied_watch(self.applied.clone());
+        let reads = state_machine
+            .read_pool(READ_POOL_IDLE_MAX)
+            .context("open tuple store readers")?;
+        let raft_config = openraft::Config {
+            cluster_name: "sesame".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            ..Default::default()
+        }
+        .validate()
+        .context("validate raft config")?;
+        let raft = Raft::new(
+            self.node_id,
+            Arc::new(raft_config),
+            Network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .context("start raft")?;
+        Ok((raft, reads))
+    }
+}
+
+/// Watches Raft and, when a storage failure stops it (openraft stops for good on any
+/// storage error: a full disk, an I/O error), shuts it down and starts a new instance on the
+/// same storage, retrying with backoff until the storage opens and works again. Writes that
+/// were in flight are answered `outcome_unknown`; the log on disk decides what committed.
+async fn supervise_raft(
+    node: std::sync::Weak<Node>,
+    parts: RaftParts,
+    cancel: CancellationToken,
+) {
+    loop {
+        let Some(raft) = node.upgrade().map(|n| n.raft.get()) else {
+            return;
+        };
+        let mut metrics = raft.metrics();
+        let stopped = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = metrics.wait_for(|m| m.running_state.is_err()) => match m {
+                Ok(m) => m.running_state.clone().err(),
+                // The metrics sender is gone: the instance ended without saying why.
+                Err(_) => None,
+            },
+        };
+        let reason = stopped.map_or_else(|| "raft ended".to_string(), |e| e.to_string());
+        tracing::error!("raft stopped: {reason}; restarting it on the same storage");
+        if let Some(n) = node.upgrade() {
+            n.raft.set_problem(Some(format!(
+                "raft stopped: {reason}; restarting it on the same storage"
+            )));
+        }
+        // The stopped instance reports its fatal error again here; it is logged above.
+        let _ = raft.shutdown().await;
+        drop(raft);
+        let mut attempt: u32 = 0;
+        loop {
+            let wait = RAFT_RESTART_MS_MIN
+                .saturating_mul(1 << attempt.min(6))
+                .min(RAFT_RESTART_MS_MAX);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+            match parts.open().await {
+                Ok((raft, _reads)) => {
+                    let Some(n) = node.upgrade() else { return };
+                    *n.raft.current.write().expect("raft handle lock poisoned") = raft;
+                    n.raft.set_problem(None);
+                    tracing::info!("raft restarted after a storage failure");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("restart raft: {e:#}; retrying");
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch, as proposers put them into commands (the

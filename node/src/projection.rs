@@ -1,18 +1,29 @@
 //! The projection loop: committed changes become published site versions.
 //!
-//! It follows the state machine's applied index. Rounds are throttled: a commit that finds
-//! the projector idle is rendered at once, and commits arriving within the debounce window
-//! after a round are coalesced into the next one (so a burst costs at most two renders per
-//! affected page, however long it is). Each round opens one consistent snapshot of the
-//! tuple store, reads the change feed since the last round, and asks each affected site's
-//! [`SiteProjector`] to re-render what those keys touched. Each changed site version is
-//! published in order: blobs and manifest to the object store, then the new root through the
-//! Raft log (compare-and-set on the previous root, so a deposed or stale projector cannot
-//! publish), then the served version is swapped in memory and the root mirrored to the
-//! object store for edge readers. Only then does the projected index move, which releases
-//! `Sesame-Min-Index` waits.
+//! Every site is projected by a task of its own, so one site's slow renders never hold up
+//! another's (the render pool interleaves the pages of concurrent sites). A dispatcher
+//! follows the state machine's applied index and tells each site that a commit touched the
+//! index of its newest change; it also starts a task for every new site and ends the task of
+//! a deleted one.
+//!
+//! A site's rounds work the way group commit does: a round starts as soon as there is work
+//! and the previous round has ended, and it takes everything committed meanwhile, so an
+//! isolated edit waits for no timer and a burst costs one render per affected page per round.
+//! An optional debounce (off by default) spaces rounds out to save object-store writes.
+//!
+//! A round opens one consistent snapshot of the tuple store, reads the site's change feed
+//! since its last round, and asks the site's [`SiteProjector`] to re-render what those keys
+//! touched. A changed version is published in order: blobs and manifest to the object store,
+//! then the new root through the Raft log (compare-and-set on the previous root, so a deposed
+//! or stale projector cannot publish), then the served version is swapped in memory and the
+//! root mirrored to the object store for edge readers. Only then does the site's projected
+//! index move, which releases `Sesame-Min-Index` waits.
+//!
+//! Before each round the projector checks that it starts from the site's committed root;
+//! when the root moved under it (a rollback, a failed publish, another projector), it adopts
+//! that root's manifest first, so the next version's delta is taken from what is served.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,23 +35,33 @@ use sesame_projector::{
 };
 use sesame_proto::{Command, CommandResult, LogIndex, Publish, Tuple};
 use sesame_sync::{StoreError, View, CHANGES_LIMIT_MAX};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::{now_ms, Node};
 
-/// The shortest time between the starts of two rounds that render: commits arriving within
-/// it after a round wait for the window to end and are rendered together.
-pub const DEBOUNCE_MS_DEFAULT: u64 = 20;
-/// Wait after a failed round before trying again.
-const RETRY_MS: u64 = 500;
+/// Default shortest time between the starts of two rounds of one site: 0, no timer.
+pub const DEBOUNCE_MS_DEFAULT: u64 = 0;
+/// First wait after a failed round; it doubles with each failure in a row.
+const RETRY_MS_MIN: u64 = 250;
+/// Longest wait between retries of a failing site.
+const RETRY_MS_MAX: u64 = 10_000;
+/// Wait before the dispatcher retries after failing to read the store.
+const DISPATCH_RETRY_MS: u64 = 500;
+/// Sites rendering at once. Each round holds a read snapshot and a blocking thread; the
+/// render pool bounds CPU, this bounds the rest.
+const ROUNDS_CONCURRENT_MAX: usize = 8;
 /// Most changed keys one round collects for one site; past it the site renders from scratch
 /// (which reads everything anyway) instead of holding the key list.
 const CHANGED_KEYS_PER_SITE_MAX: usize = 200_000;
+/// The `template` named by a publish failure in the site status.
+pub const PUBLISH_PROBLEM: &str = "(publish)";
 
 /// How sites are projected.
 #[derive(Debug, Clone)]
 pub struct ProjectionConfig {
+    /// Shortest time between the starts of two rounds of one site (0: none).
     pub debounce: Duration,
     /// Public URL of this node (`http://127.0.0.1:7700`); in path mode a site lives under
     /// `<public_url>/<site>`.
@@ -79,36 +100,72 @@ pub struct SiteProjection {
     pub last_publish_ms: Option<u64>,
     /// The first standing problem, if any (`{ template, line, message }`).
     pub last_error: Option<TemplateError>,
-    /// Every standing problem (bounded by the projector).
+    /// Every standing problem: the site's template problems (bounded by the projector) and
+    /// a failing publish.
     pub errors: Vec<TemplateError>,
 }
 
-/// A site's projector; touched only by the projection task.
+/// Progress and status of one site, shared between its task, the dispatcher and readers.
+#[derive(Default)]
 struct SiteState {
-    projector: SiteProjector,
-    /// Rendered at least once since this node started (else the next round renders all).
-    rendered: bool,
+    /// Index of the newest change handed to the site.
+    wanted: LogIndex,
+    /// Snapshot index of the last round that finished: everything up to it is served.
+    done: LogIndex,
+    /// Render from scratch in the next round.
+    rebuild: bool,
+    /// The site is gone: its task ends.
+    deleted: bool,
+    pages: u64,
+    pages_rendered_total: u64,
+    last_publish_at: Option<u64>,
+    last_publish_ms: Option<u64>,
+    template_errors: Vec<TemplateError>,
+    publish_error: Option<TemplateError>,
 }
 
-/// A site version ready to publish, made in the blocking half of a round.
-struct Output {
+/// A site as the projection knows it.
+struct Slot {
     site: String,
-    projection: Projection,
-    /// The root this version replaces, as the snapshot saw it.
-    expected: Option<String>,
-    render_ms: u64,
+    state: Mutex<SiteState>,
+    /// Work arrived (a change, a rebuild, deletion).
+    wake: Notify,
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SiteState> {
+        self.state.lock().expect("site state lock poisoned")
+    }
+}
+
+/// What a round's snapshot found.
+enum Rendered {
+    /// The site was deleted.
+    Deleted,
+    /// The committed root is not the one the projector starts from; adopt it first.
+    RootMoved,
+    /// The store failed under the renderer: nothing is published, the round is retried.
+    Failed(sesame_projector::ProjectError),
+    /// Rendered at `index`; publish if the version changed. `expected` is the root the new
+    /// version replaces.
+    Done {
+        index: LogIndex,
+        projection: Box<Projection>,
+        expected: Option<String>,
+        render_ms: u64,
+    },
 }
 
 /// The projector of every site on this node.
 pub struct Projections {
     config: ProjectionConfig,
     publisher: Arc<Publisher>,
-    /// Locked for a whole render; only the projection task takes it.
-    sites: Mutex<HashMap<String, SiteState>>,
-    /// What status requests read; locked only briefly.
-    statuses: Mutex<HashMap<String, SiteProjection>>,
-    rebuild: Mutex<BTreeSet<String>>,
-    wake: Notify,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Every change at or below this index has been handed to its site.
+    dispatched: watch::Sender<LogIndex>,
+    /// Bumped whenever some site's projected index may have moved; waiters re-check.
+    progress: watch::Sender<u64>,
+    rounds: Semaphore,
 }
 
 /// A site's tuples at one snapshot, for the renderer.
@@ -141,241 +198,399 @@ impl Projections {
         Projections {
             config,
             publisher,
-            sites: Mutex::new(HashMap::new()),
-            statuses: Mutex::new(HashMap::new()),
-            rebuild: Mutex::new(BTreeSet::new()),
-            wake: Notify::new(),
+            slots: Mutex::new(HashMap::new()),
+            dispatched: watch::channel(0).0,
+            progress: watch::channel(0).0,
+            rounds: Semaphore::new(ROUNDS_CONCURRENT_MAX),
         }
     }
 
-    /// The projection status of a site this node has projected.
-    pub fn status(&self, site: &str) -> Option<SiteProjection> {
-        self.statuses
+    fn slot(&self, site: &str) -> Option<Arc<Slot>> {
+        self.slots
             .lock()
-            .expect("statuses lock poisoned")
+            .expect("projection slots lock poisoned")
             .get(site)
             .cloned()
     }
 
-    /// Asks for `site` to be rendered from scratch in the next round.
-    pub fn request_rebuild(&self, site: &str) {
-        self.rebuild
-            .lock()
-            .expect("rebuild lock poisoned")
-            .insert(site.to_string());
-        self.wake.notify_one();
+    /// The projection status of a site this node projects.
+    pub fn status(&self, site: &str) -> Option<SiteProjection> {
+        let slot = self.slot(site)?;
+        let s = slot.state();
+        let errors: Vec<TemplateError> = s
+            .publish_error
+            .iter()
+            .chain(&s.template_errors)
+            .cloned()
+            .collect();
+        Some(SiteProjection {
+            pages: s.pages,
+            pages_rendered_total: s.pages_rendered_total,
+            last_publish_at: s.last_publish_at,
+            last_publish_ms: s.last_publish_ms,
+            last_error: errors.first().cloned(),
+            errors,
+        })
     }
 
-    /// Runs rounds until `cancel` fires. The first round renders every site from scratch
-    /// (the projector keeps its dependency index in memory).
+    /// Every commit at or below the returned index is reflected in the pages served for
+    /// `site` (a site with no pending work is projected as far as the dispatcher has read).
+    pub fn projected(&self, site: &str) -> LogIndex {
+        // Read the dispatcher's index before the site's progress: the dispatcher raises
+        // `wanted` before it moves `dispatched`, so this order never pairs a new
+        // `dispatched` with an old `wanted`.
+        let dispatched = *self.dispatched.borrow();
+        match self.slot(site) {
+            Some(slot) => {
+                let s = slot.state();
+                if s.wanted <= s.done {
+                    dispatched.max(s.done)
+                } else {
+                    s.done
+                }
+            }
+            None => 0,
+        }
+    }
+
+    /// Changes whenever a site's projected index may have moved.
+    pub fn progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    fn bump_progress(&self) {
+        self.progress.send_modify(|p| *p = p.wrapping_add(1));
+    }
+
+    /// Asks for `site` to be rendered from scratch in its next round.
+    pub fn request_rebuild(&self, site: &str) {
+        if let Some(slot) = self.slot(site) {
+            slot.state().rebuild = true;
+            slot.wake.notify_one();
+        }
+    }
+
+    /// Follows the applied index and hands changes to the sites' tasks until `cancel` fires.
     pub async fn run(self: Arc<Self>, node: Arc<Node>, cancel: CancellationToken) {
         let mut applied = node.applied();
-        let mut projected: LogIndex = 0;
-        // When the last round that rendered something started.
-        let mut last_render: Option<Instant> = None;
-        let mut first = true;
+        let mut tasks = JoinSet::new();
+        let mut cursor: Option<LogIndex> = None;
         loop {
-            if !first {
+            if let Some(seen) = cursor {
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = applied.wait_for(|a| *a > projected) => if r.is_err() { return },
-                    _ = self.wake.notified() => {}
-                }
-                let since = last_render.map_or(self.config.debounce, |at| at.elapsed());
-                if since < self.config.debounce {
-                    tokio::time::sleep(self.config.debounce - since).await;
+                    _ = cancel.cancelled() => break,
+                    r = applied.wait_for(|a| *a > seen) => if r.is_err() { break },
                 }
             }
-            first = false;
-            let started = Instant::now();
-            match self.round(&node, projected).await {
-                Ok((index, rendered)) => {
-                    projected = index;
-                    node.pages.set_projected(index);
-                    if rendered {
-                        last_render = Some(started);
+            match self.dispatch(&node, cursor.unwrap_or(0)).await {
+                Ok((index, new_slots)) => {
+                    for slot in new_slots {
+                        tasks.spawn(self.clone().site_task(node.clone(), slot, cancel.clone()));
                     }
+                    cursor = Some(index);
+                    self.dispatched.send_replace(index);
+                    self.bump_progress();
                 }
                 Err(e) => {
-                    tracing::error!("projection round failed, retrying: {e:#}");
+                    tracing::error!("projection: read the change feed: {e:#}");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(DISPATCH_RETRY_MS)) => {}
+                    }
+                }
+            }
+            // Reap tasks of deleted sites.
+            while tasks.try_join_next().is_some() {}
+        }
+        cancel.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Reads which sites changed after `since` and tells them; makes slots for new sites and
+    /// retires deleted ones. Returns the index read up to and the new slots.
+    async fn dispatch(
+        &self,
+        node: &Node,
+        since: LogIndex,
+    ) -> anyhow::Result<(LogIndex, Vec<Arc<Slot>>)> {
+        let (index, sites, changed) = node
+            .read(move |v| Ok((v.applied_index()?, v.sites()?, v.changed_sites(since)?)))
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let fresh: Vec<String> = {
+            let slots = self.slots.lock().expect("projection slots lock poisoned");
+            sites
+                .iter()
+                .filter(|s| !slots.contains_key(&s.name))
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        // What a new slot (every site, at start-up) must do first: nothing when its root
+        // is current, else one round from scratch.
+        let first_wanted = if fresh.is_empty() {
+            HashMap::new()
+        } else {
+            node.read(move |v| {
+                let newest: HashMap<String, LogIndex> = v.changed_sites(0)?.into_iter().collect();
+                let mut wanted = HashMap::new();
+                for site in fresh {
+                    let newest = newest.get(&site).copied().unwrap_or(0);
+                    let w = match v.root(&site)? {
+                        // A rollback stays served until the site changes after it.
+                        Some(root) => {
+                            let reflects = if root.rollback {
+                                root.log_index
+                            } else {
+                                root.index
+                            };
+                            if newest > reflects {
+                                newest
+                            } else {
+                                0
+                            }
+                        }
+                        // Never published: publish once, even an empty site.
+                        None => index.max(1),
+                    };
+                    wanted.insert(site, w);
+                }
+                Ok(wanted)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?
+        };
+        let mut new_slots = Vec::new();
+        let mut slots = self.slots.lock().expect("projection slots lock poisoned");
+        let live: BTreeSet<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        slots.retain(|name, slot| {
+            let keep = live.contains(name.as_str());
+            if !keep {
+                slot.state().deleted = true;
+                slot.wake.notify_one();
+            }
+            keep
+        });
+        for (site, wanted) in first_wanted {
+            if slots.contains_key(&site) || !live.contains(site.as_str()) {
+                continue;
+            }
+            let slot = Arc::new(Slot {
+                site: site.clone(),
+                state: Mutex::new(SiteState {
+                    wanted,
+                    ..SiteState::default()
+                }),
+                wake: Notify::new(),
+            });
+            slots.insert(site, slot.clone());
+            new_slots.push(slot);
+        }
+        let created: std::collections::HashSet<&str> =
+            new_slots.iter().map(|s| s.site.as_str()).collect();
+        for (site, newest) in changed {
+            // A new slot's first work was worked out from its root above.
+            if created.contains(site.as_str()) {
+                continue;
+            }
+            if let Some(slot) = slots.get(&site) {
+                let mut s = slot.state();
+                if newest > s.wanted {
+                    s.wanted = newest;
+                    drop(s);
+                    slot.wake.notify_one();
+                }
+            }
+        }
+        Ok((index, new_slots))
+    }
+
+    /// Projects one site, round after round, until the site is deleted or `cancel` fires.
+    async fn site_task(
+        self: Arc<Self>,
+        node: Arc<Node>,
+        slot: Arc<Slot>,
+        cancel: CancellationToken,
+    ) {
+        let mut projector: Option<SiteProjector> = None;
+        let mut last_round: Option<Instant> = None;
+        let mut failures: u32 = 0;
+        loop {
+            // Wait for work. `notified` is created before the check, so a wake-up between
+            // the check and the wait is not lost.
+            loop {
+                let notified = slot.wake.notified();
+                {
+                    let s = slot.state();
+                    if s.deleted {
+                        return;
+                    }
+                    if s.wanted > s.done || s.rebuild {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = notified => {}
+                }
+            }
+            if let Some(at) = last_round {
+                let since = at.elapsed();
+                if since < self.config.debounce {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
+                        _ = tokio::time::sleep(self.config.debounce - since) => {}
+                    }
+                }
+            }
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = self.rounds.acquire() => p.expect("the rounds semaphore is never closed"),
+            };
+            last_round = Some(Instant::now());
+            let result = self.round(&node, &slot, &mut projector).await;
+            drop(permit);
+            match result {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    tracing::error!("project site {}: {e:#}", slot.site);
+                    slot.state().publish_error = Some(TemplateError {
+                        template: PUBLISH_PROBLEM.into(),
+                        line: None,
+                        message: format!(
+                            "publishing failed; the last published version stays live; retrying: {e:#}"
+                        ),
+                        path: None,
+                    });
+                    // Start over from the committed root next time.
+                    projector = None;
+                    failures = failures.saturating_add(1);
+                    let wait = RETRY_MS_MIN
+                        .saturating_mul(1 << failures.min(8))
+                        .min(RETRY_MS_MAX);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     }
                 }
             }
         }
     }
 
-    /// One round: everything committed after `since`, up to the snapshot's applied index,
-    /// which it returns, with whether any site rendered.
+    /// One round of one site: adopt the committed root if needed, render in one snapshot,
+    /// publish what changed, move the site's projected index.
     async fn round(
-        self: &Arc<Self>,
-        node: &Arc<Node>,
-        since: LogIndex,
-    ) -> anyhow::Result<(LogIndex, bool)> {
-        self.adopt_published(node).await?;
-        let rebuild = std::mem::take(&mut *self.rebuild.lock().expect("rebuild lock poisoned"));
-        let me = self.clone();
-        let (index, rendered, outputs) = node
-            .read(move |view| me.render(view, since, &rebuild))
-            .await
-            .map_err(|e| anyhow::anyhow!("render: {}", e.message))?;
-        // A site whose version was rendered but not published must not keep that state:
-        // its next incremental render would find nothing new and never publish it. So every
-        // site whose publish fails is forgotten, and the next round adopts its committed
-        // root and renders it from scratch. Other sites publish independently.
-        let mut failed = 0;
-        for out in outputs {
-            let site = out.site.clone();
-            if let Err(e) = self.publish(node, out).await {
-                self.sites
-                    .lock()
-                    .expect("projections lock poisoned")
-                    .remove(&site);
-                tracing::error!("publish site {site}: {e:#}");
-                failed += 1;
+        &self,
+        node: &Node,
+        slot: &Slot,
+        projector: &mut Option<SiteProjector>,
+    ) -> anyhow::Result<()> {
+        let site = slot.site.clone();
+        loop {
+            self.start_from_root(node, &site, projector).await?;
+            let (rebuild, since) = {
+                let mut s = slot.state();
+                (std::mem::take(&mut s.rebuild), s.done)
+            };
+            let mut p = projector.take().expect("start_from_root leaves a projector");
+            let name = site.clone();
+            let (p, rendered) = node
+                .read(move |view| {
+                    let rendered = render_site(view, &name, &mut p, since, rebuild)?;
+                    Ok((p, rendered))
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("render: {}", e.message))?;
+            *projector = Some(p);
+            let (index, projection, expected, render_ms) = match rendered {
+                Rendered::Deleted => return Ok(()),
+                Rendered::Failed(e) => {
+                    *projector = None;
+                    return Err(anyhow::Error::new(e).context("render"));
+                }
+                Rendered::RootMoved => {
+                    // Only a root committed between the check and the snapshot gets here.
+                    if rebuild {
+                        slot.state().rebuild = true;
+                    }
+                    *projector = None;
+                    continue;
+                }
+                Rendered::Done {
+                    index,
+                    projection,
+                    expected,
+                    render_ms,
+                } => (index, projection, expected, render_ms),
+            };
+            {
+                let errors = projector.as_ref().map(|p| p.errors()).unwrap_or_default();
+                let mut s = slot.state();
+                s.pages_rendered_total += projection.pages_rendered;
+                s.template_errors = errors;
             }
+            if projection.changed {
+                self.publish(node, slot, *projection, expected, render_ms)
+                    .await?;
+            }
+            {
+                let mut s = slot.state();
+                s.done = s.done.max(index);
+                s.publish_error = None;
+            }
+            self.bump_progress();
+            return Ok(());
         }
-        anyhow::ensure!(failed == 0, "{failed} site(s) failed to publish");
-        Ok((index, rendered))
     }
 
-    /// Gives sites this projector has no state for (all of them after start-up) their
-    /// published manifest, so unchanged files keep their hashes and deltas stay small.
-    async fn adopt_published(&self, node: &Node) -> anyhow::Result<()> {
-        let sites = node
-            .read(|v| v.sites())
+    /// Makes sure `projector` starts from the site's committed root: builds one on first
+    /// use (or after a failure) and adopts the root's manifest when the root moved.
+    async fn start_from_root(
+        &self,
+        node: &Node,
+        site: &str,
+        projector: &mut Option<SiteProjector>,
+    ) -> anyhow::Result<()> {
+        let name = site.to_string();
+        let root = node
+            .read(move |v| v.root(&name))
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
-        for site in sites {
-            if self
-                .sites
-                .lock()
-                .expect("projections lock poisoned")
-                .contains_key(&site.name)
-            {
-                continue;
+        let root_id = root.as_ref().map(|r| r.manifest.as_str());
+        if let Some(p) = projector {
+            if p.manifest_id() == root_id {
+                return Ok(());
             }
-            let name = site.name.clone();
-            let root = node
-                .read(move |v| v.root(&name))
-                .await
-                .map_err(|e| anyhow::anyhow!(e.message))?;
-            let mut projector = SiteProjector::new(
-                &site.name,
-                RenderConfig::new(self.config.base_url(&site.name)),
-            );
-            if let Some(root) = root {
-                let manifest = self
-                    .publisher
-                    .get_manifest(&site.name, &root.manifest)
-                    .await
-                    .with_context(|| {
-                        format!("read the published manifest of site {}", site.name)
-                    })?;
-                projector.adopt(manifest);
-            }
-            let state = SiteState {
-                projector,
-                rendered: false,
-            };
-            self.sites
-                .lock()
-                .expect("projections lock poisoned")
-                .insert(site.name, state);
         }
+        let mut p = SiteProjector::new(site, RenderConfig::new(self.config.base_url(site)));
+        if let Some(root) = &root {
+            let manifest = self
+                .publisher
+                .get_manifest(site, &root.manifest)
+                .await
+                .with_context(|| format!("read the published manifest of site {site}"))?;
+            p.adopt(manifest);
+        }
+        *projector = Some(p);
         Ok(())
     }
 
-    /// The blocking half of a round: read the feed and render, in one snapshot.
-    fn render(
-        &self,
-        view: View<'_>,
-        since: LogIndex,
-        rebuild: &BTreeSet<String>,
-    ) -> Result<(LogIndex, bool, Vec<Output>), StoreError> {
-        let index = view.applied_index()?;
-        let mut changed: BTreeMap<String, Vec<ChangedKey>> = BTreeMap::new();
-        let mut cursor = since;
-        while cursor < index {
-            let page = view.changes(None, cursor, CHANGES_LIMIT_MAX)?;
-            for c in page.changes {
-                let keys = changed.entry(c.site).or_default();
-                if keys.len() < CHANGED_KEYS_PER_SITE_MAX {
-                    keys.push(ChangedKey::new(c.collection, c.key));
-                }
-            }
-            assert!(
-                page.next_since > cursor || page.next_since >= index,
-                "change feed did not advance"
-            );
-            cursor = page.next_since;
-        }
-
-        let mut outputs = Vec::new();
-        let mut rendered = false;
-        let mut sites = self.sites.lock().expect("projections lock poisoned");
-        for (name, state) in sites.iter_mut() {
-            let keys = changed.get(name.as_str());
-            let from_scratch = !state.rendered
-                || rebuild.contains(name)
-                || keys.is_some_and(|k| k.len() >= CHANGED_KEYS_PER_SITE_MAX);
-            if !from_scratch && keys.is_none() {
-                continue;
-            }
-            let src = SiteSource { view, site: name };
-            let started = Instant::now();
-            rendered = true;
-            let result = if from_scratch {
-                state.projector.render_all(&src, index)
-            } else {
-                state
-                    .projector
-                    .render_changes(&src, index, keys.map(Vec::as_slice).unwrap_or(&[]))
-            };
-            let projection = match result {
-                Ok(p) => p,
-                Err(e) => {
-                    // The store failed under the renderer: nothing is published, and the
-                    // projector starts over next round.
-                    tracing::error!("render site {name}: {e:#}");
-                    state.rendered = false;
-                    continue;
-                }
-            };
-            state.rendered = true;
-            let errors = state.projector.errors();
-            {
-                let mut statuses = self.statuses.lock().expect("statuses lock poisoned");
-                let status = statuses.entry(name.clone()).or_default();
-                status.pages_rendered_total += projection.pages_rendered;
-                status.last_error = errors.first().cloned();
-                status.errors = errors;
-            }
-            if projection.changed {
-                outputs.push(Output {
-                    site: name.clone(),
-                    expected: view.root(name)?.map(|r| r.manifest),
-                    projection,
-                    render_ms: started.elapsed().as_millis() as u64,
-                });
-            }
-        }
-        Ok((index, rendered, outputs))
-    }
-
     /// Publishes one site version: files, manifest, root through Raft, served version, mirror.
-    async fn publish(&self, node: &Node, out: Output) -> anyhow::Result<()> {
+    async fn publish(
+        &self,
+        node: &Node,
+        slot: &Slot,
+        projection: Projection,
+        expected: Option<String>,
+        render_ms: u64,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
-        let Output {
-            site,
-            projection,
-            expected,
-            render_ms,
-        } = out;
+        let site = slot.site.clone();
         let manifest = projection.manifest.clone();
-        let id = self.publisher.publish(&projection).await?;
+        let id = self
+            .publisher
+            .publish(&projection)
+            .await
+            .context("write files and manifest to the object store")?;
         let command = Command::Publish(Publish {
             site: site.clone(),
             manifest: id.clone(),
@@ -388,7 +603,7 @@ impl Projections {
         let (root_log_index, result) = node
             .propose(command)
             .await
-            .map_err(|e| anyhow::anyhow!("commit root: {}", e.message))?;
+            .context("commit the root through raft")?;
         match result {
             CommandResult::Published => {}
             CommandResult::RootMoved { current } => {
@@ -418,13 +633,66 @@ impl Projections {
                     && path.as_str() != sesame_projector::NOT_FOUND_PATH
             })
             .count() as u64;
-        let mut statuses = self.statuses.lock().expect("statuses lock poisoned");
-        let status = statuses.entry(site).or_default();
-        status.pages = pages;
-        status.last_publish_at = Some(now_ms());
-        status.last_publish_ms = Some(render_ms + started.elapsed().as_millis() as u64);
+        let mut s = slot.state();
+        s.pages = pages;
+        s.last_publish_at = Some(now_ms());
+        s.last_publish_ms = Some(render_ms + started.elapsed().as_millis() as u64);
         Ok(())
     }
+}
+
+/// The blocking half of a round: in one snapshot, check the site and its root, read the
+/// site's changes since `since`, and render.
+fn render_site(
+    view: View<'_>,
+    site: &str,
+    projector: &mut SiteProjector,
+    since: LogIndex,
+    rebuild: bool,
+) -> Result<Rendered, StoreError> {
+    let index = view.applied_index()?;
+    if view.site(site)?.is_none() {
+        return Ok(Rendered::Deleted);
+    }
+    let expected = view.root(site)?.map(|r| r.manifest);
+    if projector.manifest_id() != expected.as_deref() {
+        return Ok(Rendered::RootMoved);
+    }
+    let mut keys: Vec<ChangedKey> = Vec::new();
+    let mut too_many = false;
+    let mut cursor = since;
+    while cursor < index && !too_many {
+        let page = view.changes(Some(site), cursor, CHANGES_LIMIT_MAX)?;
+        for c in page.changes {
+            if keys.len() >= CHANGED_KEYS_PER_SITE_MAX {
+                too_many = true;
+                break;
+            }
+            keys.push(ChangedKey::new(c.collection, c.key));
+        }
+        assert!(
+            page.next_since > cursor || page.next_since >= index,
+            "change feed did not advance"
+        );
+        cursor = page.next_since;
+    }
+    let src = SiteSource { view, site };
+    let started = Instant::now();
+    let result = if rebuild || too_many {
+        projector.render_all(&src, index)
+    } else {
+        projector.render_changes(&src, index, &keys)
+    };
+    let projection = match result {
+        Ok(p) => p,
+        Err(e) => return Ok(Rendered::Failed(e)),
+    };
+    Ok(Rendered::Done {
+        index,
+        projection: Box::new(projection),
+        expected,
+        render_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@ use bytes::Bytes;
 use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
 use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
-use tokio::sync::watch;
 
 use crate::node::Node;
 
@@ -30,6 +29,11 @@ pub const BLOB_CACHE_BYTES_MAX: usize = 256 << 20;
 const BLOB_CACHED_BYTES_MAX: usize = 8 << 20;
 /// Header that asks to wait for a projected index (read-your-writes).
 pub const MIN_INDEX_HEADER: &str = "sesame-min-index";
+/// Most requests held by `Sesame-Min-Index` at once, over all sites. Held requests take
+/// slots of the HTTP concurrency limit, so this stays well below it.
+pub const HELD_REQUESTS_MAX: usize = 256;
+/// Most requests held by `Sesame-Min-Index` at once for one site.
+pub const HELD_REQUESTS_PER_SITE_MAX: usize = 64;
 /// Header naming the commit index of the version served.
 pub const VERSION_HEADER: &str = "sesame-version";
 /// What CDNs and browsers are told: revalidate in the browser (the ETag makes that a cheap
@@ -108,6 +112,50 @@ impl BlobCache {
     }
 }
 
+/// Counts of held requests, in all and per site. A site has an entry only while requests
+/// for it are held, so the map is bounded by [`HELD_REQUESTS_MAX`].
+#[derive(Default)]
+struct Holds {
+    counts: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One held request; dropping it releases its place.
+struct Hold<'a> {
+    holds: &'a Holds,
+    site: String,
+}
+
+impl Holds {
+    fn try_hold(&self, site: &str) -> Option<Hold<'_>> {
+        let mut counts = self.counts.lock().expect("holds lock poisoned");
+        let (total, per_site) = &mut *counts;
+        let here = per_site.get(site).copied().unwrap_or(0);
+        if *total >= HELD_REQUESTS_MAX || here >= HELD_REQUESTS_PER_SITE_MAX {
+            return None;
+        }
+        *total += 1;
+        per_site.insert(site.to_string(), here + 1);
+        Some(Hold {
+            holds: self,
+            site: site.to_string(),
+        })
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.holds.counts.lock().expect("holds lock poisoned");
+        let (total, per_site) = &mut *counts;
+        *total -= 1;
+        if let Some(n) = per_site.get_mut(&self.site) {
+            *n -= 1;
+            if *n == 0 {
+                per_site.remove(&self.site);
+            }
+        }
+    }
+}
+
 /// The served state of every site.
 pub struct Pages {
     config: ServeConfig,
@@ -116,8 +164,8 @@ pub struct Pages {
     blobs: Mutex<BlobCache>,
     /// The newest root log index loaded; refresh reads roots after it.
     roots_seen: tokio::sync::Mutex<LogIndex>,
-    /// Every commit at or below this index is reflected in the served versions.
-    projected: watch::Sender<LogIndex>,
+    /// Requests held by `Sesame-Min-Index`.
+    holds: Holds,
 }
 
 impl Pages {
@@ -128,7 +176,7 @@ impl Pages {
             sites: RwLock::new(HashMap::new()),
             blobs: Mutex::new(BlobCache::default()),
             roots_seen: tokio::sync::Mutex::new(0),
-            projected: watch::channel(0).0,
+            holds: Holds::default(),
         }
     }
 
@@ -179,19 +227,6 @@ impl Pages {
             .insert(hash, body);
     }
 
-    /// Marks every commit up to `index` as projected and served.
-    pub fn set_projected(&self, index: LogIndex) {
-        self.projected.send_if_modified(|p| {
-            let moved = index > *p;
-            *p = (*p).max(index);
-            moved
-        });
-    }
-
-    pub fn projected(&self) -> LogIndex {
-        *self.projected.borrow()
-    }
-
     /// The commit index a site's served version reflects.
     pub fn served_index(&self, site: &str) -> Option<LogIndex> {
         self.sites
@@ -199,14 +234,6 @@ impl Pages {
             .expect("pages lock poisoned")
             .get(site)
             .map(|v| v.manifest.index)
-    }
-
-    /// Waits until every commit up to `index` is served, up to the configured bound.
-    async fn wait_projected(&self, index: LogIndex) -> bool {
-        let mut rx = self.projected.subscribe();
-        tokio::time::timeout(self.config.min_index_wait, rx.wait_for(|p| *p >= index))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 
     async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
@@ -343,19 +370,12 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
     };
     match min_index(headers, req.uri().query()) {
         Err(e) => return plain(StatusCode::BAD_REQUEST, e),
-        Ok(Some(n)) if pages.projected() < n && !pages.wait_projected(n).await => {
-            let mut resp = plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "index {n} is not published yet (published up to {}); retry shortly",
-                    pages.projected()
-                ),
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
+        Ok(Some(n)) => {
+            if let Err(resp) = wait_projected(&node, site, n).await {
+                return resp;
+            }
         }
-        Ok(_) => {}
+        Ok(None) => {}
     }
     let Some(version) = pages
         .sites
@@ -420,6 +440,51 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
                 "this file cannot be read right now; retry shortly",
             )
         }
+    }
+}
+
+/// Holds a request until `site`'s pages reflect every commit up to `index`, within the
+/// configured wait and the limits on held requests; else the 503 to answer.
+async fn wait_projected(node: &Node, site: &str, index: LogIndex) -> Result<(), Response> {
+    let projections = &node.projections;
+    if projections.projected(site) >= index {
+        return Ok(());
+    }
+    let unavailable = |message: String| {
+        let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, message);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
+    };
+    // An index past the end of this node's log cannot be published soon: answer now
+    // rather than hold the request.
+    let known = node.known_index();
+    if index > known {
+        return Err(unavailable(format!(
+            "index {index} is beyond the newest index this node knows ({known}); nothing that \
+             new has been written here yet"
+        )));
+    }
+    let Some(_hold) = node.pages.holds.try_hold(site) else {
+        return Err(unavailable(format!(
+            "too many requests are waiting for new versions (at most {HELD_REQUESTS_PER_SITE_MAX} \
+             per site, {HELD_REQUESTS_MAX} in all); retry shortly"
+        )));
+    };
+    let mut progress = projections.progress();
+    let reached = tokio::time::timeout(
+        node.pages.config.min_index_wait,
+        progress.wait_for(|_| projections.projected(site) >= index),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if reached {
+        Ok(())
+    } else {
+        Err(unavailable(format!(
+            "index {index} is not published yet (published up to {}); retry shortly",
+            projections.projected(site)
+        )))
     }
 }
 

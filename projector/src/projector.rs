@@ -305,6 +305,11 @@ impl SiteProjector {
         self.ready = false;
     }
 
+    /// The id of the latest manifest (what a root names), if any.
+    pub fn manifest_id(&self) -> Option<&str> {
+        self.current.as_ref().map(|(id, _)| id.as_str())
+    }
+
     /// The latest manifest, if any projection ran or one was adopted.
     pub fn manifest(&self) -> Option<&Manifest> {
         self.current.as_ref().map(|(_, m)| m.as_ref())

@@ -131,6 +131,10 @@ pub struct SiteStatus {
     pub projected_index: LogIndex,
     /// The commit index of the version served now, if one is published.
     pub served_index: Option<LogIndex>,
+    /// True when the served version is a rollback: it stays served until the site's next
+    /// commit or a rebuild, which project the current data again.
+    #[serde(default)]
+    pub rolled_back: bool,
     /// HTML pages in the current version.
     pub pages: u64,
     /// Page renders since the node started.

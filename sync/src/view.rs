@@ -31,7 +31,7 @@ pub struct RootRecord {
     pub log_index: LogIndex,
     pub files: u64,
     pub published_at_ms: u64,
-    /// True for a rollback (only in history).
+    /// True when this root re-pointed the site to an earlier version (a rollback).
     pub rollback: bool,
 }
 
@@ -228,6 +228,20 @@ impl<'c> View<'c> {
         Ok(out)
     }
 
+    /// The sites with changes after index `since`, each with the index of its newest change:
+    /// how a follower of the log learns which sites a batch of commits touched without
+    /// reading the changes themselves.
+    pub fn changed_sites(&self, since: LogIndex) -> Result<Vec<(String, LogIndex)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, MAX(version) FROM tuples WHERE version > ?1 GROUP BY site ORDER BY site",
+        )?;
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![since], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as LogIndex))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
         let mut stmt = self
             .conn
@@ -249,7 +263,10 @@ impl<'c> View<'c> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT site, manifest, idx, log_index, files, published_at_ms, 0 FROM roots WHERE site = ?1",
+                "SELECT r.site, r.manifest, r.idx, r.log_index, r.files, r.published_at_ms,
+                        COALESCE(v.rollback, 0)
+                 FROM roots r LEFT JOIN versions v ON v.site = r.site AND v.log_index = r.log_index
+                 WHERE r.site = ?1",
             )?
             .query_row(params![site], root_from_row)
             .optional()?)

@@ -205,6 +205,14 @@ impl StateMachine {
         })
     }
 
+    /// Reports the applied index through `applied` (which it sets to the current value)
+    /// instead of a watch of its own: the node keeps one across restarts of Raft.
+    pub fn with_applied_watch(mut self, applied: Arc<watch::Sender<u64>>) -> StateMachine {
+        applied.send_replace(*self.applied_index.borrow());
+        self.applied_index = applied;
+        self
+    }
+
     /// The index of the last applied entry, updated after every applied batch and installed
     /// snapshot. Wait on it to read your own writes.
     pub fn applied_index(&self) -> watch::Receiver<u64> {
