@@ -170,7 +170,7 @@ pub async fn propose(raft: &Raft, command: Command) -> Proposed {
             "not_leader",
             match (f.leader_id, f.leader_node) {
                 (Some(id), Some(n)) => {
-                    format!("this node is not the leader; node {id} at {} is", n.addr)
+                    format!("this node is not the leader; node {id} at {} is", n.http)
                 }
                 _ => "this node is not the leader and knows no leader now; retry shortly".into(),
             },
@@ -303,9 +303,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     if !raft.is_initialized().await.context("read raft state")? {
         let members = BTreeMap::from([(
             config.node_id,
-            openraft::BasicNode {
-                addr: addr.to_string(),
-            },
+            // No peer address yet: a single voter dials nobody.
+            raft::Member::new("", addr.to_string()),
         )]);
         raft.initialize(members)
             .await

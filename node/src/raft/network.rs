@@ -11,9 +11,9 @@ use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, RaftNetwork, RaftNetworkFactory};
+use openraft::{OptionalSend, RaftNetwork, RaftNetworkFactory};
 
-use super::{NodeId, Snapshot, TypeConfig, Vote};
+use super::{Member, NodeId, Snapshot, TypeConfig, Vote};
 
 /// What every RPC fails with.
 const NOT_BUILT: &str = "multi-node networking is not built yet";
@@ -25,10 +25,10 @@ pub struct Network;
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Peer {
         Peer {
             target,
-            addr: node.addr.clone(),
+            addr: node.raft.clone(),
         }
     }
 }
@@ -55,7 +55,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         _rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         Err(RPCError::Unreachable(self.unreachable()))
     }
 
@@ -63,7 +63,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         &mut self,
         _rpc: VoteRequest<NodeId>,
         _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         Err(RPCError::Unreachable(self.unreachable()))
     }
 
