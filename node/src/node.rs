@@ -288,7 +288,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config),
-        Network,
+        Network::unconnected(config.node_id),
         log_store,
         state_machine,
     )

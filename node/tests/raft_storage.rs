@@ -359,7 +359,14 @@ async fn start_raft(dir: &Path) -> anyhow::Result<(Raft, tokio::sync::watch::Rec
     .validate()?;
     let (log_store, state_machine) = open_storage(dir)?;
     let applied = state_machine.applied_index();
-    let raft = Raft::new(NODE, Arc::new(config), Network, log_store, state_machine).await?;
+    let raft = Raft::new(
+        NODE,
+        Arc::new(config),
+        Network::unconnected(NODE),
+        log_store,
+        state_machine,
+    )
+    .await?;
     Ok((raft, applied))
 }
 
