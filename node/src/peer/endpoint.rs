@@ -2,7 +2,9 @@
 //!
 //! Serving: [`PeerEndpoint::serve`] accepts at most [`CONNECTIONS_MAX`] connections, reads
 //! each caller's node id from its certificate, and answers every bidirectional stream (at
-//! most [`STREAMS_PER_CONNECTION_MAX`] open per connection) with one response frame.
+//! most [`STREAMS_PER_CONNECTION_MAX`] open per connection) with one response frame. Request
+//! payloads wait for room in a node-wide budget ([`REQUEST_BYTES_IN_FLIGHT_MAX`]) before they
+//! are read, so many peers sending large batches at once cannot exhaust memory.
 //!
 //! Dialling: one connection per peer, cached and reused by every request. A dial runs in a
 //! task of its own, so a caller that gives up (openraft's short heartbeat timeout) does not
@@ -52,6 +54,11 @@ pub const KEEP_ALIVE_MS: u64 = 1_000;
 pub const HANDLE_TIMEOUT_MS: u64 = 30_000;
 /// Longest a snapshot receiver waits for the next chunk.
 pub const SNAPSHOT_CHUNK_WAIT_MS: u64 = 30_000;
+/// Request bytes a node holds for all its peers at once, from the frame header until the
+/// handler answered: past it, requests wait for room (within the handler timeout). At least
+/// the largest request, so every request can be served.
+pub const REQUEST_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
+const _: () = assert!(REQUEST_BYTES_IN_FLIGHT_MAX >= frame::REQUEST_BYTES_MAX);
 /// Longest [`PeerEndpoint::close`] waits for connections to close cleanly.
 const CLOSE_WAIT_MS: u64 = 1_000;
 
@@ -119,6 +126,8 @@ pub(super) struct Inner {
     pub(super) peers: Mutex<HashMap<NodeId, Slot>>,
     /// Counts dials, so a finished dial can tell whether its slot still waits for it.
     dials: std::sync::atomic::AtomicU64,
+    /// Bytes of requests being read or handled; see [`REQUEST_BYTES_IN_FLIGHT_MAX`].
+    request_bytes: Arc<Semaphore>,
     cancel: CancellationToken,
 }
 
@@ -195,6 +204,7 @@ impl PeerEndpoint {
                 config,
                 peers: Mutex::new(HashMap::new()),
                 dials: std::sync::atomic::AtomicU64::new(0),
+                request_bytes: Arc::new(Semaphore::new(REQUEST_BYTES_IN_FLIGHT_MAX)),
                 cancel: CancellationToken::new(),
             }),
         })
@@ -766,12 +776,27 @@ async fn answer<H: PeerHandler>(
     recv: &mut RecvStream,
 ) -> Result<PeerResponse, PeerError> {
     let wait = inner.config.handle_timeout;
-    let read = tokio::time::timeout(wait, frame::read(recv, &[FrameKind::Request]))
+    let read = async {
+        let (kind, bytes) = frame::read_header(recv, &[FrameKind::Request])
+            .await
+            .map_err(|e| PeerError::BadRequest(e.to_string()))?;
+        // Room for the payload before it is allocated; held until the answer.
+        let permits = u32::try_from(bytes).expect("request frames are far below 4 GiB");
+        let room = inner
+            .request_bytes
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .expect("the request budget is never closed");
+        let request: PeerRequest = frame::read_payload(recv, bytes)
+            .await
+            .and_then(|payload| frame::decode(kind, &payload))
+            .map_err(|e| PeerError::BadRequest(e.to_string()))?;
+        Ok::<_, PeerError>((request, room))
+    };
+    let (request, _room) = tokio::time::timeout(wait, read)
         .await
-        .map_err(|_| PeerError::BadRequest(format!("no request within {wait:?}")))?;
-    let request: PeerRequest = read
-        .and_then(|(kind, payload)| frame::decode(kind, &payload))
-        .map_err(|e| PeerError::BadRequest(e.to_string()))?;
+        .map_err(|_| PeerError::Unavailable(format!("no request read within {wait:?}")))??;
     match request {
         PeerRequest::Ping(n) => Ok(PeerResponse::Pong(n)),
         PeerRequest::InstallSnapshot(offer) => {

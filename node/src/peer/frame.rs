@@ -201,6 +201,16 @@ pub async fn read<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     expected: &'static [FrameKind],
 ) -> Result<(FrameKind, Vec<u8>), FrameError> {
+    let (kind, bytes) = read_header(r, expected).await?;
+    Ok((kind, read_payload(r, bytes).await?))
+}
+
+/// Reads and checks one frame header; returns the frame's kind and payload length, which is
+/// within the kind's limit. Read the payload next with [`read_payload`].
+pub async fn read_header<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    expected: &'static [FrameKind],
+) -> Result<(FrameKind, usize), FrameError> {
     let mut head = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
@@ -229,6 +239,18 @@ pub async fn read<R: AsyncRead + Unpin + ?Sized>(
     if bytes > limit {
         return Err(FrameError::TooLarge { kind, bytes, limit });
     }
+    Ok((kind, bytes))
+}
+
+/// Reads a payload of `bytes` bytes, whose header [`read_header`] checked.
+pub async fn read_payload<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    bytes: usize,
+) -> Result<Vec<u8>, FrameError> {
+    assert!(
+        bytes <= PAYLOAD_BYTES_MAX,
+        "payload length {bytes} was not checked against its kind's limit"
+    );
     let mut payload = vec![0u8; bytes];
     r.read_exact(&mut payload).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -237,7 +259,7 @@ pub async fn read<R: AsyncRead + Unpin + ?Sized>(
             FrameError::Io(e)
         }
     })?;
-    Ok((kind, payload))
+    Ok(payload)
 }
 
 #[cfg(test)]
