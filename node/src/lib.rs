@@ -12,6 +12,7 @@ pub mod cli;
 pub mod error;
 pub mod limits;
 pub mod node;
+pub mod peer;
 pub mod projection;
 pub mod raft;
 pub mod serve;
