@@ -465,7 +465,12 @@ async fn status(
         return Err(ApiError::unknown_site(&site));
     }
     let committed = *node.applied().borrow();
-    let projected = node.projections.projected(&site);
+    // The leader's projector knows; a follower reports what it serves.
+    let projected = if node.projections.is_active() {
+        node.projections.projected(&site)
+    } else {
+        node.pages.served_index(&site).unwrap_or(0)
+    };
     let p = node.projections.status(&site).unwrap_or_default();
     let problem = |e: sesame_projector::TemplateError| TemplateProblem {
         template: e.template,
@@ -506,6 +511,8 @@ async fn rebuild(
 }
 
 const VERSIONS_LIMIT_DEFAULT: usize = 100;
+/// Longest a rollback waits for this node to serve the version it rolled back to.
+const ROLLBACK_INSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const VERSIONS_LIMIT_MAX: usize = 10_000;
 
 #[derive(Debug, Deserialize)]
@@ -573,7 +580,8 @@ async fn rollback(
         expected: current.map(|r| r.manifest),
         rollback: true,
     });
-    match node.propose(command).await?.1 {
+    let (root_log_index, result) = node.propose(command).await?;
+    match result {
         CommandResult::Published => {}
         CommandResult::RootMoved { .. } => {
             return Err(ApiError::new(
@@ -588,10 +596,14 @@ async fn rollback(
             )))
         }
     }
-    node.pages
-        .refresh(&node)
+    // This node serves the rolled-back version once it has installed the new root.
+    if !node
+        .pages
+        .wait_root(&site, root_log_index, ROLLBACK_INSTALL_WAIT)
         .await
-        .map_err(ApiError::internal)?;
+    {
+        tracing::warn!("site {site}: the rollback at log index {root_log_index} is committed but not served yet");
+    }
     Ok(Json(VersionInfo {
         index: target.index,
         manifest: target.manifest,

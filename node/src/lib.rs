@@ -9,12 +9,16 @@ pub mod api;
 pub mod auth;
 pub mod bundle;
 pub mod cli;
+pub mod cluster;
 pub mod error;
+pub mod follow;
 pub mod limits;
 pub mod node;
 pub mod peer;
 pub mod projection;
 pub mod raft;
+pub mod reads;
 pub mod serve;
+pub mod write;
 
-pub use node::{start, NodeConfig, RunningNode};
+pub use node::{start, ClusterConfig, NodeConfig, RunningNode};

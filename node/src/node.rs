@@ -1,33 +1,40 @@
-//! A running node: Raft, the tuple store's readers, and the HTTP server, wired together.
+//! A running node: its parts, wired together in one place.
 //!
-//! The path of a write: [`crate::api`] validates it and calls [`Node::write_tx`], which queues
-//! it for [`group_commit`]: transactions that arrive while one log entry is being made
-//! durable go together into the next (one entry, one fsync, each transaction still atomic on
-//! its own). [`propose`] hands the entry to openraft; the leader appends it to the log
-//! (durably), commits it, and the state machine applies it to the tuple store; the results
-//! computed there travel back to each waiting request.
+//! [`start`] opens the storage, starts Raft (with the peer transport in a cluster), and
+//! builds the parts every request path uses, each knowing only what it needs:
+//! [`Reads`] and [`ReadGate`] (consistent reads), [`Writer`] (the write path),
+//! [`Pages`] (what is served), [`Projections`] (the leader's projector),
+//! [`crate::follow`] (every node installs committed versions), [`Cluster`] (peers and
+//! membership). [`Node`] holds them for the HTTP handlers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use openraft::error::{ClientWriteError, RaftError};
-use sesame_proto::{codec, Command, CommandResult, LogIndex, Transaction};
-use sesame_sync::{ReadPool, StoreError, View};
-use tokio::sync::{mpsc, oneshot, watch};
+use sesame_proto::{Command, LogIndex, Transaction};
+use sesame_sync::{StoreError, View};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use sesame_projector::Publisher;
 
 use crate::auth;
+use crate::cluster::{Cluster, NodeService};
 use crate::error::ApiError;
+use crate::follow::Follower;
 use crate::limits::{RateLimit, SiteLimiter};
+use crate::peer::link::Link;
+use crate::peer::{
+    Faults, FaultyTransport, NoPeers, NodeCerts, PeerConfig, PeerEndpoint, PeerTransport,
+};
 use crate::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
-use crate::raft::{self, Network, NodeId, Raft};
+use crate::raft::{Member, Network, NodeId, RaftHandle, RaftParts, RaftTiming};
+use crate::reads::{ReadGate, Reads};
 use crate::serve::{Pages, ServeConfig};
+use crate::write::{WriteError, Writer, Written};
 
 /// Name of the file under the data directory that holds the admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -35,20 +42,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 const LEADER_WAIT_MS: u64 = 10_000;
 /// Most requests served at once; more wait in the listener's backlog.
 pub const HTTP_CONCURRENCY_MAX: usize = 1024;
-/// Transactions waiting for the next log entry; past this, writers wait (backpressure).
-const TX_QUEUE_MAX: usize = 4_096;
-/// Most transactions grouped into one log entry.
-const TXS_PER_ENTRY_MAX: usize = 512;
-/// Encoded bytes after which no more transactions join an entry. One transaction may
-/// overshoot it by at most its own size (itself at most `TX_BYTES_MAX`), well inside the
-/// codec's frame limit.
-const ENTRY_BYTES_MAX: usize = 16 << 20;
-/// Idle reader connections kept open for HTTP reads.
-const READ_POOL_IDLE_MAX: usize = 16;
-/// First wait before restarting a Raft that stopped on a storage failure; doubles per failed
-/// attempt up to [`RAFT_RESTART_MS_MAX`].
-const RAFT_RESTART_MS_MIN: u64 = 250;
-const RAFT_RESTART_MS_MAX: u64 = 10_000;
+/// Longest start-up waits to install the published versions before serving.
+const STARTUP_INSTALL_WAIT_MS: u64 = 10_000;
 
 /// Name of the folder under the data directory that is the default object store.
 pub const OBJECTS_DIR: &str = "objects";
@@ -68,13 +63,15 @@ pub struct NodeConfig {
     pub public_url: Option<String>,
     /// Subdomain mode: serve `Host: <site>.<domain>`.
     pub domain: Option<String>,
-    /// Throttle of the projector: commits arriving within this window after a render are
-    /// rendered together in the next round (a commit to an idle projector renders at once).
+    /// Shortest time between two projection rounds of one site (0: none).
     pub debounce: Duration,
     /// Per-site write rate limit; `None`: unlimited.
     pub write_rate: Option<RateLimit>,
     /// Longest a `Sesame-Min-Index` request waits.
     pub min_index_wait: Duration,
+    /// `None`: a single voter with no peers (`sesame dev`).
+    pub cluster: Option<ClusterConfig>,
+    pub raft_timing: RaftTiming,
 }
 
 impl NodeConfig {
@@ -90,34 +87,104 @@ impl NodeConfig {
             debounce: Duration::from_millis(DEBOUNCE_MS_DEFAULT),
             write_rate: Some(RateLimit::default()),
             min_index_wait: ServeConfig::default().min_index_wait,
+            cluster: None,
+            raft_timing: RaftTiming::default(),
         }
     }
 }
 
-/// Why a write did not commit. Callers branch on it: only `OutcomeUnknown` may have been
-/// applied, and a retry with the same `(client_id, seq)` settles it.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    #[error("this node is not the leader; node {id} at {addr} is")]
-    NotLeader { id: NodeId, addr: String },
-    #[error("this node is not the leader and knows no leader now; retry shortly")]
-    NoLeader,
-    /// Nothing was written.
-    #[error("{0}; nothing was written")]
-    Unavailable(String),
-    /// The node failed while the write was in flight: it may or may not have committed.
-    #[error("{0}")]
-    OutcomeUnknown(String),
-    #[error("transactions: unexpected result {0}")]
-    Unexpected(String),
+/// How a node takes part in a cluster.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The address peers reach this node at, `host:port` (what membership records).
+    pub raft_addr: String,
+    /// The UDP address to listen on.
+    pub raft_listen: SocketAddr,
+    /// This node's certificate folder (`node.crt`, `node.key`, `ca.crt`).
+    pub certs: PathBuf,
+    /// Form a new cluster of these voters (id → raft address) on first start; `None`: wait
+    /// to be added to an existing cluster.
+    pub initial: Option<BTreeMap<NodeId, String>>,
+    /// Test seam: every message this node sends to a peer goes through this policy.
+    pub faults: Option<Arc<dyn Faults>>,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("raft_addr", &self.raft_addr)
+            .field("raft_listen", &self.raft_listen)
+            .field("certs", &self.certs)
+            .field("initial", &self.initial)
+            .field("faults", &self.faults.is_some())
+            .finish()
+    }
+}
+
+/// The parts of a running node, for the HTTP handlers.
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Arc<RaftHandle>,
+    pub reads: Reads,
+    pub gate: ReadGate,
+    pub writer: Arc<Writer>,
+    pub pages: Arc<Pages>,
+    pub projections: Arc<Projections>,
+    pub cluster: Arc<Cluster>,
+    pub limiter: SiteLimiter,
+    pub publisher: Arc<Publisher>,
+    admin_hash: String,
+}
+
+impl Node {
+    pub fn is_admin_hash(&self, hash: &str) -> bool {
+        // Both are hex hashes of equal length: nothing an attacker learns from timing helps
+        // them find a preimage.
+        hash == self.admin_hash
+    }
+
+    /// Runs a read on a consistent snapshot of the tuple store, off the async runtime.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(View<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.reads.read(f).await.map_err(ApiError::internal)
+    }
+
+    /// Follows the applied index of the state machine.
+    pub fn applied(&self) -> watch::Receiver<LogIndex> {
+        self.reads.applied()
+    }
+
+    /// Orders one command through the Raft log on its own.
+    pub async fn propose(&self, command: Command) -> Written {
+        self.writer.propose(command).await
+    }
+
+    /// Commits a validated transaction (grouped with others into one log entry).
+    pub async fn write_tx(&self, tx: Transaction) -> Written {
+        self.writer.write_tx(tx).await
+    }
+
+    /// The newest log index this node knows of (appended, committed or applied): an index
+    /// past it has not been written yet.
+    pub fn known_index(&self) -> LogIndex {
+        self.raft
+            .view()
+            .last_log_index
+            .max(self.reads.applied_index())
+    }
 }
 
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> ApiError {
         let mut api = match &e {
-            WriteError::NotLeader { .. } | WriteError::NoLeader => {
-                ApiError::new(http::StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string())
-            }
+            WriteError::NotLeader { .. } | WriteError::NoLeader => ApiError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "not_leader",
+                e.to_string(),
+            ),
             WriteError::Unavailable(_) => ApiError::unavailable(e.to_string()),
             WriteError::OutcomeUnknown(_) => ApiError::new(
                 http::StatusCode::SERVICE_UNAVAILABLE,
@@ -134,187 +201,6 @@ impl From<WriteError> for ApiError {
     }
 }
 
-/// The node's Raft. A storage failure (a full or failing disk) stops an openraft instance
-/// for good, so [`supervise_raft`] replaces it with a fresh one on the same storage once
-/// the storage opens again; everyone reaches Raft through this handle.
-pub struct RaftHandle {
-    current: RwLock<Raft>,
-    /// Why Raft is not running now, if it is not.
-    problem: RwLock<Option<String>>,
-}
-
-impl RaftHandle {
-    fn new(raft: Raft) -> RaftHandle {
-        RaftHandle {
-            current: RwLock::new(raft),
-            problem: RwLock::new(None),
-        }
-    }
-
-    /// The running instance (cheap: a handle).
-    pub fn get(&self) -> Raft {
-        self.current.read().expect("raft handle lock poisoned").clone()
-    }
-
-    /// Why Raft is not running, or `None` when it runs.
-    pub fn problem(&self) -> Option<String> {
-        self.problem
-            .read()
-            .expect("raft problem lock poisoned")
-            .clone()
-    }
-
-    fn set_problem(&self, problem: Option<String>) {
-        *self.problem.write().expect("raft problem lock poisoned") = problem;
-    }
-}
-
-/// Shared state of a running node; handlers hold an `Arc<Node>`.
-pub struct Node {
-    pub id: NodeId,
-    pub raft: RaftHandle,
-    reads: Arc<ReadPool>,
-    applied: watch::Receiver<LogIndex>,
-    admin_hash: String,
-    txs: mpsc::Sender<PendingTx>,
-    /// What is served, and the projected index.
-    pub pages: Arc<Pages>,
-    pub projections: Arc<Projections>,
-    pub limiter: SiteLimiter,
-    pub publisher: Arc<Publisher>,
-}
-
-type Proposed = Result<(LogIndex, CommandResult), WriteError>;
-
-/// A transaction waiting for [`group_commit`] to put it in a log entry.
-struct PendingTx {
-    tx: Transaction,
-    bytes: usize,
-    reply: oneshot::Sender<Proposed>,
-}
-
-impl Node {
-    pub fn is_admin_hash(&self, hash: &str) -> bool {
-        // Both are hex hashes of equal length: nothing an attacker learns from timing helps
-        // them find a preimage.
-        hash == self.admin_hash
-    }
-
-    /// Runs a read on a consistent snapshot of the tuple store, off the async runtime.
-    pub async fn read<T, F>(&self, f: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce(View<'_>) -> Result<T, StoreError> + Send + 'static,
-    {
-        let reads = self.reads.clone();
-        tokio::task::spawn_blocking(move || reads.read(f))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::from)
-    }
-
-    /// Follows the applied index of the state machine.
-    pub fn applied(&self) -> watch::Receiver<LogIndex> {
-        self.applied.clone()
-    }
-
-    /// Orders one command through the Raft log on its own; see [`propose`].
-    pub async fn propose(&self, command: Command) -> Proposed {
-        propose(&self.raft.get(), command).await
-    }
-
-    /// The newest log index this node knows of (appended, committed or applied): an index
-    /// past it has not been written yet.
-    pub fn known_index(&self) -> LogIndex {
-        let metrics = self.raft.get().metrics().borrow().clone();
-        let log = metrics.last_log_index.unwrap_or(0);
-        let applied = *self.applied.borrow();
-        log.max(applied)
-    }
-
-    /// Commits a validated transaction and returns its log index and result (committed,
-    /// duplicate, conflict, unknown site). Returns once the transaction is durable and
-    /// applied.
-    pub async fn write_tx(&self, tx: Transaction) -> Proposed {
-        let (reply, answer) = oneshot::channel();
-        let bytes = codec::encoded_len(&tx);
-        self.txs
-            .send(PendingTx { tx, bytes, reply })
-            .await
-            .map_err(|_| WriteError::Unavailable("the node is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| WriteError::OutcomeUnknown("the node shut down during the write".into()))?
-    }
-}
-
-/// Orders `command` through the Raft log and returns its log index and what applying it did.
-/// Returns once the entry is committed (durable on a quorum) and applied.
-pub async fn propose(raft: &Raft, command: Command) -> Proposed {
-    if let Err(e) = &raft.metrics().borrow().running_state {
-        return Err(WriteError::Unavailable(format!("raft has stopped: {e}")));
-    }
-    match raft.client_write(command).await {
-        Ok(resp) => Ok((resp.log_id.index, resp.data)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Err(match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.http },
-                _ => WriteError::NoLeader,
-            })
-        }
-        Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(format!("cannot write: {e}"))),
-        Err(RaftError::Fatal(e)) => {
-            tracing::error!("raft stopped during a write: {e}");
-            Err(WriteError::OutcomeUnknown(format!(
-                "raft stopped while the write was in flight: {e}"
-            )))
-        }
-    }
-}
-
-/// Group commit: takes every transaction queued while the previous entry was in flight (up
-/// to the entry limits) and proposes them as one [`Command::Txs`]. A lone writer gets an
-/// entry of its own at once; many writers share entries, and fsyncs. Ends when the node is
-/// dropped.
-async fn group_commit(node: std::sync::Weak<Node>, mut queue: mpsc::Receiver<PendingTx>) {
-    while let Some(first) = queue.recv().await {
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        while batch.len() < TXS_PER_ENTRY_MAX && bytes < ENTRY_BYTES_MAX {
-            match queue.try_recv() {
-                Ok(next) => {
-                    bytes += next.bytes;
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
-        }
-        let (txs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.tx, p.reply)).unzip();
-        let Some(raft) = node.upgrade().map(|n| n.raft.get()) else {
-            return;
-        };
-        match propose(&raft, Command::Txs(txs)).await {
-            Ok((index, CommandResult::Txs(results))) if results.len() == replies.len() => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    // A requester that went away (client disconnected) needs no answer.
-                    let _ = reply.send(Ok((index, result)));
-                }
-            }
-            Ok((_, other)) => {
-                let e = WriteError::Unexpected(format!("{other:?}"));
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
-    }
-}
-
 /// A node serving HTTP; stop it with [`RunningNode::shutdown`].
 pub struct RunningNode {
     pub addr: SocketAddr,
@@ -322,8 +208,8 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    projector: tokio::task::JoinHandle<()>,
-    supervisor: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: Option<PeerEndpoint>,
 }
 
 impl RunningNode {
@@ -332,16 +218,26 @@ impl RunningNode {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting requests, lets in-flight ones finish, and stops Raft.
+    /// Stops accepting requests, lets in-flight ones finish, and stops Raft and the peer
+    /// endpoint.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
         self.server
             .await
             .context("join the HTTP server")?
             .context("serve HTTP")?;
-        self.projector.await.context("join the projector")?;
-        self.supervisor.abort();
-        self.node.raft.get().shutdown().await.context("shut down raft")?;
+        for task in self.tasks {
+            task.await.context("join a node task")?;
+        }
+        self.node
+            .raft
+            .get()
+            .shutdown()
+            .await
+            .context("shut down raft")?;
+        if let Some(endpoint) = self.endpoint {
+            endpoint.close().await;
+        }
         Ok(())
     }
 
@@ -351,42 +247,99 @@ impl RunningNode {
     }
 }
 
-/// Starts a node: opens storage, starts Raft (initialising a single-voter cluster on first
-/// start), and serves HTTP. Returns once the node is leader and listening.
+/// Starts a node: opens storage, starts Raft, and serves HTTP (and its peers, in a cluster).
+/// A single voter initialises itself on first start and this returns once it leads; a
+/// cluster node with `initial` voters initialises the same membership as its peers, and the
+/// cluster forms once a majority is up.
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
     let admin_token = load_admin_token(&config.data_dir, config.admin_token.clone())?;
+    let id = config.node_id;
+
+    // The peer transport: QUIC with mutual TLS in a cluster, none for a single voter.
+    let (endpoint, transport): (Option<PeerEndpoint>, Arc<dyn PeerTransport>) =
+        match &config.cluster {
+            None => (None, Arc::new(NoPeers)),
+            Some(c) => {
+                let certs = NodeCerts::load(&c.certs)
+                    .with_context(|| format!("load certificates from {}", c.certs.display()))?;
+                anyhow::ensure!(
+                    certs.node_id() == id,
+                    "the certificates in {} are node {}'s, but this is node {id}",
+                    c.certs.display(),
+                    certs.node_id()
+                );
+                let endpoint = PeerEndpoint::bind(PeerConfig::new(c.raft_listen), &certs)
+                    .context("start the peer endpoint")?;
+                let transport: Arc<dyn PeerTransport> = match &c.faults {
+                    Some(f) => Arc::new(FaultyTransport::new(
+                        id,
+                        Arc::new(endpoint.clone()),
+                        f.clone(),
+                    )),
+                    None => Arc::new(endpoint.clone()),
+                };
+                (Some(endpoint), transport)
+            }
+        };
 
     let applied_tx = Arc::new(watch::channel(0).0);
-    let applied = applied_tx.subscribe();
     let raft_parts = RaftParts {
         dir: config.data_dir.clone(),
-        node_id: config.node_id,
-        applied: applied_tx,
+        node_id: id,
+        timing: config.raft_timing,
+        network: Network::new(id, transport.clone()),
+        applied: applied_tx.clone(),
     };
-    let (raft, reads) = raft_parts.open().await?;
-    let reads = Arc::new(reads);
+    let (raft, pool) = raft_parts.open().await?;
+    let raft = Arc::new(RaftHandle::new(id, config.raft_timing, raft));
+    let reads = Reads::new(Arc::new(pool), applied_tx.subscribe());
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("bind HTTP on {}", config.http_addr))?;
     let addr = listener.local_addr().context("read the bound address")?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
 
-    if !raft.is_initialized().await.context("read raft state")? {
-        let members = BTreeMap::from([(
-            config.node_id,
-            // No peer address yet: a single voter dials nobody.
-            raft::Member::new("", addr.to_string()),
-        )]);
-        raft.initialize(members)
-            .await
-            .context("initialise single-voter cluster")?;
+    let r = raft.get();
+    match &config.cluster {
+        None => {
+            if !r.is_initialized().await.context("read raft state")? {
+                let members = BTreeMap::from([(id, Member::new("", public_url.clone()))]);
+                r.initialize(members)
+                    .await
+                    .context("initialise single-voter cluster")?;
+            }
+            r.wait(Some(Duration::from_millis(LEADER_WAIT_MS)))
+                .current_leader(id, "become leader of the single-voter cluster")
+                .await
+                .context("wait for leadership")?;
+        }
+        Some(c) => {
+            if let Some(initial) = &c.initial {
+                anyhow::ensure!(
+                    initial.contains_key(&id),
+                    "--initial-cluster does not name this node ({id})"
+                );
+                if !r.is_initialized().await.context("read raft state")? {
+                    // Every initial node proposes the very same membership, which is safe:
+                    // the vote decides who leads it. HTTP addresses are learned later.
+                    let members = initial
+                        .iter()
+                        .map(|(n, addr)| (*n, Member::new(addr.clone(), "")))
+                        .collect::<BTreeMap<_, _>>();
+                    r.initialize(members)
+                        .await
+                        .context("initialise the cluster")?;
+                }
+            }
+        }
     }
-    raft.wait(Some(Duration::from_millis(LEADER_WAIT_MS)))
-        .current_leader(config.node_id, "become leader of the single-voter cluster")
-        .await
-        .context("wait for leadership")?;
+    drop(r);
 
     let publisher = Arc::new(match &config.objects {
         None => Publisher::local(config.data_dir.join(OBJECTS_DIR))
@@ -398,10 +351,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             Publisher::from_url(url, options).with_context(|| format!("open object store {url}"))?
         }
     });
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let link = Arc::new(Link::new(raft.clone(), transport));
+    let writer = Arc::new(Writer::start(raft.clone(), link.clone(), reads.clone()));
     let pages = Arc::new(Pages::new(
         ServeConfig {
             domain: config.domain.clone(),
@@ -412,38 +363,76 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let projections = Arc::new(Projections::new(
         ProjectionConfig {
             debounce: config.debounce,
-            public_url,
+            public_url: public_url.clone(),
             domain: config.domain.clone(),
         },
         publisher.clone(),
+        reads.clone(),
+        writer.clone(),
+        pages.clone(),
     ));
-
-    let (txs, queue) = mpsc::channel(TX_QUEUE_MAX);
-    let node = Arc::new(Node {
-        id: config.node_id,
-        raft: RaftHandle::new(raft),
-        reads,
-        applied,
-        admin_hash: auth::hash_token(&admin_token),
-        txs,
-        pages,
+    let cluster = Arc::new(Cluster {
+        raft: raft.clone(),
+        link: link.clone(),
+        reads: reads.clone(),
+        pages: pages.clone(),
         projections: projections.clone(),
-        limiter: SiteLimiter::new(config.write_rate),
-        publisher,
+        publisher: publisher.clone(),
+        http_url: public_url.clone(),
     });
-    // Serve the last published versions from the first request on.
-    node.pages
-        .refresh(&node)
-        .await
-        .context("load published site versions")?;
-    tokio::spawn(group_commit(Arc::downgrade(&node), queue));
+    if let Some(endpoint) = &endpoint {
+        // The accept loop ends when the endpoint is closed.
+        drop(endpoint.serve(Arc::new(NodeService::new(cluster.clone()))));
+    }
+
     let cancel = CancellationToken::new();
-    let supervisor = tokio::spawn(supervise_raft(
-        Arc::downgrade(&node),
+    let mut tasks = Vec::new();
+    // Serve the last published versions from the first request on.
+    let follower = Follower {
+        reads: reads.clone(),
+        pages: pages.clone(),
+        publisher: publisher.clone(),
+        link: link.clone(),
+        shared_store: config.objects.is_some(),
+    };
+    let installed = tokio::time::timeout(
+        Duration::from_millis(STARTUP_INSTALL_WAIT_MS),
+        follower.catch_up(0),
+    )
+    .await;
+    let seen = match installed {
+        Ok(Ok(seen)) => seen,
+        Ok(Err(e)) => {
+            tracing::warn!("install published versions at start-up: {e:#}; retrying");
+            0
+        }
+        Err(_) => 0,
+    };
+    tasks.push(tokio::spawn(follower.run(seen, cancel.clone())));
+    tasks.push(tokio::spawn(crate::raft::handle::supervise(
+        raft.clone(),
         raft_parts,
         cancel.clone(),
-    ));
-    let projector = tokio::spawn(projections.run(node.clone(), cancel.clone()));
+    )));
+    tasks.push(tokio::spawn(project_while_leader(
+        raft.clone(),
+        projections.clone(),
+        cancel.clone(),
+    )));
+
+    let node = Arc::new(Node {
+        id,
+        raft,
+        gate: ReadGate::new(cluster.raft.clone(), reads.clone(), link),
+        reads,
+        writer,
+        pages,
+        projections,
+        cluster,
+        limiter: SiteLimiter::new(config.write_rate),
+        publisher,
+        admin_hash: auth::hash_token(&admin_token),
+    });
     let app = crate::api::router(node.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
@@ -451,116 +440,51 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
     });
-    tracing::info!(%addr, "node {} serving HTTP", config.node_id);
+    tracing::info!(%addr, "node {id} serving HTTP");
     Ok(RunningNode {
         addr,
         admin_token,
         node,
         cancel,
         server,
-        projector,
-        supervisor,
+        tasks,
+        endpoint,
     })
 }
 
-/// What it takes to (re)start this node's Raft on its storage.
-struct RaftParts {
-    dir: PathBuf,
-    node_id: NodeId,
-    /// The applied index, shared by every instance so followers of it need not resubscribe.
-    applied: Arc<watch::Sender<LogIndex>>,
-}
-
-impl RaftParts {
-    /// Opens the log and the state machine and starts a Raft on them; also returns a read
-    /// pool on the tuple store.
-    async fn open(&self) -> anyhow::Result<(Raft, ReadPool)> {
-        let dir = self.dir.clone();
-        let (log_store, state_machine) =
-            tokio::task::spawn_blocking(move || raft::open_storage(&dir))
-                .await
-                .context("join storage opening")?
-                .context("open raft storage")?;
-        let state_machine = state_machine.with_applied_watch(self.applied.clone());
-        let reads = state_machine
-            .read_pool(READ_POOL_IDLE_MAX)
-            .context("open tuple store readers")?;
-        let raft_config = openraft::Config {
-            cluster_name: "sesame".into(),
-            heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
-            ..Default::default()
-        }
-        .validate()
-        .context("validate raft config")?;
-        let raft = Raft::new(
-            self.node_id,
-            Arc::new(raft_config),
-            Network::unconnected(self.node_id),
-            log_store,
-            state_machine,
-        )
-        .await
-        .context("start raft")?;
-        Ok((raft, reads))
-    }
-}
-
-/// Watches Raft and, when a storage failure stops it (openraft stops for good on any
-/// storage error: a full disk, an I/O error), shuts it down and starts a new instance on the
-/// same storage, retrying with backoff until the storage opens and works again. Writes that
-/// were in flight are answered `outcome_unknown`; the log on disk decides what committed.
-async fn supervise_raft(
-    node: std::sync::Weak<Node>,
-    parts: RaftParts,
+/// Runs the projector while this node leads: started when it becomes leader, cancelled when
+/// it stops (the Raft log fences a deposed projector anyway: its root commits fail).
+async fn project_while_leader(
+    raft: Arc<RaftHandle>,
+    projections: Arc<Projections>,
     cancel: CancellationToken,
 ) {
     loop {
-        let Some(raft) = node.upgrade().map(|n| n.raft.get()) else {
-            return;
-        };
-        let mut metrics = raft.metrics();
-        let stopped = tokio::select! {
-            _ = cancel.cancelled() => return,
-            m = metrics.wait_for(|m| m.running_state.is_err()) => match m {
-                Ok(m) => m.running_state.clone().err(),
-                // The metrics sender is gone: the instance ended without saying why.
-                Err(_) => None,
-            },
-        };
-        let reason = stopped.map_or_else(|| "raft ended".to_string(), |e| e.to_string());
-        tracing::error!("raft stopped: {reason}; restarting it on the same storage");
-        if let Some(n) = node.upgrade() {
-            n.raft.set_problem(Some(format!(
-                "raft stopped: {reason}; restarting it on the same storage"
-            )));
-        }
-        // The stopped instance reports its fatal error again here; it is logged above.
-        let _ = raft.shutdown().await;
-        drop(raft);
-        let mut attempt: u32 = 0;
-        loop {
-            let wait = RAFT_RESTART_MS_MIN
-                .saturating_mul(1 << attempt.min(6))
-                .min(RAFT_RESTART_MS_MAX);
+        // Wait to lead.
+        while !raft.view().is_leader() {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                _ = raft.changed(Duration::from_millis(200)) => {}
             }
-            match parts.open().await {
-                Ok((raft, _reads)) => {
-                    let Some(n) = node.upgrade() else { return };
-                    *n.raft.current.write().expect("raft handle lock poisoned") = raft;
-                    n.raft.set_problem(None);
-                    tracing::info!("raft restarted after a storage failure");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!("restart raft: {e:#}; retrying");
-                    attempt = attempt.saturating_add(1);
-                }
+        }
+        let term = raft.view().term;
+        let leading = cancel.child_token();
+        let run = tokio::spawn(projections.clone().run(leading.clone()));
+        // Lead until the term changes or this node is no longer leader.
+        loop {
+            let view = raft.view();
+            if !view.is_leader() || view.term != term {
+                break;
             }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = raft.changed(Duration::from_millis(200)) => {}
+            }
+        }
+        leading.cancel();
+        let _ = run.await;
+        if cancel.is_cancelled() {
+            return;
         }
     }
 }

@@ -39,7 +39,10 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{now_ms, Node};
+use crate::node::now_ms;
+use crate::reads::Reads;
+use crate::serve::Pages;
+use crate::write::Writer;
 
 /// Default shortest time between the starts of two rounds of one site: 0, no timer.
 pub const DEBOUNCE_MS_DEFAULT: u64 = 0;
@@ -156,10 +159,16 @@ enum Rendered {
     },
 }
 
-/// The projector of every site on this node.
+/// The projector of every site. It runs on the leader only ([`Projections::run`] is started
+/// when this node becomes leader and cancelled when it stops being leader).
 pub struct Projections {
     config: ProjectionConfig,
     publisher: Arc<Publisher>,
+    reads: Reads,
+    writer: Arc<Writer>,
+    pages: Arc<Pages>,
+    /// Whether `run` is running (this node leads).
+    active: std::sync::atomic::AtomicBool,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// Every change at or below this index has been handed to its site.
     dispatched: watch::Sender<LogIndex>,
@@ -194,10 +203,20 @@ impl Source for SiteSource<'_> {
 }
 
 impl Projections {
-    pub fn new(config: ProjectionConfig, publisher: Arc<Publisher>) -> Projections {
+    pub fn new(
+        config: ProjectionConfig,
+        publisher: Arc<Publisher>,
+        reads: Reads,
+        writer: Arc<Writer>,
+        pages: Arc<Pages>,
+    ) -> Projections {
         Projections {
             config,
             publisher,
+            reads,
+            writer,
+            pages,
+            active: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(HashMap::new()),
             dispatched: watch::channel(0).0,
             progress: watch::channel(0).0,
@@ -258,6 +277,23 @@ impl Projections {
         self.progress.subscribe()
     }
 
+    /// Whether this node projects sites now (it leads).
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `site`'s pages reflect every commit up to `index`, at most `timeout`;
+    /// whether they do.
+    pub async fn wait_projected(&self, site: &str, index: LogIndex, timeout: Duration) -> bool {
+        let mut progress = self.progress();
+        tokio::time::timeout(
+            timeout,
+            progress.wait_for(|_| self.projected(site) >= index),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
     fn bump_progress(&self) {
         self.progress.send_modify(|p| *p = p.wrapping_add(1));
     }
@@ -270,9 +306,18 @@ impl Projections {
         }
     }
 
-    /// Follows the applied index and hands changes to the sites' tasks until `cancel` fires.
-    pub async fn run(self: Arc<Self>, node: Arc<Node>, cancel: CancellationToken) {
-        let mut applied = node.applied();
+    /// Follows the applied index and hands changes to the sites' tasks until `cancel` fires
+    /// (this node stopped leading, or is shutting down). Each run starts from the committed
+    /// roots, so a new leader resumes where the last published versions left off.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        self.slots
+            .lock()
+            .expect("projection slots lock poisoned")
+            .clear();
+        self.dispatched.send_replace(0);
+        self.active
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut applied = self.reads.applied();
         let mut tasks = JoinSet::new();
         let mut cursor: Option<LogIndex> = None;
         loop {
@@ -282,10 +327,10 @@ impl Projections {
                     r = applied.wait_for(|a| *a > seen) => if r.is_err() { break },
                 }
             }
-            match self.dispatch(&node, cursor.unwrap_or(0)).await {
+            match self.dispatch(cursor.unwrap_or(0)).await {
                 Ok((index, new_slots)) => {
                     for slot in new_slots {
-                        tasks.spawn(self.clone().site_task(node.clone(), slot, cancel.clone()));
+                        tasks.spawn(self.clone().site_task(slot, cancel.clone()));
                     }
                     cursor = Some(index);
                     self.dispatched.send_replace(index);
@@ -304,19 +349,22 @@ impl Projections {
         }
         cancel.cancel();
         while tasks.join_next().await.is_some() {}
+        self.active
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.slots
+            .lock()
+            .expect("projection slots lock poisoned")
+            .clear();
+        self.bump_progress();
     }
 
     /// Reads which sites changed after `since` and tells them; makes slots for new sites and
     /// retires deleted ones. Returns the index read up to and the new slots.
-    async fn dispatch(
-        &self,
-        node: &Node,
-        since: LogIndex,
-    ) -> anyhow::Result<(LogIndex, Vec<Arc<Slot>>)> {
-        let (index, sites, changed) = node
+    async fn dispatch(&self, since: LogIndex) -> anyhow::Result<(LogIndex, Vec<Arc<Slot>>)> {
+        let (index, sites, changed) = self
+            .reads
             .read(move |v| Ok((v.applied_index()?, v.sites()?, v.changed_sites(since)?)))
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+            .await?;
         let fresh: Vec<String> = {
             let slots = self.slots.lock().expect("projection slots lock poisoned");
             sites
@@ -330,7 +378,7 @@ impl Projections {
         let first_wanted = if fresh.is_empty() {
             HashMap::new()
         } else {
-            node.read(move |v| {
+            self.reads.read(move |v| {
                 let newest: HashMap<String, LogIndex> = v.changed_sites(0)?.into_iter().collect();
                 let mut wanted = HashMap::new();
                 for site in fresh {
@@ -356,8 +404,7 @@ impl Projections {
                 }
                 Ok(wanted)
             })
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?
+            .await?
         };
         let mut new_slots = Vec::new();
         let mut slots = self.slots.lock().expect("projection slots lock poisoned");
@@ -405,12 +452,7 @@ impl Projections {
     }
 
     /// Projects one site, round after round, until the site is deleted or `cancel` fires.
-    async fn site_task(
-        self: Arc<Self>,
-        node: Arc<Node>,
-        slot: Arc<Slot>,
-        cancel: CancellationToken,
-    ) {
+    async fn site_task(self: Arc<Self>, slot: Arc<Slot>, cancel: CancellationToken) {
         let mut projector: Option<SiteProjector> = None;
         let mut last_round: Option<Instant> = None;
         let mut failures: u32 = 0;
@@ -447,7 +489,7 @@ impl Projections {
                 p = self.rounds.acquire() => p.expect("the rounds semaphore is never closed"),
             };
             last_round = Some(Instant::now());
-            let result = self.round(&node, &slot, &mut projector).await;
+            let result = self.round(&slot, &mut projector).await;
             drop(permit);
             match result {
                 Ok(()) => failures = 0,
@@ -480,26 +522,26 @@ impl Projections {
     /// publish what changed, move the site's projected index.
     async fn round(
         &self,
-        node: &Node,
         slot: &Slot,
         projector: &mut Option<SiteProjector>,
     ) -> anyhow::Result<()> {
         let site = slot.site.clone();
         loop {
-            self.start_from_root(node, &site, projector).await?;
+            self.start_from_root(&site, projector).await?;
             let (rebuild, since) = {
                 let mut s = slot.state();
                 (std::mem::take(&mut s.rebuild), s.done)
             };
             let mut p = projector.take().expect("start_from_root leaves a projector");
             let name = site.clone();
-            let (p, rendered) = node
+            let (p, rendered) = self
+                .reads
                 .read(move |view| {
                     let rendered = render_site(view, &name, &mut p, since, rebuild)?;
                     Ok((p, rendered))
                 })
                 .await
-                .map_err(|e| anyhow::anyhow!("render: {}", e.message))?;
+                .context("render")?;
             *projector = Some(p);
             let (index, projection, expected, render_ms) = match rendered {
                 Rendered::Deleted => return Ok(()),
@@ -529,7 +571,7 @@ impl Projections {
                 s.template_errors = errors;
             }
             if projection.changed {
-                self.publish(node, slot, *projection, expected, render_ms)
+                self.publish(slot, *projection, expected, render_ms)
                     .await?;
             }
             {
@@ -546,15 +588,11 @@ impl Projections {
     /// use (or after a failure) and adopts the root's manifest when the root moved.
     async fn start_from_root(
         &self,
-        node: &Node,
         site: &str,
         projector: &mut Option<SiteProjector>,
     ) -> anyhow::Result<()> {
         let name = site.to_string();
-        let root = node
-            .read(move |v| v.root(&name))
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let root = self.reads.read(move |v| v.root(&name)).await?;
         let root_id = root.as_ref().map(|r| r.manifest.as_str());
         if let Some(p) = projector {
             if p.manifest_id() == root_id {
@@ -577,7 +615,6 @@ impl Projections {
     /// Publishes one site version: files, manifest, root through Raft, served version, mirror.
     async fn publish(
         &self,
-        node: &Node,
         slot: &Slot,
         projection: Projection,
         expected: Option<String>,
@@ -600,7 +637,8 @@ impl Projections {
             expected,
             rollback: false,
         });
-        let (root_log_index, result) = node
+        let (root_log_index, result) = self
+            .writer
             .propose(command)
             .await
             .context("commit the root through raft")?;
@@ -613,9 +651,9 @@ impl Projections {
             other => anyhow::bail!("commit root: unexpected result {other:?}"),
         }
         for (hash, body) in &projection.new_blobs {
-            node.pages.prime(hash, body.clone());
+            self.pages.prime(hash, body.clone());
         }
-        node.pages.install(manifest.clone(), root_log_index);
+        self.pages.install(manifest.clone(), root_log_index);
         let root = Root {
             manifest: id,
             index: manifest.index,

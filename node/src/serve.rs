@@ -3,8 +3,9 @@
 //!
 //! The hot path touches no database and no object store: each site's current manifest is
 //! held in memory (swapped whole on publish, so a reader never sees half a version) and
-//! recently served files sit in a byte-bounded cache keyed by content hash. Both are refreshed
-//! by [`Pages::refresh`], which whoever moves a root (the projector, a rollback) calls.
+//! recently served files sit in a byte-bounded cache keyed by content hash. The projector
+//! installs the versions it publishes; [`crate::follow`] installs every committed root (on
+//! followers, after a rollback, at start-up).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -162,8 +163,8 @@ pub struct Pages {
     publisher: Arc<Publisher>,
     sites: RwLock<HashMap<String, Arc<SiteVersion>>>,
     blobs: Mutex<BlobCache>,
-    /// The newest root log index loaded; refresh reads roots after it.
-    roots_seen: tokio::sync::Mutex<LogIndex>,
+    /// Bumped at every install.
+    installed: tokio::sync::watch::Sender<u64>,
     /// Requests held by `Sesame-Min-Index`.
     holds: Holds,
 }
@@ -175,29 +176,9 @@ impl Pages {
             publisher,
             sites: RwLock::new(HashMap::new()),
             blobs: Mutex::new(BlobCache::default()),
-            roots_seen: tokio::sync::Mutex::new(0),
+            installed: tokio::sync::watch::channel(0).0,
             holds: Holds::default(),
         }
-    }
-
-    /// Loads the roots published since the last refresh (at start-up: all of them) and swaps
-    /// in their manifests.
-    pub async fn refresh(&self, node: &Node) -> anyhow::Result<()> {
-        let mut seen = self.roots_seen.lock().await;
-        let since = *seen;
-        let roots = node
-            .read(move |v| v.roots_since(since))
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
-        for root in roots {
-            let manifest = self
-                .publisher
-                .get_manifest(&root.site, &root.manifest)
-                .await?;
-            self.install(Arc::new(manifest), root.log_index);
-            *seen = root.log_index;
-        }
-        Ok(())
     }
 
     /// Serves `manifest`, published by the root committed at `root_log_index`, as its
@@ -215,8 +196,54 @@ impl Pages {
             Some(current) if current.root_log_index > root_log_index => {}
             _ => {
                 sites.insert(site, version);
+                drop(sites);
+                self.installed.send_modify(|n| *n = n.wrapping_add(1));
             }
         }
+    }
+
+    /// The log index of the root whose version is served for `site` (0: none).
+    pub fn root_log_index(&self, site: &str) -> LogIndex {
+        self.sites
+            .read()
+            .expect("pages lock poisoned")
+            .get(site)
+            .map_or(0, |v| v.root_log_index)
+    }
+
+    /// The content hashes of the files served for `site` now.
+    pub fn files(&self, site: &str) -> Option<std::collections::HashSet<String>> {
+        let version = self
+            .sites
+            .read()
+            .expect("pages lock poisoned")
+            .get(site)
+            .cloned()?;
+        Some(
+            version
+                .manifest
+                .files
+                .values()
+                .map(|f| f.hash.clone())
+                .collect(),
+        )
+    }
+
+    /// Changes whenever a version is installed.
+    pub fn installed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
+    }
+
+    /// Waits until the version served for `site` comes from a root at or after
+    /// `root_log_index`, at most `timeout`.
+    pub async fn wait_root(&self, site: &str, root_log_index: LogIndex, timeout: Duration) -> bool {
+        let mut installed = self.installed();
+        tokio::time::timeout(
+            timeout,
+            installed.wait_for(|_| self.root_log_index(site) >= root_log_index),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 
     /// Puts file bytes the caller already holds into the cache.
@@ -445,9 +472,16 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
 
 /// Holds a request until `site`'s pages reflect every commit up to `index`, within the
 /// configured wait and the limits on held requests; else the 503 to answer.
+///
+/// A served version made at or after `index` reflects it, on any node. Otherwise the
+/// leader's projector knows whether the site is published that far (a site without changes
+/// is published as far as the log goes): on the leader it is asked directly; a follower
+/// waits to have applied `index`, asks the leader which root serves it, and waits to have
+/// installed that root.
 async fn wait_projected(node: &Node, site: &str, index: LogIndex) -> Result<(), Response> {
     let projections = &node.projections;
-    if projections.projected(site) >= index {
+    let served = |node: &Node| node.pages.served_index(site).is_some_and(|s| s >= index);
+    if served(node) || (projections.is_active() && projections.projected(site) >= index) {
         return Ok(());
     }
     let unavailable = |message: String| {
@@ -471,21 +505,52 @@ async fn wait_projected(node: &Node, site: &str, index: LogIndex) -> Result<(), 
              per site, {HELD_REQUESTS_MAX} in all); retry shortly"
         )));
     };
-    let mut progress = projections.progress();
-    let reached = tokio::time::timeout(
-        node.pages.config.min_index_wait,
-        progress.wait_for(|_| projections.projected(site) >= index),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    if reached {
+    let wait = node.pages.config.min_index_wait;
+    let deadline = tokio::time::Instant::now() + wait;
+    let reached = if projections.is_active() {
+        projections.wait_projected(site, index, wait).await
+    } else {
+        follower_wait(node, site, index, deadline).await
+    };
+    if reached || served(node) {
         Ok(())
     } else {
         Err(unavailable(format!(
-            "index {index} is not published yet (published up to {}); retry shortly",
-            projections.projected(site)
+            "index {index} is not published yet (this node serves site {site} as of index {}); \
+             retry shortly",
+            node.pages.served_index(site).unwrap_or(0)
         )))
     }
+}
+
+/// On a follower: whether `site` is served here as of `index` before `deadline`.
+async fn follower_wait(
+    node: &Node,
+    site: &str,
+    index: LogIndex,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !node.reads.wait_applied(index, left()).await {
+        return false;
+    }
+    let request = crate::peer::PeerRequest::WaitProjected {
+        site: site.to_string(),
+        index,
+        wait_ms: left().as_millis() as u64,
+    };
+    let root = match node.cluster.link.to_leader_within(&request, left()).await {
+        Ok(crate::peer::PeerResponse::Projected {
+            reached: true,
+            root_log_index,
+        }) => root_log_index,
+        Ok(_) => return false,
+        Err(e) => {
+            tracing::debug!("ask the leader whether {site} is published: {e}");
+            return false;
+        }
+    };
+    node.pages.wait_root(site, root, left()).await
 }
 
 /// Whether `If-None-Match` names this file's ETag (or `*`).

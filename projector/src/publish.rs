@@ -184,6 +184,82 @@ impl Publisher {
         Ok(id)
     }
 
+    /// Stores a manifest received as bytes (from a peer) under `id`, after checking that the
+    /// bytes hash to `id` and parse as a manifest of `site`.
+    pub async fn put_manifest_bytes(
+        &self,
+        site: &str,
+        id: &str,
+        bytes: Bytes,
+    ) -> Result<(), PublishError> {
+        check_site(site)?;
+        if !is_hash(id) {
+            return Err(PublishError::InvalidName {
+                what: "manifest id",
+                value: id.to_string(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
+        let corrupt = |reason: String| PublishError::Corrupt {
+            path: path.to_string(),
+            reason,
+        };
+        let actual = content_hash(&bytes);
+        if actual != id {
+            return Err(corrupt(format!("bytes hash to {actual}")));
+        }
+        let manifest = Manifest::from_json(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if manifest.site != site {
+            return Err(corrupt(format!("manifest is for site {:?}", manifest.site)));
+        }
+        self.store.put(&path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// A stored manifest's bytes, checked against its id (what a peer is sent).
+    pub async fn get_manifest_bytes(&self, site: &str, id: &str) -> Result<Bytes, PublishError> {
+        check_site(site)?;
+        if !is_hash(id) {
+            return Err(PublishError::InvalidName {
+                what: "manifest id",
+                value: id.to_string(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
+        let bytes = self.read(&path).await?;
+        let actual = content_hash(&bytes);
+        if actual != id {
+            return Err(PublishError::Corrupt {
+                path: path.to_string(),
+                reason: format!("bytes hash to {actual}"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Whether the store holds the blob `hash` of `site`.
+    pub async fn has_blob(&self, site: &str, hash: &str) -> Result<bool, PublishError> {
+        check_site(site)?;
+        if !is_hash(hash) {
+            return Err(PublishError::InvalidName {
+                what: "blob hash",
+                value: hash.to_string(),
+            });
+        }
+        let path = self.path(&format!("sites/{site}/blobs/{hash}"));
+        if self.is_known(&path) {
+            return Ok(true);
+        }
+        match self.store.head(&path).await {
+            Ok(_) => {
+                self.remember(&path);
+                Ok(true)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Mirrors a committed root to `sites/<site>/root`. Where the store supports it the write
     /// is conditional on the root read just before (If-Match on S3 and R2; create-if-absent
     /// on a local folder), so a concurrent writer is detected: then this returns

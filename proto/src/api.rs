@@ -185,3 +185,60 @@ pub struct Rollback {
     /// The commit index of the version to go back to (see `versions`).
     pub index: LogIndex,
 }
+
+/// `GET /v1/cluster`: who leads, and every member's progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The leader's node id, if one is known.
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member of the cluster, as the node answering sees it (and as the member says, when
+/// it can be reached).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// The member's cluster (QUIC) address.
+    pub raft: String,
+    /// The member's HTTP base URL, when it could be asked.
+    pub http: Option<String>,
+    pub log_index: Option<u64>,
+    /// The commit index as far as the member has applied it.
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// Entries the member's applied index trails the leader's log by.
+    pub lag: Option<u64>,
+    /// Why the member could not be asked, or what it reports wrong with itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// `POST /v1/cluster/learners`: add a node as a learner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddLearner {
+    pub id: u64,
+    /// Its cluster (QUIC) address, `host:port`.
+    pub raft: String,
+    /// Its HTTP base URL (optional: learned from the node when it can be reached).
+    #[serde(default)]
+    pub http: String,
+}
+
+/// `POST /v1/cluster/voters` (promote a learner) and `POST /v1/cluster/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberId {
+    pub id: u64,
+}
+
+/// What a membership change answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipChanged {
+    /// The log index of the membership entry.
+    pub index: u64,
+}

@@ -13,9 +13,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::{Entry, EntryPayload};
-use sesame_proto::Command;
+use sesame_proto::{Command, CommandResult, LogIndex};
 use thiserror::Error;
 
+use crate::write::WriteError;
 use crate::raft::{LogId, Member, NodeId, SnapshotMeta, TypeConfig, Vote};
 
 /// A request from one peer to another. Each travels on a stream of its own.
@@ -28,7 +29,71 @@ pub enum PeerRequest {
     /// Offers a snapshot; its bytes follow on the same stream as chunk frames, then an end
     /// frame ([`SnapshotEnd`]).
     InstallSnapshot(SnapshotOffer),
+    /// Any other command a follower was asked to order (sites, tokens, rollbacks).
+    Propose(Command),
+    /// A linearizable read point: the index a reader must wait for on its own node.
+    /// `lease: true` lets a leader within its lease answer without a round of heartbeats.
+    ReadIndex { lease: bool },
+    /// Waits (at most `wait_ms`) until the leader has published `site` as of `index`; answers
+    /// which root the reader's node must have installed to serve that.
+    WaitProjected {
+        site: String,
+        index: LogIndex,
+        wait_ms: u64,
+    },
+    /// A published object (a manifest or a blob) the asking node lacks.
+    FetchObject {
+        site: String,
+        kind: ObjectKind,
+        hash: String,
+    },
+    /// The node's own view of itself, for cluster status.
+    Status,
+    /// A membership change, which only the leader can make.
+    ChangeMembership(MembershipChange),
 }
+
+/// Which kind of published object a [`PeerRequest::FetchObject`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum ObjectKind {
+    Manifest,
+    Blob,
+}
+
+/// A change of the cluster's members.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum MembershipChange {
+    /// Add a learner (it receives a snapshot and the log, but does not vote).
+    AddLearner { id: NodeId, member: MemberWire },
+    /// Make a learner a voter.
+    Promote { id: NodeId },
+    /// Take a node out of the cluster (voter or learner).
+    Remove { id: NodeId },
+}
+
+/// A [`Member`] on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct MemberWire {
+    pub raft: String,
+    pub http: String,
+}
+
+/// What a node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct NodeStatus {
+    /// The node's HTTP base URL.
+    pub http: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    /// Why the node cannot work now (its Raft stopped on a storage failure), if so.
+    pub problem: Option<String>,
+}
+
+/// How a forwarded write ended: its log index and result, or why it did not commit.
+pub type WriteOutcome = Result<(LogIndex, CommandResult), WriteError>;
 
 /// What kind of request a [`PeerRequest`] is, for logs, metrics and fault injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +102,12 @@ pub enum RequestKind {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    Propose,
+    ReadIndex,
+    WaitProjected,
+    FetchObject,
+    Status,
+    ChangeMembership,
 }
 
 impl PeerRequest {
@@ -46,6 +117,12 @@ impl PeerRequest {
             PeerRequest::AppendEntries(_) => RequestKind::AppendEntries,
             PeerRequest::Vote(_) => RequestKind::Vote,
             PeerRequest::InstallSnapshot(_) => RequestKind::InstallSnapshot,
+            PeerRequest::Propose(_) => RequestKind::Propose,
+            PeerRequest::ReadIndex { .. } => RequestKind::ReadIndex,
+            PeerRequest::WaitProjected { .. } => RequestKind::WaitProjected,
+            PeerRequest::FetchObject { .. } => RequestKind::FetchObject,
+            PeerRequest::Status => RequestKind::Status,
+            PeerRequest::ChangeMembership(_) => RequestKind::ChangeMembership,
         }
     }
 }
@@ -57,6 +134,19 @@ pub enum PeerResponse {
     AppendEntries(#[bincode(with_serde)] AppendEntriesResponse<NodeId>),
     Vote(#[bincode(with_serde)] VoteResponse<NodeId>),
     InstallSnapshot(#[bincode(with_serde)] SnapshotResponse<NodeId>),
+    Proposed(WriteOutcome),
+    ReadIndex(LogIndex),
+    Projected {
+        /// Whether the leader's pages reached the index within the wait.
+        reached: bool,
+        /// The log index of the root the leader serves for the site (0: none).
+        root_log_index: LogIndex,
+    },
+    /// The object's bytes, or `None` when the node does not have it.
+    Object(Option<Vec<u8>>),
+    Status(NodeStatus),
+    /// The membership change was committed at this log index.
+    MembershipChanged(LogIndex),
 }
 
 /// Why a peer did not answer a request. Travels in the response frame.

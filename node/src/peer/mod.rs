@@ -24,6 +24,7 @@ pub mod endpoint;
 pub mod fault;
 pub mod frame;
 pub mod handler;
+pub mod link;
 pub mod message;
 pub mod tls;
 pub mod transport;
@@ -35,7 +36,8 @@ pub use endpoint::{EndpointError, PeerConfig, PeerEndpoint};
 pub use fault::{Fault, Faults, FaultyTransport, Partitions};
 pub use handler::{PeerHandler, SnapshotChunks};
 pub use message::{
-    AppendEntries, PeerError, PeerRequest, PeerResponse, RequestKind, SnapshotEnd, SnapshotOffer,
+    AppendEntries, MemberWire, MembershipChange, NodeStatus, ObjectKind, PeerError, PeerRequest,
+    PeerResponse, RequestKind, SnapshotEnd, SnapshotOffer, WriteOutcome,
 };
 pub use tls::NodeCerts;
 pub use transport::{NoPeers, PeerTransport, SnapshotSendOptions, TransportError};

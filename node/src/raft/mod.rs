@@ -12,6 +12,7 @@
 //! [`Command`]: sesame_proto::Command
 
 mod blocking;
+pub mod handle;
 pub mod log_store;
 mod member;
 pub mod network;
@@ -22,6 +23,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
+pub use handle::{RaftHandle, RaftParts, RaftTiming, RaftView};
 pub use log_store::{LogReader, LogStore, LogStoreError};
 pub use member::Member;
 pub use network::Network;

@@ -299,14 +299,21 @@ impl RaftNetwork<TypeConfig> for Peer {
 /// The node's own [`PeerHandler`] delegates Raft kinds to [`RaftHandler::handle_raft`] and
 /// snapshots to [`RaftHandler::receive_snapshot`]; used alone, it serves Raft only.
 pub struct RaftHandler {
-    raft: Raft,
+    raft: Box<dyn Fn() -> Raft + Send + Sync>,
     snapshots: Semaphore,
 }
 
 impl RaftHandler {
+    /// Serves `raft`.
     pub fn new(raft: Raft) -> RaftHandler {
+        RaftHandler::current(move || raft.clone())
+    }
+
+    /// Serves whichever instance `raft` returns at each request (the node restarts Raft
+    /// after a storage failure).
+    pub fn current(raft: impl Fn() -> Raft + Send + Sync + 'static) -> RaftHandler {
         RaftHandler {
-            raft,
+            raft: Box::new(raft),
             snapshots: Semaphore::new(SNAPSHOT_RECEIVES_MAX),
         }
     }
@@ -314,14 +321,12 @@ impl RaftHandler {
     /// Answers an append-entries or vote request; any other kind is unsupported.
     pub async fn handle_raft(&self, request: PeerRequest) -> Result<PeerResponse, PeerError> {
         match request {
-            PeerRequest::AppendEntries(rpc) => self
-                .raft
+            PeerRequest::AppendEntries(rpc) => (self.raft)()
                 .append_entries(rpc.into())
                 .await
                 .map(PeerResponse::AppendEntries)
                 .map_err(stopped),
-            PeerRequest::Vote(rpc) => self
-                .raft
+            PeerRequest::Vote(rpc) => (self.raft)()
                 .vote(rpc)
                 .await
                 .map(PeerResponse::Vote)
@@ -343,8 +348,8 @@ impl RaftHandler {
                 "already receiving {SNAPSHOT_RECEIVES_MAX} snapshots"
             )));
         };
-        let mut file = self
-            .raft
+        let raft = (self.raft)();
+        let mut file = raft
             .begin_receiving_snapshot()
             .await
             .map_err(|e| PeerError::Unavailable(format!("cannot receive a snapshot: {e}")))?;
@@ -385,8 +390,7 @@ impl RaftHandler {
             meta: offer.meta,
             snapshot: file,
         };
-        self.raft
-            .install_full_snapshot(offer.vote, snapshot)
+        raft.install_full_snapshot(offer.vote, snapshot)
             .await
             .map(PeerResponse::InstallSnapshot)
             .map_err(|e| PeerError::Unavailable(format!("raft has stopped: {e}")))

@@ -1,0 +1,176 @@
+//! Every node serves the site versions its log has committed: this task follows the roots
+//! the state machine applies and installs each new one in [`Pages`].
+//!
+//! On the leader the projector installs a version itself as soon as its root commits, so
+//! here it is already in place and skipped. On a follower the version's files may not be in
+//! its object store: with a shared store (S3, R2) the leader wrote them there; with per-node
+//! folders (the default) the follower fetches the manifest and every file it lacks from a
+//! peer over the cluster link, checks each against its hash, stores it, and only then
+//! installs the version, so a reader never sees half a version on any node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use sesame_projector::{content_hash, FileEntry, Manifest, PublishError, Publisher};
+use sesame_proto::LogIndex;
+use sesame_sync::RootRecord;
+use tokio_util::sync::CancellationToken;
+
+use crate::peer::link::Link;
+use crate::peer::{ObjectKind, PeerRequest, PeerResponse};
+use crate::reads::Reads;
+use crate::serve::Pages;
+
+/// Wait after a version could not be installed before trying again.
+const RETRY_MS: u64 = 500;
+/// Longest one fetch of an object from a peer may take.
+const FETCH_TIMEOUT_MS: u64 = 10_000;
+
+/// What the root follower needs.
+pub struct Follower {
+    pub reads: Reads,
+    pub pages: Arc<Pages>,
+    pub publisher: Arc<Publisher>,
+    pub link: Arc<Link>,
+    /// The object store is shared by every node (S3, R2): what the leader published is there.
+    pub shared_store: bool,
+}
+
+impl Follower {
+    /// Installs committed roots as they are applied, until `cancel` fires, starting after
+    /// the root at log index `installed` (0: every site's current root).
+    pub async fn run(self, installed: LogIndex, cancel: CancellationToken) {
+        let mut applied = self.reads.applied();
+        let mut seen_root: LogIndex = installed;
+        let mut seen_applied: Option<LogIndex> = None;
+        loop {
+            if let Some(at) = seen_applied {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = applied.wait_for(|a| *a > at) => if r.is_err() { return },
+                }
+            }
+            let now = *applied.borrow();
+            match self.catch_up(seen_root).await {
+                Ok(root) => {
+                    seen_root = root;
+                    seen_applied = Some(now);
+                }
+                Err(e) => {
+                    tracing::warn!("install published versions: {e:#}; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(RETRY_MS)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Installs the roots committed after log index `since`; returns the newest one seen.
+    /// Stops at the first root that cannot be installed, so it is retried.
+    pub async fn catch_up(&self, since: LogIndex) -> anyhow::Result<LogIndex> {
+        let roots = self
+            .reads
+            .read(move |v| v.roots_since(since))
+            .await
+            .context("read committed roots")?;
+        let mut seen = since;
+        for root in roots {
+            if self.pages.root_log_index(&root.site) < root.log_index {
+                let manifest = self.fetch_version(&root).await.with_context(|| {
+                    format!(
+                        "install version {} of site {} (root at log index {})",
+                        root.index, root.site, root.log_index
+                    )
+                })?;
+                self.pages.install(Arc::new(manifest), root.log_index);
+            }
+            seen = root.log_index;
+        }
+        Ok(seen)
+    }
+
+    /// Makes sure the manifest a root names, and every file in it, are in this node's
+    /// object store; returns the manifest.
+    async fn fetch_version(&self, root: &RootRecord) -> anyhow::Result<Manifest> {
+        let site = &root.site;
+        let manifest = match self.publisher.get_manifest(site, &root.manifest).await {
+            Ok(m) => m,
+            Err(PublishError::NotFound { .. }) if !self.shared_store => {
+                let bytes = self
+                    .fetch(site, ObjectKind::Manifest, &root.manifest)
+                    .await?;
+                self.publisher
+                    .put_manifest_bytes(site, &root.manifest, bytes)
+                    .await?;
+                self.publisher.get_manifest(site, &root.manifest).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.shared_store {
+            return Ok(manifest);
+        }
+        // Only files that differ from the version served now can be missing.
+        let served = self.pages.files(site);
+        let wanted: BTreeMap<&str, &FileEntry> = manifest
+            .files
+            .values()
+            .filter(|f| served.as_ref().is_none_or(|s| !s.contains(&f.hash)))
+            .map(|f| (f.hash.as_str(), f))
+            .collect();
+        for hash in wanted.keys() {
+            if self.publisher.has_blob(site, hash).await? {
+                continue;
+            }
+            let bytes = self.fetch(site, ObjectKind::Blob, hash).await?;
+            self.publisher
+                .put_blobs(site, &[(hash.to_string(), bytes)])
+                .await?;
+        }
+        Ok(manifest)
+    }
+
+    /// Fetches one object from the leader, or else from any other member that has it; its
+    /// bytes are checked against `hash` before they are returned.
+    async fn fetch(&self, site: &str, kind: ObjectKind, hash: &str) -> anyhow::Result<Bytes> {
+        let request = PeerRequest::FetchObject {
+            site: site.to_string(),
+            kind,
+            hash: hash.to_string(),
+        };
+        let timeout = Duration::from_millis(FETCH_TIMEOUT_MS);
+        // The leader published it; any other member may have fetched it since.
+        let me = self.link.self_id();
+        let leader = self.link.leader_id();
+        let mut candidates: Vec<_> = leader.into_iter().collect();
+        for (id, _) in self.link.members() {
+            if id != me && Some(id) != leader {
+                candidates.push(id);
+            }
+        }
+        let mut tried = Vec::new();
+        for id in candidates.into_iter().filter(|id| *id != me) {
+            match self.link.to_member(id, &request, timeout).await {
+                Ok(PeerResponse::Object(Some(bytes))) => {
+                    let actual = content_hash(&bytes);
+                    anyhow::ensure!(
+                        actual == hash,
+                        "node {id} sent {kind:?} {hash} of site {site} with bytes hashing to {actual}"
+                    );
+                    return Ok(Bytes::from(bytes));
+                }
+                Ok(PeerResponse::Object(None)) => tried.push(format!("node {id}: not there")),
+                Ok(other) => tried.push(format!("node {id}: unexpected answer {other:?}")),
+                Err(e) => tried.push(format!("node {id}: {e}")),
+            }
+        }
+        anyhow::bail!(
+            "no peer has {kind:?} {hash} of site {site}: {}",
+            tried.join("; ")
+        )
+    }
+}

@@ -1,0 +1,245 @@
+//! The node's running Raft, and what keeps it running.
+//!
+//! openraft stops an instance for good on any storage error (a full disk, an I/O error). The
+//! node therefore reaches Raft only through a [`RaftHandle`], and [`supervise`] replaces a
+//! stopped instance with a fresh one on the same storage once the storage opens and works
+//! again. While it is down, [`RaftHandle::problem`] says why (health checks report it).
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sesame_proto::LogIndex;
+use sesame_sync::ReadPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{open_storage, Member, Network, NodeId, Raft};
+
+/// Idle reader connections kept open for reads.
+const READ_POOL_IDLE_MAX: usize = 16;
+/// First wait before restarting a Raft that stopped on a storage failure; doubles per failed
+/// attempt up to [`RAFT_RESTART_MS_MAX`].
+const RAFT_RESTART_MS_MIN: u64 = 250;
+const RAFT_RESTART_MS_MAX: u64 = 10_000;
+
+/// Raft's timing. Failover takes about one election timeout after the leader's last
+/// heartbeat, plus a vote round trip; a leader's read lease is shorter than the shortest
+/// election timeout by [`LEASE_MARGIN_MS`], so no new leader can exist while it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+/// Defaults tuned for failover within 1 s on a LAN: heartbeats every 50 ms, elections after
+/// 300–600 ms of silence.
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 50,
+            election_min_ms: 300,
+            election_max_ms: 600,
+        }
+    }
+}
+
+/// How much shorter a leader's read lease is than the shortest election timeout: room for
+/// clock drift between nodes and for the time the last acknowledgement took to arrive.
+pub const LEASE_MARGIN_MS: u64 = 100;
+
+impl RaftTiming {
+    /// How long after its last quorum acknowledgement a leader may serve lease reads.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.election_min_ms.saturating_sub(LEASE_MARGIN_MS))
+    }
+
+    fn config(&self) -> anyhow::Result<openraft::Config> {
+        openraft::Config {
+            cluster_name: "sesame".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            ..Default::default()
+        }
+        .validate()
+        .context("validate raft config")
+    }
+}
+
+/// The node's Raft: the running instance, and why none runs when one does not.
+pub struct RaftHandle {
+    id: NodeId,
+    timing: RaftTiming,
+    current: RwLock<Raft>,
+    problem: RwLock<Option<String>>,
+}
+
+/// What this node knows of the cluster now.
+#[derive(Debug, Clone)]
+pub struct RaftView {
+    pub id: NodeId,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    /// The leader's member record, when the leader is known.
+    pub leader_member: Option<Member>,
+    pub last_log_index: LogIndex,
+    pub applied_index: LogIndex,
+    /// The leader's last acknowledgement by a quorum, if this node leads.
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+impl RaftView {
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.id)
+    }
+}
+
+impl RaftHandle {
+    pub fn new(id: NodeId, timing: RaftTiming, raft: Raft) -> RaftHandle {
+        RaftHandle {
+            id,
+            timing,
+            current: RwLock::new(raft),
+            problem: RwLock::new(None),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn timing(&self) -> RaftTiming {
+        self.timing
+    }
+
+    /// The running instance (cheap: a handle).
+    pub fn get(&self) -> Raft {
+        self.current.read().expect("raft handle lock poisoned").clone()
+    }
+
+    /// Why Raft is not running, or `None` when it runs.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .read()
+            .expect("raft problem lock poisoned")
+            .clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.write().expect("raft problem lock poisoned") = problem;
+    }
+
+    /// What this node knows now: term, leader, log and applied indexes.
+    pub fn view(&self) -> RaftView {
+        let raft = self.get();
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let leader_member = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        RaftView {
+            id: self.id,
+            term: m.current_term,
+            leader: m.current_leader,
+            leader_member,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+        }
+    }
+
+    /// Waits until Raft's metrics change (a new leader, a new term, progress), at most
+    /// `timeout`.
+    pub async fn changed(&self, timeout: Duration) {
+        let mut metrics = self.get().metrics();
+        let _ = tokio::time::timeout(timeout, metrics.changed()).await;
+    }
+}
+
+/// What it takes to (re)start this node's Raft on its storage.
+pub struct RaftParts {
+    pub dir: PathBuf,
+    pub node_id: NodeId,
+    pub timing: RaftTiming,
+    pub network: Network,
+    /// The applied index, shared by every instance so followers of it need not resubscribe.
+    pub applied: Arc<watch::Sender<LogIndex>>,
+}
+
+impl RaftParts {
+    /// Opens the log and the state machine and starts a Raft on them; also returns a read
+    /// pool on the tuple store.
+    pub async fn open(&self) -> anyhow::Result<(Raft, ReadPool)> {
+        let dir = self.dir.clone();
+        let (log_store, state_machine) = tokio::task::spawn_blocking(move || open_storage(&dir))
+            .await
+            .context("join storage opening")?
+            .context("open raft storage")?;
+        let state_machine = state_machine.with_applied_watch(self.applied.clone());
+        let reads = state_machine
+            .read_pool(READ_POOL_IDLE_MAX)
+            .context("open tuple store readers")?;
+        let raft = Raft::new(
+            self.node_id,
+            Arc::new(self.timing.config()?),
+            self.network.clone(),
+            log_store,
+            state_machine,
+        )
+        .await
+        .context("start raft")?;
+        Ok((raft, reads))
+    }
+}
+
+/// Watches Raft and, when a storage failure stops it, shuts it down and starts a new
+/// instance on the same storage, retrying with backoff until the storage opens and works
+/// again. Writes that were in flight are answered `outcome_unknown`; the log on disk decides
+/// what committed. Ends when `cancel` fires.
+pub async fn supervise(handle: Arc<RaftHandle>, parts: RaftParts, cancel: CancellationToken) {
+    loop {
+        let raft = handle.get();
+        let mut metrics = raft.metrics();
+        let stopped = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = metrics.wait_for(|m| m.running_state.is_err()) => match m {
+                Ok(m) => m.running_state.clone().err(),
+                // The metrics sender is gone: the instance ended without saying why.
+                Err(_) => None,
+            },
+        };
+        let reason = stopped.map_or_else(|| "raft ended".to_string(), |e| e.to_string());
+        tracing::error!("raft stopped: {reason}; restarting it on the same storage");
+        handle.set_problem(Some(format!(
+            "raft stopped: {reason}; restarting it on the same storage"
+        )));
+        // The stopped instance reports its fatal error again here; it is logged above.
+        let _ = raft.shutdown().await;
+        drop(raft);
+        let mut attempt: u32 = 0;
+        loop {
+            let wait = RAFT_RESTART_MS_MIN
+                .saturating_mul(1 << attempt.min(6))
+                .min(RAFT_RESTART_MS_MAX);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+            match parts.open().await {
+                Ok((raft, _reads)) => {
+                    *handle.current.write().expect("raft handle lock poisoned") = raft;
+                    handle.set_problem(None);
+                    tracing::info!("raft restarted after a storage failure");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("restart raft: {e:#}; retrying");
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+}

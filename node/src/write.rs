@@ -1,0 +1,222 @@
+//! The write path: every command the node orders through the Raft log goes through here.
+//!
+//! A transaction enters with [`Writer::write_tx`] and waits in a queue for group commit:
+//! transactions that arrive while one log entry is in flight go together into the next (one
+//! entry, one fsync, each transaction still atomic on its own). The entry then goes to the
+//! leader: proposed to the local Raft when this node leads ([`propose_local`]), forwarded
+//! over the peer link when another node does (the client never needs to know which). The
+//! leader appends it to its log, replicates it to a quorum, commits it, and every node's
+//! state machine applies it; the results computed there travel back to each request. A
+//! forwarded write is answered once this node has applied it too, so the client's next read
+//! here sees it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use sesame_proto::{codec, Command, CommandResult, LogIndex, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::peer::link::{Link, LinkError};
+use crate::peer::{PeerRequest, PeerResponse, TransportError};
+use crate::raft::{NodeId, Raft, RaftHandle};
+use crate::reads::Reads;
+
+/// Transactions waiting for the next log entry; past this, writers wait (backpressure).
+const TX_QUEUE_MAX: usize = 4_096;
+/// Most transactions grouped into one log entry.
+const TXS_PER_ENTRY_MAX: usize = 512;
+/// Encoded bytes after which no more transactions join an entry. One transaction may
+/// overshoot it by at most its own size (itself at most `TX_BYTES_MAX`), well inside the
+/// codec's and the peer link's frame limits.
+const ENTRY_BYTES_MAX: usize = 16 << 20;
+/// Longest a write waits for a leader to be elected or found before giving up.
+const LEADER_WAIT_MS: u64 = 5_000;
+/// Longest a forwarded write waits for this node to apply it before answering anyway.
+const FORWARD_APPLY_WAIT_MS: u64 = 5_000;
+
+/// Why a write did not commit. Callers branch on it: only `OutcomeUnknown` may have been
+/// applied, and a retry with the same `(client_id, seq)` settles it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, bincode::Encode, bincode::Decode)]
+pub enum WriteError {
+    #[error("this node is not the leader; node {id} at {addr} is")]
+    NotLeader { id: NodeId, addr: String },
+    #[error("no leader is known now; retry shortly")]
+    NoLeader,
+    /// Nothing was written.
+    #[error("{0}; nothing was written")]
+    Unavailable(String),
+    /// The node failed while the write was in flight: it may or may not have committed.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    #[error("unexpected result {0}")]
+    Unexpected(String),
+}
+
+/// A log index and what applying the entry there did.
+pub type Written = Result<(LogIndex, CommandResult), WriteError>;
+
+/// A transaction waiting for group commit to put it in a log entry.
+struct PendingTx {
+    tx: Transaction,
+    bytes: usize,
+    reply: oneshot::Sender<Written>,
+}
+
+/// Orders commands through the Raft log, from this node.
+pub struct Writer {
+    queue: mpsc::Sender<PendingTx>,
+    router: Arc<Router>,
+}
+
+/// Finds the leader for each entry and hands the entry to it.
+struct Router {
+    raft: Arc<RaftHandle>,
+    link: Arc<Link>,
+    reads: Reads,
+}
+
+impl Writer {
+    /// Starts the group-commit task; it ends when the writer is dropped.
+    pub fn start(raft: Arc<RaftHandle>, link: Arc<Link>, reads: Reads) -> Writer {
+        let (queue, pending) = mpsc::channel(TX_QUEUE_MAX);
+        let router = Arc::new(Router { raft, link, reads });
+        tokio::spawn(group_commit(router.clone(), pending));
+        Writer { queue, router }
+    }
+
+    /// Commits a validated transaction and returns its log index and result (committed,
+    /// duplicate, conflict, unknown site). Returns once the transaction is durable on a
+    /// quorum and applied on this node.
+    pub async fn write_tx(&self, tx: Transaction) -> Written {
+        let (reply, answer) = oneshot::channel();
+        let bytes = codec::encoded_len(&tx);
+        self.queue
+            .send(PendingTx { tx, bytes, reply })
+            .await
+            .map_err(|_| WriteError::Unavailable("the node is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| WriteError::OutcomeUnknown("the node shut down during the write".into()))?
+    }
+
+    /// Orders one command on its own (sites, tokens, publishes, rollbacks).
+    pub async fn propose(&self, command: Command) -> Written {
+        self.router.commit(command).await
+    }
+}
+
+impl Router {
+    /// Commits `command` through the current leader, waiting (boundedly) for one when there
+    /// is none, and following a change of leader when the one asked refuses before writing.
+    async fn commit(&self, command: Command) -> Written {
+        let deadline = Instant::now() + Duration::from_millis(LEADER_WAIT_MS);
+        loop {
+            let view = self.raft.view();
+            let result = match (view.leader, view.leader_member) {
+                (Some(id), _) if id == view.id => propose_local(&self.raft.get(), command.clone()).await,
+                (Some(id), Some(_)) => self.forward(id, command.clone()).await,
+                _ => Err(WriteError::NoLeader),
+            };
+            match result {
+                // Refused before anything was written: another leader may take it.
+                Err(WriteError::NotLeader { .. } | WriteError::NoLeader)
+                    if Instant::now() < deadline =>
+                {
+                    self.raft.changed(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `command` to leader `id` over the peer link, then waits until this node has
+    /// applied it.
+    async fn forward(&self, id: NodeId, command: Command) -> Written {
+        let request = PeerRequest::Propose(command);
+        let (index, result) = match self.link.to_leader(&request).await {
+            Ok(PeerResponse::Proposed(outcome)) => outcome?,
+            Ok(other) => return Err(WriteError::Unexpected(format!("{other:?}"))),
+            Err(LinkError::NoLeader | LinkError::NotMember(_)) => return Err(WriteError::NoLeader),
+            Err(LinkError::Transport(TransportError::TooLarge(e))) => {
+                return Err(WriteError::Unavailable(format!(
+                    "the entry is too large to forward: {e}"
+                )))
+            }
+            Err(e) => {
+                return Err(WriteError::OutcomeUnknown(format!(
+                    "forwarding to the leader (node {id}) failed: {e}"
+                )))
+            }
+        };
+        let wait = Duration::from_millis(FORWARD_APPLY_WAIT_MS);
+        if !self.reads.wait_applied(index, wait).await {
+            tracing::warn!("committed index {index} is not applied here after {wait:?}");
+        }
+        Ok((index, result))
+    }
+}
+
+/// On the leader: orders `command` through the local Raft and returns its log index and
+/// what applying it did, once the entry is committed (durable on a quorum) and applied.
+pub async fn propose_local(raft: &Raft, command: Command) -> Written {
+    if let Err(e) = &raft.metrics().borrow().running_state {
+        return Err(WriteError::Unavailable(format!("raft has stopped: {e}")));
+    }
+    match raft.client_write(command).await {
+        Ok(resp) => Ok((resp.log_id.index, resp.data)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.http },
+                _ => WriteError::NoLeader,
+            })
+        }
+        Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(format!("cannot write: {e}"))),
+        Err(RaftError::Fatal(e)) => {
+            tracing::error!("raft stopped during a write: {e}");
+            Err(WriteError::OutcomeUnknown(format!(
+                "raft stopped while the write was in flight: {e}"
+            )))
+        }
+    }
+}
+
+/// Group commit: takes every transaction queued while the previous entry was in flight (up
+/// to the entry limits) and commits them as one [`Command::Txs`]. A lone writer gets an
+/// entry of its own at once; many writers share entries, and fsyncs. Ends when the writer
+/// is dropped.
+async fn group_commit(router: Arc<Router>, mut queue: mpsc::Receiver<PendingTx>) {
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < TXS_PER_ENTRY_MAX && bytes < ENTRY_BYTES_MAX {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes;
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (txs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.tx, p.reply)).unzip();
+        match router.commit(Command::Txs(txs)).await {
+            Ok((index, CommandResult::Txs(results))) if results.len() == replies.len() => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    // A requester that went away (client disconnected) needs no answer.
+                    let _ = reply.send(Ok((index, result)));
+                }
+            }
+            Ok((_, other)) => {
+                let e = WriteError::Unexpected(format!("{other:?}"));
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
