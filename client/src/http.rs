@@ -6,8 +6,9 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sesame_proto::api::{
-    ChangesPage, CreateSite, CreateToken, ErrorBody, Rollback, ScanPage, SiteInfo, SiteList,
-    SiteStatus, TokenCreated, TupleBody, TxRequest, TxResponse, VersionList,
+    AddLearner, ChangesPage, ClusterStatus, CreateSite, CreateToken, ErrorBody, MemberId,
+    MembershipChanged, Rollback, ScanPage, SiteInfo, SiteList, SiteStatus, TokenCreated,
+    TupleBody, TxRequest, TxResponse, VersionList,
 };
 use sesame_proto::{encode_segment as seg, LogIndex, Op, Role};
 use thiserror::Error;
@@ -223,6 +224,39 @@ impl Http {
     ) -> Result<serde_json::Value, ClientError> {
         let path = format!("/v1/sites/{}/rollback", seg(site));
         self.call(Method::POST, &path, Some(&Rollback { index }))
+            .await
+    }
+
+    /// Who leads the cluster, and every member's progress (admin).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/cluster", None).await
+    }
+
+    /// Adds node `id` (cluster address `raft`, HTTP URL `http`) as a learner (admin).
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        raft: &str,
+        http: &str,
+    ) -> Result<MembershipChanged, ClientError> {
+        let body = AddLearner {
+            id,
+            raft: raft.into(),
+            http: http.into(),
+        };
+        self.call(Method::POST, "/v1/cluster/learners", Some(&body))
+            .await
+    }
+
+    /// Makes learner `id` a voter (admin).
+    pub async fn promote(&self, id: u64) -> Result<MembershipChanged, ClientError> {
+        self.call(Method::POST, "/v1/cluster/voters", Some(&MemberId { id }))
+            .await
+    }
+
+    /// Takes node `id` out of the cluster (admin).
+    pub async fn remove_member(&self, id: u64) -> Result<MembershipChanged, ClientError> {
+        self.call(Method::POST, "/v1/cluster/remove", Some(&MemberId { id }))
             .await
     }
 

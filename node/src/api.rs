@@ -28,6 +28,7 @@ use sesame_proto::{
 use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
 
 use crate::auth::{self, Caller};
+use crate::reads::Consistency;
 use crate::error::ApiError;
 use crate::node::{now_ms, Node, HTTP_CONCURRENCY_MAX};
 
@@ -54,6 +55,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/rebuild", post(rebuild))
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
+        .merge(crate::api_cluster::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
         // Everything else is a page of a site.
@@ -326,15 +328,57 @@ fn check_collection_key(collection: &str, key: Option<&str>) -> Result<(), ApiEr
     Ok(())
 }
 
+/// How fresh a read must be: `consistency=linearizable|lease|stale` (default
+/// linearizable) and `min_index=N`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    consistency: Option<Consistency>,
+    min_index: Option<u64>,
+}
+
+/// Waits until a read on this node may be made as fresh as asked.
+async fn ready(
+    node: &Node,
+    consistency: Option<Consistency>,
+    min_index: Option<u64>,
+) -> Result<(), ApiError> {
+    if let Some(n) = min_index {
+        check_index("min_index", n)?;
+    }
+    node.gate
+        .ready(consistency.unwrap_or_default(), min_index)
+        .await
+        .map_err(|e| {
+            let mut api = ApiError::unavailable(e.to_string());
+            api.retry_after = Some(1);
+            api
+        })
+}
+
+/// Indexes are stored as SQLite integers: anything past `i64::MAX` cannot exist.
+fn check_index(name: &str, n: u64) -> Result<(), ApiError> {
+    if n > i64::MAX as u64 {
+        return Err(ApiError::bad_request(format!(
+            "{name} {n} is past the largest index ({})",
+            i64::MAX
+        )));
+    }
+    Ok(())
+}
+
 async fn get_tuple(
     State(node): State<Arc<Node>>,
     caller: Caller,
     p: Result<Path<(String, String, String)>, PathRejection>,
+    q: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Json<TupleBody>, ApiError> {
     let (site, collection, key) = path(p)?;
+    let params = query(q)?;
     check_site(&site)?;
     check_collection_key(&collection, Some(&key))?;
     caller.require(&site, Role::Reader)?;
+    ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let (c, k) = (collection.clone(), key.clone());
     let tuple = node.read(move |v| v.get(&site, &c, &k)).await?;
@@ -353,6 +397,8 @@ struct ScanParams {
     prefix: String,
     limit: Option<usize>,
     after: Option<String>,
+    consistency: Option<Consistency>,
+    min_index: Option<u64>,
 }
 
 fn check_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
@@ -377,6 +423,7 @@ async fn scan(
     check_collection_key(&collection, None)?;
     caller.require(&site, Role::Reader)?;
     let limit = check_limit(params.limit, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX)?;
+    ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let tuples = node
         .read(move |v| {
@@ -411,6 +458,8 @@ struct ChangesParams {
     #[serde(default)]
     since: u64,
     limit: Option<usize>,
+    consistency: Option<Consistency>,
+    min_index: Option<u64>,
 }
 
 async fn changes(
@@ -424,6 +473,8 @@ async fn changes(
     check_site(&site)?;
     caller.require(&site, Role::Reader)?;
     let limit = check_limit(params.limit, CHANGES_LIMIT_DEFAULT, CHANGES_LIMIT_MAX)?;
+    check_index("since", params.since)?;
+    ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let page = node
         .read(move |v| v.changes(Some(&site), params.since, limit))

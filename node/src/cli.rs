@@ -34,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a single node on the embedded default (data under ./sesame-data).
     Dev(DevArgs),
+    /// Run a node of a cluster.
+    Node(NodeArgs),
     /// Create and list sites.
     Site {
         #[command(subcommand)]
@@ -110,14 +112,34 @@ pub enum ClusterCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u64>,
     },
+    /// Who leads, and every member's progress (`GET /v1/cluster`).
+    Status,
+    /// Add a node as a learner: it receives a snapshot and the log, and does not vote.
+    AddLearner {
+        #[arg(long)]
+        id: u64,
+        /// Its cluster (QUIC) address, host:port.
+        #[arg(long)]
+        raft: String,
+        /// Its HTTP URL.
+        #[arg(long, default_value = "")]
+        http: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Take a node out of the cluster.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
 }
 
+/// Serving settings shared by `sesame dev` and `sesame node`.
 #[derive(Debug, Args)]
-pub struct DevArgs {
-    #[arg(long, default_value = DEV_DATA_DIR)]
-    pub data: PathBuf,
-    #[arg(long, default_value = DEV_HTTP_ADDR)]
-    pub http: SocketAddr,
+pub struct ServeArgs {
     /// Use this admin token instead of the saved or a generated one.
     #[arg(long, env = "SESAME_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -131,7 +153,7 @@ pub struct DevArgs {
     /// The URL visitors reach this node at (for canonical links and sitemaps).
     #[arg(long)]
     pub public_url: Option<String>,
-    /// Projector throttle: commits within this many milliseconds of a render are coalesced.
+    /// Shortest time between two projection rounds of one site, in milliseconds (0: none).
     #[arg(long, default_value_t = crate::projection::DEBOUNCE_MS_DEFAULT)]
     pub debounce_ms: u64,
     /// Sustained transactions per second each site may write (0: unlimited).
@@ -140,6 +162,94 @@ pub struct DevArgs {
     /// Transactions a site may write in a burst.
     #[arg(long, default_value_t = crate::limits::WRITE_BURST_DEFAULT)]
     pub write_burst: f64,
+}
+
+impl ServeArgs {
+    fn apply(self, config: &mut NodeConfig) -> anyhow::Result<()> {
+        config.admin_token = self.admin_token;
+        config.objects = self.objects;
+        config.domain = self.domain;
+        config.public_url = self.public_url;
+        config.debounce = std::time::Duration::from_millis(self.debounce_ms);
+        config.write_rate = match (self.write_rate, self.write_burst) {
+            (0.0, _) => None,
+            (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::limits::RateLimit {
+                per_second: rate,
+                burst,
+            }),
+            (rate, burst) => anyhow::bail!(
+                "--write-rate {rate} and --write-burst {burst}: need rate > 0 (or 0 for no limit) and burst >= 1"
+            ),
+        };
+        Ok(())
+    }
+}
+
+/// `sesame node`: one node of a cluster.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// This node's id (its certificate must be for it).
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The HTTP address to listen on (API and pages).
+    #[arg(long)]
+    pub http: SocketAddr,
+    /// The cluster (QUIC) address peers reach this node at, host:port; also where it
+    /// listens unless --raft-listen says otherwise.
+    #[arg(long)]
+    pub raft: String,
+    /// Listen for peers here instead (e.g. 0.0.0.0:7800 behind NAT).
+    #[arg(long)]
+    pub raft_listen: Option<SocketAddr>,
+    /// This node's certificate folder, made by `sesame cluster certs`.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// Form a new cluster of these voters on first start: `1=host1:7800,2=host2:7800,...`.
+    /// Without it the node waits to be added (`sesame cluster add-learner`).
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Parses `--initial-cluster 1=host1:7800,2=host2:7800`.
+pub fn parse_initial_cluster(
+    spec: &str,
+) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut members = std::collections::BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("--initial-cluster entry {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--initial-cluster id {id:?} is not a number"))?;
+        let addr = addr.trim();
+        anyhow::ensure!(
+            addr.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+            "--initial-cluster address {addr:?} is not HOST:PORT"
+        );
+        anyhow::ensure!(
+            members.insert(id, addr.to_string()).is_none(),
+            "--initial-cluster names node {id} twice"
+        );
+    }
+    anyhow::ensure!(!members.is_empty(), "--initial-cluster names no nodes");
+    Ok(members)
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[arg(long, default_value = DEV_DATA_DIR)]
+    pub data: PathBuf,
+    #[arg(long, default_value = DEV_HTTP_ADDR)]
+    pub http: SocketAddr,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +332,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let remote = cli.remote;
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Node(args) => node(args).await,
         Command::Site { command } => match command {
             SiteCommand::Create { name } => print_json(&remote.client().create_site(&name).await?),
             SiteCommand::List => print_json(&remote.client().list_sites().await?),
@@ -298,9 +409,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print_json(&remote.client().create_token(&site, role).await?)
         }
-        Command::Cluster {
-            command: ClusterCommand::Certs { out, nodes },
-        } => cluster_certs(&out, &nodes),
+        Command::Cluster { command } => match command {
+            ClusterCommand::Certs { out, nodes } => cluster_certs(&out, &nodes),
+            ClusterCommand::Status => print_json(&remote.client().cluster_status().await?),
+            ClusterCommand::AddLearner { id, raft, http } => {
+                print_json(&remote.client().add_learner(id, &raft, &http).await?)
+            }
+            ClusterCommand::Promote { id } => print_json(&remote.client().promote(id).await?),
+            ClusterCommand::Remove { id } => print_json(&remote.client().remove_member(id).await?),
+        },
     }
 }
 
@@ -378,18 +495,53 @@ pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
     }
 }
 
+/// The address to listen on for `--raft host:port`: the host's first address.
+async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let mut config = NodeConfig::new(&args.data, args.http);
+    config.node_id = args.id;
+    args.serve.apply(&mut config)?;
+    let raft_listen = match args.raft_listen {
+        Some(a) => a,
+        None => resolve(&args.raft).await?,
+    };
+    let initial = args
+        .initial_cluster
+        .as_deref()
+        .map(parse_initial_cluster)
+        .transpose()?;
+    config.cluster = Some(crate::node::ClusterConfig {
+        raft_addr: args.raft.clone(),
+        raft_listen,
+        certs: args.certs,
+        initial,
+        faults: None,
+    });
+    let running = crate::node::start(config).await?;
+    println!(
+        "Sesame node {} listening on {} (HTTP) and {} (cluster)",
+        args.id,
+        running.url(),
+        args.raft
+    );
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = running.cancelled() => {}
+    }
+    println!("shutting down");
+    running.shutdown().await
+}
+
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&args.data, args.http);
-    config.admin_token = args.admin_token;
-    config.objects = args.objects;
-    config.domain = args.domain;
-    config.public_url = args.public_url;
-    config.debounce = std::time::Duration::from_millis(args.debounce_ms);
-    config.write_rate = match (args.write_rate, args.write_burst) {
-        (0.0, _) => None,
-        (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::limits::RateLimit { per_second: rate, burst }),
-        (rate, burst) => anyhow::bail!("--write-rate {rate} and --write-burst {burst}: need rate > 0 (or 0 for no limit) and burst >= 1"),
-    };
+    args.serve.apply(&mut config)?;
     let running = crate::node::start(config).await?;
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();

@@ -6,6 +6,7 @@
 //! into published pages and [`serve`] serves them.
 
 pub mod api;
+pub mod api_cluster;
 pub mod auth;
 pub mod bundle;
 pub mod cli;

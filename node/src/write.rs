@@ -134,7 +134,25 @@ impl Router {
     /// applied it.
     async fn forward(&self, id: NodeId, command: Command) -> Written {
         let request = PeerRequest::Propose(command);
-        let (index, result) = match self.link.to_leader(&request).await {
+        // A leader that dies does not answer; the rest of the cluster notices within an
+        // election timeout and moves on, and so does this write.
+        let deposed = async {
+            loop {
+                self.raft.changed(Duration::from_millis(100)).await;
+                if self.raft.view().leader != Some(id) {
+                    break;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            answer = self.link.to_leader(&request) => answer,
+            () = deposed => {
+                return Err(WriteError::OutcomeUnknown(format!(
+                    "the leader (node {id}) was replaced before it answered"
+                )))
+            }
+        };
+        let (index, result) = match answer {
             Ok(PeerResponse::Proposed(outcome)) => outcome?,
             Ok(other) => return Err(WriteError::Unexpected(format!("{other:?}"))),
             Err(LinkError::NoLeader | LinkError::NotMember(_)) => return Err(WriteError::NoLeader),

@@ -34,12 +34,13 @@ pub struct RaftTiming {
     pub election_max_ms: u64,
 }
 
-/// Defaults tuned for failover within 1 s on a LAN: heartbeats every 50 ms, elections after
-/// 300–600 ms of silence.
+/// Defaults tuned for failover within 1 s on a LAN: heartbeats every 100 ms, elections after
+/// 300–600 ms of silence. openraft also uses the heartbeat interval as the timeout of each
+/// append-entries request, so it must cover a follower's fsync of a full batch.
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat_ms: 50,
+            heartbeat_ms: 100,
             election_min_ms: 300,
             election_max_ms: 600,
         }
