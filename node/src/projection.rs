@@ -71,17 +71,21 @@ pub struct ProjectionConfig {
 }
 
 impl ProjectionConfig {
-    /// The site's public URL, which canonical links, the sitemap and robots.txt use.
+    /// The site's public URL, which canonical links, the sitemap and robots.txt use. In
+    /// subdomain mode it keeps the public URL's scheme and port (`http://127.0.0.1:7700`
+    /// with domain `sites.test` gives `http://demo.sites.test:7700`).
     pub fn base_url(&self, site: &str) -> String {
         let public = self.public_url.trim_end_matches('/');
         match &self.domain {
             Some(domain) => {
-                let scheme = public
-                    .split("://")
-                    .next()
-                    .filter(|s| *s != public)
-                    .unwrap_or("https");
-                format!("{scheme}://{site}.{domain}")
+                let domain = crate::serve::normalize_domain(domain);
+                match url::Url::parse(public) {
+                    Ok(u) => match u.port() {
+                        Some(port) => format!("{}://{site}.{domain}:{port}", u.scheme()),
+                        None => format!("{}://{site}.{domain}", u.scheme()),
+                    },
+                    Err(_) => format!("https://{site}.{domain}"),
+                }
             }
             None => format!("{public}/{site}"),
         }
@@ -491,7 +495,9 @@ impl Projections {
                 let mut s = slot.state();
                 (std::mem::take(&mut s.rebuild), s.done)
             };
-            let mut p = projector.take().expect("start_from_root leaves a projector");
+            let mut p = projector
+                .take()
+                .expect("start_from_root leaves a projector");
             let name = site.clone();
             let (p, rendered) = node
                 .read(move |view| {
@@ -713,5 +719,11 @@ mod tests {
             ..path.clone()
         };
         assert_eq!(sub.base_url("demo"), "https://demo.example.com");
+        let with_port = ProjectionConfig {
+            domain: Some("Sites.test.".into()),
+            public_url: "http://127.0.0.1:7700".into(),
+            ..path.clone()
+        };
+        assert_eq!(with_port.base_url("demo"), "http://demo.sites.test:7700");
     }
 }

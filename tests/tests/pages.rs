@@ -297,7 +297,11 @@ async fn read_your_writes_etags_and_bounded_waits() {
     .await;
     assert_eq!(future.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(future.headers.contains_key(RETRY_AFTER));
-    assert!(future.body.contains("beyond the newest index"), "{}", future.body);
+    assert!(
+        future.body.contains("beyond the newest index"),
+        "{}",
+        future.body
+    );
     assert_eq!(
         get(&node, "/demo/alice", None).await.status,
         StatusCode::OK,
@@ -843,7 +847,11 @@ async fn a_failed_publish_keeps_the_old_version_and_recovers() {
     }
     let problem = status.last_error.expect("a failing publish is reported");
     assert_eq!(problem.template, "(publish)");
-    assert!(problem.message.contains("publishing failed"), "{}", problem.message);
+    assert!(
+        problem.message.contains("publishing failed"),
+        "{}",
+        problem.message
+    );
 
     // Repair it: the projector retries and publishes the edit.
     std::fs::remove_file(&blobs).unwrap();
