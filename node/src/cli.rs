@@ -90,6 +90,27 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Administer a cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make the cluster CA (unless DIR has one) and a certificate per node, signed by it:
+    /// DIR/ca.crt, DIR/ca.key (keep it safe: it adds nodes), and DIR/<id>/ with node.crt,
+    /// node.key and a copy of ca.crt. A node runs with `--certs DIR/<id>`. Run again with new
+    /// ids to add nodes signed by the same CA.
+    Certs {
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids, comma-separated: `--nodes 1,2,3`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -320,7 +341,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&remote.client().revoke_token(&site, id).await?)
             }
         },
+        Command::Cluster {
+            command: ClusterCommand::Certs { out, nodes },
+        } => cluster_certs(&out, &nodes),
     }
+}
+
+fn cluster_certs(out: &std::path::Path, nodes: &[u64]) -> anyhow::Result<()> {
+    let written = crate::peer::tls::write_cluster_certs(out, nodes)
+        .with_context(|| format!("make cluster certificates in {}", out.display()))?;
+    let ca = if written.new_ca { "made" } else { "used" };
+    self::out(format_args!(
+        "{ca} the cluster CA in {} (keep ca.key safe)",
+        out.display()
+    ))?;
+    for (id, dir) in nodes.iter().zip(&written.node_dirs) {
+        self::out(format_args!("node {id}: --certs {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 async fn deploy(client: &Http, site: &str, dir: &std::path::Path) -> anyhow::Result<()> {

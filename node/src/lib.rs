@@ -13,6 +13,7 @@ pub mod edge;
 pub mod error;
 pub mod limits;
 pub mod node;
+pub mod peer;
 pub mod private;
 pub mod projection;
 pub mod raft;

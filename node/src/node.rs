@@ -263,7 +263,7 @@ pub async fn propose(raft: &Raft, command: Command) -> Proposed {
         Ok(resp) => Ok((resp.log_id.index, resp.data)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.addr },
+                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.http },
                 _ => WriteError::NoLeader,
             })
         }
@@ -388,9 +388,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     if !raft.is_initialized().await.context("read raft state")? {
         let members = BTreeMap::from([(
             config.node_id,
-            openraft::BasicNode {
-                addr: addr.to_string(),
-            },
+            // No peer address yet: a single voter dials nobody.
+            raft::Member::new("", addr.to_string()),
         )]);
         raft.initialize(members)
             .await
@@ -512,7 +511,7 @@ impl RaftParts {
         let raft = Raft::new(
             self.node_id,
             Arc::new(raft_config),
-            Network,
+            Network::unconnected(self.node_id),
             log_store,
             state_machine,
         )

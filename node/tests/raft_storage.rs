@@ -11,14 +11,13 @@ use anyhow::Context;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{
-    BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder,
-    StorageIOError,
+    CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StorageIOError,
 };
 use sesame_node::raft::log_store::LOG_FILE_NAME;
 use sesame_node::raft::snapshot::SNAPSHOT_DIR_NAME;
 use sesame_node::raft::{
-    open_storage, Entry, LogId, LogStore, LogStoreError, Network, Raft, StateMachine, StorageError,
-    StoredMembership, TypeConfig, Vote,
+    open_storage, Entry, LogId, LogStore, LogStoreError, Member, Network, Raft, StateMachine,
+    StorageError, StoredMembership, TypeConfig, Vote,
 };
 use sesame_proto::{Command, CommandResult, Op, Transaction, Value};
 use tempfile::TempDir;
@@ -57,10 +56,10 @@ fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
     }
 }
 
-fn single_voter() -> Membership<u64, BasicNode> {
+fn single_voter() -> Membership<u64, Member> {
     Membership::new(
         vec![BTreeSet::from([NODE])],
-        BTreeMap::from([(NODE, BasicNode::new("127.0.0.1:1"))]),
+        BTreeMap::from([(NODE, Member::new("127.0.0.1:1", ""))]),
     )
 }
 
@@ -360,7 +359,14 @@ async fn start_raft(dir: &Path) -> anyhow::Result<(Raft, tokio::sync::watch::Rec
     .validate()?;
     let (log_store, state_machine) = open_storage(dir)?;
     let applied = state_machine.applied_index();
-    let raft = Raft::new(NODE, Arc::new(config), Network, log_store, state_machine).await?;
+    let raft = Raft::new(
+        NODE,
+        Arc::new(config),
+        Network::unconnected(NODE),
+        log_store,
+        state_machine,
+    )
+    .await?;
     Ok((raft, applied))
 }
 
@@ -369,7 +375,7 @@ async fn single_voter_raft_commits_snapshots_and_restarts_on_this_storage() -> a
     let dir = TempDir::new()?;
 
     let (raft, mut applied) = start_raft(dir.path()).await?;
-    raft.initialize(BTreeMap::from([(NODE, BasicNode::new("127.0.0.1:1"))]))
+    raft.initialize(BTreeMap::from([(NODE, Member::new("127.0.0.1:1", ""))]))
         .await?;
     raft.wait(Some(RAFT_WAIT))
         .current_leader(NODE, "become leader")

@@ -13,6 +13,7 @@
 
 mod blocking;
 pub mod log_store;
+mod member;
 pub mod network;
 pub mod snapshot;
 pub mod state_machine;
@@ -22,6 +23,7 @@ use std::path::Path;
 use thiserror::Error;
 
 pub use log_store::{LogReader, LogStore, LogStoreError};
+pub use member::Member;
 pub use network::Network;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{SnapshotBuilder, StateMachine, StateMachineError};
@@ -33,7 +35,7 @@ openraft::declare_raft_types!(
         D = sesame_proto::Command,
         R = sesame_proto::CommandResult,
         NodeId = NodeId,
-        Node = openraft::BasicNode,
+        Node = Member,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
@@ -50,13 +52,13 @@ pub type LogId = openraft::LogId<NodeId>;
 /// A vote: the term and the candidate voted for.
 pub type Vote = openraft::Vote<NodeId>;
 /// A membership config together with the log id that introduced it.
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
 /// What every storage call fails with; openraft shuts the node down on any of these.
 pub type StorageError = openraft::StorageError<NodeId>;
 /// A snapshot: its metadata and its file.
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 /// A snapshot's metadata.
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 
 /// Why the node's Raft storage did not open.
 #[derive(Debug, Error)]
