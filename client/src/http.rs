@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sesame_proto::api::{
     AddLearner, ChangesPage, ClusterStatus, CreateSite, CreateToken, ErrorBody, MemberId,
-    MembershipChanged, Rollback, ScanPage, SiteInfo, SiteList, SiteStatus, TokenCreated,
-    TupleBody, TxRequest, TxResponse, VersionList,
+    MembershipChanged, Rollback, ScanPage, SiteDeleted, SiteInfo, SiteList, SiteStatus,
+    TokenCreated, TokenList, TokenRevoked, TupleBody, TxRequest, TxResponse, VersionList,
 };
 use sesame_proto::{encode_segment as seg, LogIndex, Op, Role};
 use thiserror::Error;
@@ -186,12 +186,51 @@ impl Http {
     }
 
     pub async fn create_token(&self, site: &str, role: Role) -> Result<TokenCreated, ClientError> {
+        self.create_token_for(site, role, None).await
+    }
+
+    /// A token that expires `ttl_s` seconds from now (`None`: never).
+    pub async fn create_token_for(
+        &self,
+        site: &str,
+        role: Role,
+        ttl_s: Option<u64>,
+    ) -> Result<TokenCreated, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/sites/{}/tokens", seg(site)),
-            Some(&CreateToken { role }),
+            Some(&CreateToken { role, ttl_s }),
         )
         .await
+    }
+
+    /// The site's tokens that are not revoked: ids, roles and times, never secrets.
+    pub async fn list_tokens(&self, site: &str) -> Result<TokenList, ClientError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/sites/{}/tokens", seg(site)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn revoke_token(
+        &self,
+        site: &str,
+        id: LogIndex,
+    ) -> Result<TokenRevoked, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/sites/{}/tokens/{id}", seg(site)),
+            None,
+        )
+        .await
+    }
+
+    /// Deletes a site and all its data (admin).
+    pub async fn delete_site(&self, site: &str) -> Result<SiteDeleted, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/sites/{}", seg(site)), None)
+            .await
     }
 
     pub async fn status(&self, site: &str) -> Result<SiteStatus, ClientError> {

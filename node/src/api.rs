@@ -11,26 +11,27 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use sesame_proto::api::{
-    ChangeBody, ChangeOp, ChangesPage, CreateSite, CreateToken, Rollback, ScanPage, SiteInfo,
-    SiteList, SiteStatus, TemplateProblem, TokenCreated, TupleBody, TxRequest, TxResponse,
-    VersionInfo, VersionList,
+    ChangeBody, ChangeOp, ChangesPage, CreateSite, CreateToken, Rollback, ScanPage, SiteDeleted,
+    SiteInfo, SiteList, SiteStatus, TemplateProblem, TokenCreated, TokenInfo, TokenList,
+    TokenRevoked, TupleBody, TxRequest, TxResponse, VersionInfo, VersionList,
 };
-use sesame_proto::tuple::{TxError, TX_BYTES_MAX};
+use sesame_proto::command::{TOKENS_PER_SITE_MAX, TOKEN_TTL_S_MAX};
+use sesame_proto::tuple::{TxError, CLIENT_SEQ_WINDOW, TX_BYTES_MAX};
 use sesame_proto::{
-    validate_collection, validate_key, validate_site, Command, CommandResult, Origin, Publish,
-    Role, TokenRecord, Transaction,
+    validate_collection, validate_key, validate_site, Command, CommandResult, LogIndex, Origin,
+    Publish, Role, TokenRecord, Transaction, INDEX_MAX,
 };
 use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
 
 use crate::auth::{self, Caller};
-use crate::reads::Consistency;
 use crate::error::ApiError;
 use crate::node::{now_ms, Node, HTTP_CONCURRENCY_MAX};
+use crate::reads::Consistency;
 
 /// Largest request body. JSON spells bytes in base64 and escapes strings, so it allows more
 /// than the encoded transaction limit; the transaction itself is checked after parsing.
@@ -43,8 +44,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/sites", post(create_site).get(list_sites))
+        .route("/v1/sites/{site}", delete(delete_site))
         .route("/v1/sites/{site}/tx", post(write_tx))
-        .route("/v1/sites/{site}/tokens", post(create_token))
+        .route(
+            "/v1/sites/{site}/tokens",
+            post(create_token).get(list_tokens),
+        )
+        .route("/v1/sites/{site}/tokens/{id}", delete(revoke_token))
         .route("/v1/sites/{site}/tuples/{collection}", get(scan))
         .route(
             "/v1/sites/{site}/tuples/{collection}/{*key}",
@@ -63,6 +69,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             HTTP_CONCURRENCY_MAX,
         ))
+        // Outermost: cheap limits before waiting for a slot, headers on every answer.
+        .layer(axum::middleware::from_fn(crate::edge::edge))
         .with_state(node)
 }
 
@@ -108,15 +116,29 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
         let bytes = read_body(req.into_body()).await?;
-        if bytes.is_empty() {
-            return Err(ApiError::bad_request(
-                "request body is empty; send a JSON object",
-            ));
-        }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// Parses a request body: strict JSON, with a 400 that says what is wrong.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request(
+            "request body is empty; send a JSON object",
+        ));
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Checks a number that the store keeps as a signed 64-bit integer.
+pub fn check_index(what: &str, value: u64) -> Result<u64, ApiError> {
+    if value > INDEX_MAX {
+        return Err(ApiError::bad_request(format!(
+            "{what} {value} is over the maximum of {INDEX_MAX}"
+        )));
+    }
+    Ok(value)
 }
 
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
@@ -165,13 +187,7 @@ async fn create_site(
     JsonBody(req): JsonBody<CreateSite>,
 ) -> Result<(StatusCode, Json<SiteInfo>), ApiError> {
     caller.require_admin()?;
-    check_site(&req.name)?;
-    if RESERVED_SITE_NAMES.contains(&req.name.as_str()) {
-        return Err(ApiError::bad_request(format!(
-            "site name {:?} is reserved: it would shadow /{0}/ on the node; reserved names are {RESERVED_SITE_NAMES:?}",
-            req.name
-        )));
-    }
+    check_new_site(&req)?;
     let (index, result) = node
         .propose(Command::CreateSite {
             name: req.name.clone(),
@@ -196,6 +212,49 @@ async fn create_site(
     }
 }
 
+/// Checks the body of `POST /v1/sites`.
+pub fn check_new_site(req: &CreateSite) -> Result<(), ApiError> {
+    check_site(&req.name)?;
+    if RESERVED_SITE_NAMES.contains(&req.name.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "site name {:?} is reserved: it would shadow /{0}/ on the node; reserved names are {RESERVED_SITE_NAMES:?}",
+            req.name
+        )));
+    }
+    Ok(())
+}
+
+/// `DELETE /v1/sites/{site}` (admin): the site's tuples, tokens, versions and root go in one
+/// command; its pages stop being served and projected. Its files stay in the object store
+/// (see the README).
+async fn delete_site(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<SiteDeleted>, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require_admin()?;
+    let (index, result) = node
+        .propose(Command::DeleteSite { name: site.clone() })
+        .await?;
+    match result {
+        CommandResult::SiteDeleted => {}
+        CommandResult::UnknownSite { site } => return Err(ApiError::unknown_site(&site)),
+        other => {
+            return Err(ApiError::internal(format!(
+                "delete site {site}: unexpected result {other:?}"
+            )))
+        }
+    }
+    node.pages.remove(&site, index);
+    if let Err(e) = node.publisher.remove_root(&site).await {
+        // The log says the site is gone; only edge readers still see the old root.
+        tracing::warn!("remove the mirrored root of deleted site {site}: {e:#}");
+    }
+    Ok(Json(SiteDeleted { site, index }))
+}
+
 async fn list_sites(
     State(node): State<Arc<Node>>,
     caller: Caller,
@@ -209,6 +268,19 @@ async fn list_sites(
     Ok(Json(SiteList { sites }))
 }
 
+/// When a token asked for with `ttl_s` expires, by the proposer's clock `now_ms`.
+pub fn token_expiry(req: &CreateToken, now_ms: u64) -> Result<Option<u64>, ApiError> {
+    match req.ttl_s {
+        None => Ok(None),
+        Some(ttl) if (1..=TOKEN_TTL_S_MAX).contains(&ttl) => {
+            Ok(Some(now_ms.saturating_add(ttl * 1_000)))
+        }
+        Some(ttl) => Err(ApiError::bad_request(format!(
+            "ttl_s {ttl} is out of range: a token lives 1 to {TOKEN_TTL_S_MAX} seconds, or omit ttl_s for no expiry"
+        ))),
+    }
+}
+
 async fn create_token(
     State(node): State<Arc<Node>>,
     caller: Caller,
@@ -218,27 +290,123 @@ async fn create_token(
     let site = path(site)?;
     check_site(&site)?;
     caller.require(&site, Role::Owner)?;
+    let now = now_ms();
+    let expires_at_ms = token_expiry(&req, now)?;
     require_site(&node, &site).await?;
     let token = auth::new_token();
     let record = TokenRecord {
         hash: auth::hash_token(&token),
         site: site.clone(),
         role: req.role,
+        created_at_ms: now,
+        expires_at_ms,
     };
-    match node.propose(Command::PutToken(record)).await?.1 {
+    let (index, result) = node.propose(Command::PutToken(record)).await?;
+    match result {
         CommandResult::TokenStored => Ok((
             StatusCode::CREATED,
             Json(TokenCreated {
                 token,
                 site,
                 role: req.role,
+                id: index,
+                expires_at_ms,
             }),
         )),
         CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
+        CommandResult::TooManyTokens => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_tokens",
+            format!(
+                "site {site:?} has {TOKENS_PER_SITE_MAX} live tokens, the limit; revoke some \
+                 (DELETE /v1/sites/{site}/tokens/{{id}}) first; nothing was created"
+            ),
+        )),
         other => Err(ApiError::internal(format!(
             "create token: unexpected result {other:?}"
         ))),
     }
+}
+
+async fn list_tokens(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Json<TokenList>, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Owner)?;
+    require_site(&node, &site).await?;
+    let rows = node.read(move |v| v.tokens(&site)).await?;
+    let now = now_ms();
+    let tokens = rows
+        .into_iter()
+        .map(|t| TokenInfo {
+            id: t.id,
+            role: t.role,
+            created_at_ms: t.created_at_ms,
+            expires_at_ms: t.expires_at_ms,
+            expired: t.expires_at_ms.is_some_and(|at| at <= now),
+        })
+        .collect();
+    Ok(Json(TokenList { tokens }))
+}
+
+async fn revoke_token(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<TokenRevoked>, ApiError> {
+    let (site, id) = path(p)?;
+    check_site(&site)?;
+    let id: LogIndex = id.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "token id {id:?} is not a whole number; see GET /v1/sites/{site}/tokens"
+        ))
+    })?;
+    check_index("token id", id)?;
+    caller.require(&site, Role::Owner)?;
+    let command = Command::RevokeToken {
+        site: site.clone(),
+        id,
+        revoked_at_ms: now_ms(),
+    };
+    match node.propose(command).await?.1 {
+        CommandResult::TokenRevoked => Ok(Json(TokenRevoked { id, revoked: true })),
+        CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
+        CommandResult::UnknownToken { id } => Err(ApiError::not_found(format!(
+            "site {site:?} has no token {id} that is not revoked already"
+        ))),
+        other => Err(ApiError::internal(format!(
+            "revoke token: unexpected result {other:?}"
+        ))),
+    }
+}
+
+/// Turns the body of `POST /v1/sites/{site}/tx` into a checked transaction, or the 4xx that
+/// says why not.
+pub fn transaction_from(site: &str, req: TxRequest) -> Result<Transaction, ApiError> {
+    let origin = match (req.client_id, req.seq) {
+        (Some(client_id), Some(seq)) => Some(Origin { client_id, seq }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "client_id and seq go together: send both or neither",
+            ))
+        }
+    };
+    let tx = Transaction {
+        site: site.to_string(),
+        ops: req.ops,
+        origin,
+    };
+    tx.validate().map_err(|e| match e {
+        TxError::TooLarge { .. } | TxError::ValueTooLarge { .. } | TxError::TooManyOps { .. } => {
+            ApiError::too_large(e.to_string())
+        }
+        _ => ApiError::bad_request(e.to_string()),
+    })?;
+    Ok(tx)
 }
 
 async fn write_tx(
@@ -250,15 +418,7 @@ async fn write_tx(
     let site = path(site)?;
     check_site(&site)?;
     caller.require(&site, Role::Editor)?;
-    let origin = match (req.client_id, req.seq) {
-        (Some(client_id), Some(seq)) => Some(Origin { client_id, seq }),
-        (None, None) => None,
-        _ => {
-            return Err(ApiError::bad_request(
-                "client_id and seq go together: send both or neither",
-            ))
-        }
-    };
+    let tx = transaction_from(&site, req)?;
     if let Err(wait) = node.limiter.check(&site, std::time::Instant::now()) {
         let rate = node.limiter.limit().map(|l| l.per_second).unwrap_or(0.0);
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -273,17 +433,6 @@ async fn write_tx(
         e.retry_after = Some(secs);
         return Err(e);
     }
-    let tx = Transaction {
-        site: site.clone(),
-        ops: req.ops,
-        origin,
-    };
-    tx.validate().map_err(|e| match e {
-        TxError::TooLarge { .. } | TxError::ValueTooLarge { .. } | TxError::TooManyOps { .. } => {
-            ApiError::too_large(e.to_string())
-        }
-        _ => ApiError::bad_request(e.to_string()),
-    })?;
     // No existence pre-check: the state machine answers UnknownSite itself, and a read here
     // would cost every write a trip to the blocking pool.
     let (_, result) = node.write_tx(tx).await?;
@@ -296,6 +445,15 @@ async fn write_tx(
             index,
             duplicate: true,
         })),
+        CommandResult::StaleSeq { highest } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "stale_seq",
+            format!(
+                "this client has applied seq {highest}; a lower seq is remembered only among \
+                 its last {CLIENT_SEQ_WINDOW}, and this one is not: it is an old retry (its \
+                 index is no longer known) or out of order; nothing was written"
+            ),
+        )),
         CommandResult::Conflict(c) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -354,17 +512,6 @@ async fn ready(
             api.retry_after = Some(1);
             api
         })
-}
-
-/// Indexes are stored as SQLite integers: anything past `i64::MAX` cannot exist.
-fn check_index(name: &str, n: u64) -> Result<(), ApiError> {
-    if n > i64::MAX as u64 {
-        return Err(ApiError::bad_request(format!(
-            "{name} {n} is past the largest index ({})",
-            i64::MAX
-        )));
-    }
-    Ok(())
 }
 
 async fn get_tuple(
@@ -611,6 +758,7 @@ async fn rollback(
     let site = path(p)?;
     check_site(&site)?;
     caller.require(&site, Role::Editor)?;
+    check_index("index", req.index)?;
     require_site(&node, &site).await?;
     let name = site.clone();
     let (target, current) = node

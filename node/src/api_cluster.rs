@@ -32,16 +32,18 @@ async fn status(
     Ok(Json(node.cluster.status().await))
 }
 
-async fn change(node: &Node, change: MembershipChange) -> Result<Json<MembershipChanged>, ApiError> {
+async fn change(
+    node: &Node,
+    change: MembershipChange,
+) -> Result<Json<MembershipChanged>, ApiError> {
     match node.cluster.change(change).await {
         Ok(index) => Ok(Json(MembershipChanged { index })),
-        Err(MembershipError::Refused(m)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "membership_refused",
-            m,
-        )),
+        Err(MembershipError::Refused(m)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "membership_refused", m))
+        }
         Err(e @ MembershipError::NoLeader(_)) => {
-            let mut api = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string());
+            let mut api =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string());
             api.retry_after = Some(1);
             Err(api)
         }

@@ -10,14 +10,18 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use sesame_proto::Role;
+use sesame_sync::TokenRow;
 
 use crate::error::ApiError;
-use crate::node::Node;
+use crate::node::{now_ms, Node};
 
 const TOKEN_PREFIX: &str = "ssm_";
 const TOKEN_SECRET_BYTES: usize = 32;
 /// Longest `Authorization` value we look at.
 const TOKEN_BYTES_MAX: usize = 256;
+/// Shortest admin token a node accepts (`--admin-token`): anything shorter can be guessed.
+/// Generated tokens are 68 characters.
+pub const ADMIN_TOKEN_CHARS_MIN: usize = 16;
 
 /// Makes a new token secret.
 pub fn new_token() -> String {
@@ -68,6 +72,40 @@ impl Caller {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110 §11.1); the token is what follows the spaces after it.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether a site token may be used at `now_ms`, or why not.
+pub fn check_token(token: &TokenRow, now_ms: u64) -> Result<(), ApiError> {
+    if let Some(at) = token.revoked_at_ms {
+        return Err(ApiError::unauthorized(format!(
+            "this token (id {}) was revoked {}; ask the site's owner for a new one",
+            token.id,
+            ago(now_ms, at)
+        )));
+    }
+    if let Some(at) = token.expires_at_ms.filter(|at| *at <= now_ms) {
+        return Err(ApiError::unauthorized(format!(
+            "this token (id {}) expired {}; ask the site's owner for a new one",
+            token.id,
+            ago(now_ms, at)
+        )));
+    }
+    Ok(())
+}
+
+fn ago(now_ms: u64, at_ms: u64) -> String {
+    format!(
+        "{} s ago (at {at_ms} ms after the Unix epoch)",
+        now_ms.saturating_sub(at_ms) / 1_000
+    )
+}
+
 impl FromRequestParts<Arc<Node>> for Caller {
     type Rejection = ApiError;
 
@@ -82,8 +120,7 @@ impl FromRequestParts<Arc<Node>> for Caller {
             .to_str()
             .ok()
             .filter(|v| v.len() <= TOKEN_BYTES_MAX)
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_token)
             .ok_or_else(|| {
                 ApiError::unauthorized("Authorization header must be 'Bearer <token>'")
             })?;
@@ -93,10 +130,13 @@ impl FromRequestParts<Arc<Node>> for Caller {
         }
         let record = node.read(move |v| v.token(&hash)).await?;
         match record {
-            Some(r) => Ok(Caller::Site {
-                site: r.site,
-                role: r.role,
-            }),
+            Some(r) => {
+                check_token(&r, now_ms())?;
+                Ok(Caller::Site {
+                    site: r.site,
+                    role: r.role,
+                })
+            }
             None => Err(ApiError::unauthorized("unknown token")),
         }
     }
@@ -113,6 +153,36 @@ mod tests {
         assert_ne!(a, new_token());
         assert_eq!(hash_token(&a), hash_token(&a));
         assert_ne!(hash_token(&a), a);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc  "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    #[test]
+    fn expired_and_revoked_tokens_are_refused_with_reasons() {
+        let mut t = TokenRow {
+            id: 7,
+            site: "demo".into(),
+            role: Role::Reader,
+            created_at_ms: 1_000,
+            expires_at_ms: Some(5_000),
+            revoked_at_ms: None,
+        };
+        assert!(check_token(&t, 4_999).is_ok());
+        let e = check_token(&t, 5_000).unwrap_err();
+        assert_eq!(e.status, 401);
+        assert!(e.message.contains("expired"), "{}", e.message);
+        t.revoked_at_ms = Some(2_000);
+        let e = check_token(&t, 3_000).unwrap_err();
+        assert!(e.message.contains("revoked 1 s ago"), "{}", e.message);
     }
 
     #[test]

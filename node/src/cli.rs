@@ -1,6 +1,7 @@
 //! The `sesame` command line: `sesame dev` runs a node; the other commands talk to a node's
 //! HTTP API through [`sesame_client::Http`].
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -282,12 +283,26 @@ pub enum SiteCommand {
     Rebuild {
         site: String,
     },
+    /// Delete a site and all its data (admin). Its pages stop being served at once.
+    Delete {
+        site: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Make a site token: `sesame token create SITE owner|editor|reader`.
-    Create { site: String, role: String },
+    /// Make a site token: `sesame token create SITE owner|editor|reader [--ttl SECONDS]`.
+    Create {
+        site: String,
+        role: String,
+        /// Seconds until the token expires (default: never).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// List a site's tokens (ids, roles, times; never the secrets).
+    List { site: String },
+    /// Revoke a site token by its id (see `token list`).
+    Revoke { site: String, id: u64 },
 }
 
 /// Which node to talk to and as whom.
@@ -316,9 +331,32 @@ impl Remote {
     }
 }
 
+/// Standard output was closed by its reader (`sesame ... | head -1`): the command stops
+/// quietly, the way Unix tools do, instead of panicking on the broken pipe.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+pub struct StdoutClosed;
+
+/// Writes one line to standard output; see [`StdoutClosed`].
+pub fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("write to standard output")),
+    }
+}
+
+/// Like [`out`], for a running node's messages: a closed standard output is no reason to stop.
+fn say(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    match out(line) {
+        Err(e) if e.is::<StdoutClosed>() => Ok(()),
+        other => other,
+    }
+}
+
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    out(serde_json::to_string_pretty(value)?)
 }
 
 fn parse_value(json: &str) -> anyhow::Result<Value> {
@@ -345,6 +383,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&remote.client().rollback(&site, index).await?)
             }
             SiteCommand::Rebuild { site } => print_json(&remote.client().rebuild(&site).await?),
+            SiteCommand::Delete { site } => print_json(&remote.client().delete_site(&site).await?),
         },
         Command::Put {
             site,
@@ -398,17 +437,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Changes { site, since, limit } => {
             print_json(&remote.client().changes(&site, since, limit).await?)
         }
-        Command::Token {
-            command: TokenCommand::Create { site, role },
-        } => {
-            let role = match role.as_str() {
-                "owner" => Role::Owner,
-                "editor" => Role::Editor,
-                "reader" => Role::Reader,
-                other => anyhow::bail!("unknown role {other:?}: use owner, editor or reader"),
-            };
-            print_json(&remote.client().create_token(&site, role).await?)
-        }
+        Command::Token { command } => match command {
+            TokenCommand::Create { site, role, ttl } => {
+                let role = match role.as_str() {
+                    "owner" => Role::Owner,
+                    "editor" => Role::Editor,
+                    "reader" => Role::Reader,
+                    other => anyhow::bail!("unknown role {other:?}: use owner, editor or reader"),
+                };
+                print_json(&remote.client().create_token_for(&site, role, ttl).await?)
+            }
+            TokenCommand::List { site } => print_json(&remote.client().list_tokens(&site).await?),
+            TokenCommand::Revoke { site, id } => {
+                print_json(&remote.client().revoke_token(&site, id).await?)
+            }
+        },
         Command::Cluster { command } => match command {
             ClusterCommand::Certs { out, nodes } => cluster_certs(&out, &nodes),
             ClusterCommand::Status => print_json(&remote.client().cluster_status().await?),
@@ -425,12 +468,12 @@ fn cluster_certs(out: &std::path::Path, nodes: &[u64]) -> anyhow::Result<()> {
     let written = crate::peer::tls::write_cluster_certs(out, nodes)
         .with_context(|| format!("make cluster certificates in {}", out.display()))?;
     let ca = if written.new_ca { "made" } else { "used" };
-    println!(
+    self::out(format_args!(
         "{ca} the cluster CA in {} (keep ca.key safe)",
         out.display()
-    );
+    ))?;
     for (id, dir) in nodes.iter().zip(&written.node_dirs) {
-        println!("node {id}: --certs {}", dir.display());
+        self::out(format_args!("node {id}: --certs {}", dir.display()))?;
     }
     Ok(())
 }
@@ -454,13 +497,12 @@ async fn deploy(client: &Http, site: &str, dir: &std::path::Path) -> anyhow::Res
         seq: None,
     };
     let written = client.tx(site, &req).await?;
-    println!(
+    out(format_args!(
         "deployed {} tuples to {site} (deleted {deleted}) at index {}",
         bundle.len(),
         written.index
-    );
-    println!("status: sesame site status {site}");
-    Ok(())
+    ))?;
+    out(format_args!("status: sesame site status {site}"))
 }
 
 /// The site `sesame dev` seeds on first start.
@@ -546,24 +588,25 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();
     let demo = format!("{url}/{DEMO_SITE}");
-    println!("Sesame dev node listening on {url}");
-    println!("  data:        {}", args.data.display());
-    println!("  admin token: {}", running.admin_token);
-    println!(
-        "  demo site:   {demo}/{}",
-        if seeded { "   (seeded just now)" } else { "" }
+    let token = &running.admin_token;
+    let banner = format!(
+        "Sesame dev node listening on {url}\n  \
+         data:        {data}\n  \
+         admin token: {token}\n  \
+         demo site:   {demo}/{seeded}\n               \
+         {demo}/alice  {demo}/bob  {demo}/carol\n  \
+         edit:        sesame put demo profiles alice '{{\"name\": \"Alice\", \"bio\": \"Edited\"}}'\n  \
+         status:      sesame site status demo\n  \
+         API:         curl -H 'Authorization: Bearer {token}' {url}/v1/sites",
+        data = args.data.display(),
+        seeded = if seeded { "   (seeded just now)" } else { "" },
     );
-    println!("               {demo}/alice  {demo}/bob  {demo}/carol");
-    println!("  edit:        sesame put demo profiles alice '{{\"name\": \"Alice\", \"bio\": \"Edited\"}}'");
-    println!("  status:      sesame site status demo");
-    println!(
-        "  API:         curl -H 'Authorization: Bearer {}' {url}/v1/sites",
-        running.admin_token
-    );
+    // The node is useful with nobody reading its banner (`sesame dev | head -3`).
+    say(banner)?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
         _ = running.cancelled() => {}
     }
-    println!("shutting down");
+    say("shutting down")?;
     running.shutdown().await
 }

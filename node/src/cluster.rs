@@ -79,10 +79,7 @@ impl Cluster {
             let membership = m.membership_config.membership();
             (
                 membership.voter_ids().collect(),
-                membership
-                    .nodes()
-                    .map(|(id, n)| (*id, n.clone()))
-                    .collect(),
+                membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
             )
         };
         let timeout = Duration::from_millis(STATUS_TIMEOUT_MS);
@@ -90,7 +87,11 @@ impl Cluster {
             if *id == view.id {
                 return Ok(self.own_status());
             }
-            match self.link.to_member(*id, &PeerRequest::Status, timeout).await {
+            match self
+                .link
+                .to_member(*id, &PeerRequest::Status, timeout)
+                .await
+            {
                 Ok(PeerResponse::Status(s)) => Ok(s),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
                 Err(e) => Err(e.to_string()),
@@ -232,7 +233,12 @@ impl NodeService {
         }
     }
 
-    async fn fetch(&self, site: &str, kind: ObjectKind, hash: &str) -> Result<PeerResponse, PeerError> {
+    async fn fetch(
+        &self,
+        site: &str,
+        kind: ObjectKind,
+        hash: &str,
+    ) -> Result<PeerResponse, PeerError> {
         let publisher = &self.cluster.publisher;
         let bytes = match kind {
             ObjectKind::Manifest => publisher.get_manifest_bytes(site, hash).await,

@@ -73,11 +73,21 @@ impl Follower {
     /// Installs the roots committed after log index `since`; returns the newest one seen.
     /// Stops at the first root that cannot be installed, so it is retried.
     pub async fn catch_up(&self, since: LogIndex) -> anyhow::Result<LogIndex> {
-        let roots = self
+        let (roots, sites, applied) = self
             .reads
-            .read(move |v| v.roots_since(since))
+            .read(move |v| {
+                let sites: std::collections::HashSet<String> =
+                    v.sites()?.into_iter().map(|s| s.name).collect();
+                Ok((v.roots_since(since)?, sites, v.applied_index()?))
+            })
             .await
             .context("read committed roots")?;
+        // A deleted site stops being served here too.
+        for site in self.pages.served_sites() {
+            if !sites.contains(&site) {
+                self.pages.remove(&site, applied);
+            }
+        }
         let mut seen = since;
         for root in roots {
             if self.pages.root_log_index(&root.site) < root.log_index {

@@ -252,8 +252,10 @@ impl RunningNode {
 /// cluster node with `initial` voters initialises the same membership as its peers, and the
 /// cluster forms once a majority is up.
 pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    if let Some(domain) = &config.domain {
+        check_domain(domain)?;
+    }
+    secure_data_dir(&config.data_dir)?;
     let admin_token = load_admin_token(&config.data_dir, config.admin_token.clone())?;
     let id = config.node_id;
 
@@ -351,6 +353,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             Publisher::from_url(url, options).with_context(|| format!("open object store {url}"))?
         }
     });
+    // Storage and the object folder made their files by now.
+    secure_data_dir(&config.data_dir)?;
     let link = Arc::new(Link::new(raft.clone(), transport));
     let writer = Arc::new(Writer::start(raft.clone(), link.clone(), reads.clone()));
     let pages = Arc::new(Pages::new(
@@ -498,14 +502,66 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Makes the data directory private (see [`crate::private`]), saying what it fixed.
+fn secure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    let fixed = crate::private::make_private(dir)
+        .with_context(|| format!("make data directory {} private", dir.display()))?;
+    for path in fixed {
+        tracing::warn!(
+            "{} was readable by other users; made it private to this user",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks `--domain`: a host name, without scheme, port or path.
+fn check_domain(domain: &str) -> anyhow::Result<()> {
+    let d = crate::serve::normalize_domain(domain);
+    let ok = !d.is_empty()
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    anyhow::ensure!(
+        ok,
+        "--domain {domain:?} must be a host name like sites.example.com (no scheme, port or path)"
+    );
+    Ok(())
+}
+
+/// Checks an admin token given to the node: at least [`auth::ADMIN_TOKEN_CHARS_MIN`]
+/// characters, so it cannot be guessed.
+fn check_admin_token(token: &str, source: &str) -> anyhow::Result<()> {
+    let chars = token.chars().count();
+    anyhow::ensure!(
+        chars >= auth::ADMIN_TOKEN_CHARS_MIN,
+        "{source} is {chars} characters; an admin token needs at least {} (leave it out and \
+         the node makes a random one)",
+        auth::ADMIN_TOKEN_CHARS_MIN
+    );
+    Ok(())
+}
+
 /// The admin token: the configured one (saved for next time), else the saved one, else new.
 fn load_admin_token(data_dir: &Path, configured: Option<String>) -> anyhow::Result<String> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
     let token = match configured {
-        Some(t) if !t.trim().is_empty() => t.trim().to_string(),
+        Some(t) if !t.trim().is_empty() => {
+            check_admin_token(t.trim(), "--admin-token")?;
+            t.trim().to_string()
+        }
         Some(_) => anyhow::bail!("--admin-token is empty"),
         None => match std::fs::read_to_string(&path) {
-            Ok(saved) if !saved.trim().is_empty() => return Ok(saved.trim().to_string()),
+            Ok(saved) if !saved.trim().is_empty() => {
+                check_admin_token(
+                    saved.trim(),
+                    &format!("the admin token in {}", path.display()),
+                )?;
+                return Ok(saved.trim().to_string());
+            }
             Ok(_) => auth::new_token(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => auth::new_token(),
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),

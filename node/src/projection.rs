@@ -74,17 +74,21 @@ pub struct ProjectionConfig {
 }
 
 impl ProjectionConfig {
-    /// The site's public URL, which canonical links, the sitemap and robots.txt use.
+    /// The site's public URL, which canonical links, the sitemap and robots.txt use. In
+    /// subdomain mode it keeps the public URL's scheme and port (`http://127.0.0.1:7700`
+    /// with domain `sites.test` gives `http://demo.sites.test:7700`).
     pub fn base_url(&self, site: &str) -> String {
         let public = self.public_url.trim_end_matches('/');
         match &self.domain {
             Some(domain) => {
-                let scheme = public
-                    .split("://")
-                    .next()
-                    .filter(|s| *s != public)
-                    .unwrap_or("https");
-                format!("{scheme}://{site}.{domain}")
+                let domain = crate::serve::normalize_domain(domain);
+                match url::Url::parse(public) {
+                    Ok(u) => match u.port() {
+                        Some(port) => format!("{}://{site}.{domain}:{port}", u.scheme()),
+                        None => format!("{}://{site}.{domain}", u.scheme()),
+                    },
+                    Err(_) => format!("https://{site}.{domain}"),
+                }
             }
             None => format!("{public}/{site}"),
         }
@@ -378,33 +382,35 @@ impl Projections {
         let first_wanted = if fresh.is_empty() {
             HashMap::new()
         } else {
-            self.reads.read(move |v| {
-                let newest: HashMap<String, LogIndex> = v.changed_sites(0)?.into_iter().collect();
-                let mut wanted = HashMap::new();
-                for site in fresh {
-                    let newest = newest.get(&site).copied().unwrap_or(0);
-                    let w = match v.root(&site)? {
-                        // A rollback stays served until the site changes after it.
-                        Some(root) => {
-                            let reflects = if root.rollback {
-                                root.log_index
-                            } else {
-                                root.index
-                            };
-                            if newest > reflects {
-                                newest
-                            } else {
-                                0
+            self.reads
+                .read(move |v| {
+                    let newest: HashMap<String, LogIndex> =
+                        v.changed_sites(0)?.into_iter().collect();
+                    let mut wanted = HashMap::new();
+                    for site in fresh {
+                        let newest = newest.get(&site).copied().unwrap_or(0);
+                        let w = match v.root(&site)? {
+                            // A rollback stays served until the site changes after it.
+                            Some(root) => {
+                                let reflects = if root.rollback {
+                                    root.log_index
+                                } else {
+                                    root.index
+                                };
+                                if newest > reflects {
+                                    newest
+                                } else {
+                                    0
+                                }
                             }
-                        }
-                        // Never published: publish once, even an empty site.
-                        None => index.max(1),
-                    };
-                    wanted.insert(site, w);
-                }
-                Ok(wanted)
-            })
-            .await?
+                            // Never published: publish once, even an empty site.
+                            None => index.max(1),
+                        };
+                        wanted.insert(site, w);
+                    }
+                    Ok(wanted)
+                })
+                .await?
         };
         let mut new_slots = Vec::new();
         let mut slots = self.slots.lock().expect("projection slots lock poisoned");
@@ -532,7 +538,9 @@ impl Projections {
                 let mut s = slot.state();
                 (std::mem::take(&mut s.rebuild), s.done)
             };
-            let mut p = projector.take().expect("start_from_root leaves a projector");
+            let mut p = projector
+                .take()
+                .expect("start_from_root leaves a projector");
             let name = site.clone();
             let (p, rendered) = self
                 .reads
@@ -571,8 +579,7 @@ impl Projections {
                 s.template_errors = errors;
             }
             if projection.changed {
-                self.publish(slot, *projection, expected, render_ms)
-                    .await?;
+                self.publish(slot, *projection, expected, render_ms).await?;
             }
             {
                 let mut s = slot.state();
@@ -751,5 +758,11 @@ mod tests {
             ..path.clone()
         };
         assert_eq!(sub.base_url("demo"), "https://demo.example.com");
+        let with_port = ProjectionConfig {
+            domain: Some("Sites.test.".into()),
+            public_url: "http://127.0.0.1:7700".into(),
+            ..path.clone()
+        };
+        assert_eq!(with_port.base_url("demo"), "http://demo.sites.test:7700");
     }
 }

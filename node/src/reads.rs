@@ -94,7 +94,9 @@ pub enum Consistency {
 pub enum GateError {
     #[error("no leader is reachable to confirm a {0} read: {1}")]
     NoLeader(&'static str, String),
-    #[error("this node has not applied index {wanted} within {waited:?} (it has applied {applied})")]
+    #[error(
+        "this node has not applied index {wanted} within {waited:?} (it has applied {applied})"
+    )]
     Behind {
         wanted: LogIndex,
         applied: LogIndex,

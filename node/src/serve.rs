@@ -20,6 +20,7 @@ use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
 use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
 
+use crate::error::ApiError;
 use crate::node::Node;
 
 /// Longest request path we look up, in bytes.
@@ -167,6 +168,10 @@ pub struct Pages {
     installed: tokio::sync::watch::Sender<u64>,
     /// Requests held by `Sesame-Min-Index`.
     holds: Holds,
+    /// Deleted sites and the log index of their deletion: a version published before it
+    /// (a projector racing the deletion) is never installed. One entry per deleted site
+    /// until it is published again.
+    deleted: Mutex<HashMap<String, LogIndex>>,
 }
 
 impl Pages {
@@ -178,7 +183,19 @@ impl Pages {
             blobs: Mutex::new(BlobCache::default()),
             installed: tokio::sync::watch::channel(0).0,
             holds: Holds::default(),
+            deleted: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Stops serving a site deleted by the command at log index `deleted_at`.
+    pub fn remove(&self, site: &str, deleted_at: LogIndex) {
+        let mut deleted = self.deleted.lock().expect("deleted sites lock poisoned");
+        let at = deleted.entry(site.to_string()).or_insert(deleted_at);
+        *at = (*at).max(deleted_at);
+        self.sites
+            .write()
+            .expect("pages lock poisoned")
+            .remove(site);
     }
 
     /// Serves `manifest`, published by the root committed at `root_log_index`, as its
@@ -186,6 +203,16 @@ impl Pages {
     /// projector and a refresh may race; the later root must win).
     pub fn install(&self, manifest: Arc<Manifest>, root_log_index: LogIndex) {
         let site = manifest.site.clone();
+        {
+            let mut deleted = self.deleted.lock().expect("deleted sites lock poisoned");
+            match deleted.get(&site) {
+                Some(at) if *at > root_log_index => return,
+                Some(_) => {
+                    deleted.remove(&site);
+                }
+                None => {}
+            }
+        }
         let version = Arc::new(SiteVersion {
             version_header: HeaderValue::from(manifest.index),
             manifest,
@@ -200,6 +227,16 @@ impl Pages {
                 self.installed.send_modify(|n| *n = n.wrapping_add(1));
             }
         }
+    }
+
+    /// The sites with a version served now.
+    pub fn served_sites(&self) -> Vec<String> {
+        self.sites
+            .read()
+            .expect("pages lock poisoned")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The log index of the root whose version is served for `site` (0: none).
@@ -285,36 +322,74 @@ fn plain(status: StatusCode, message: impl Into<String>) -> Response {
     resp
 }
 
-/// Splits a request into (site, path): subdomain mode when the Host names a site under the
-/// configured domain, else path mode (`/<site>/<path>`).
-fn site_and_path<'a>(
-    config: &ServeConfig,
-    headers: &'a HeaderMap,
-    path: &'a str,
-) -> (&'a str, &'a str) {
+/// Where a request for a page goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub site: std::borrow::Cow<'a, str>,
+    /// The raw path inside the site (still percent-encoded), starting with `/`.
+    pub path: &'a str,
+    /// Subdomain mode: the site came from the `Host` header.
+    pub by_host: bool,
+}
+
+/// Splits a request into site and path: subdomain mode when the `Host` names a site under
+/// the configured domain (compared case-insensitively, a trailing dot and a port ignored),
+/// else path mode (`/<site>/<path>`).
+pub fn site_and_path<'a>(config: &ServeConfig, headers: &HeaderMap, path: &'a str) -> Target<'a> {
     if let Some(domain) = &config.domain {
-        let host = headers
+        let site = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        let host = host.split(':').next().unwrap_or("");
-        if let Some(site) = host
-            .strip_suffix(domain.as_str())
-            .and_then(|s| s.strip_suffix('.'))
-        {
-            return (site, path);
+            .and_then(|host| site_from_host(host, domain));
+        if let Some(site) = site {
+            return Target {
+                site: std::borrow::Cow::Owned(site),
+                path,
+                by_host: true,
+            };
         }
     }
     let rest = path.strip_prefix('/').unwrap_or(path);
-    match rest.find('/') {
+    let (site, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
+    };
+    Target {
+        site: std::borrow::Cow::Borrowed(site),
+        path,
+        by_host: false,
     }
 }
 
+/// The site a `Host` value names under `domain` (`Demo.Example.com.:8080` → `demo`).
+fn site_from_host(host: &str, domain: &str) -> Option<String> {
+    let host = host.trim();
+    // An IPv6 literal names no site.
+    if host.starts_with('[') {
+        return None;
+    }
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return None,
+        None => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let domain = normalize_domain(domain);
+    let site = host.strip_suffix(domain.as_str())?.strip_suffix('.')?;
+    (!site.is_empty()).then(|| site.to_string())
+}
+
+/// A domain as hosts are compared with it: lower case, without a trailing dot.
+pub fn normalize_domain(domain: &str) -> String {
+    let d = domain.trim();
+    d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase()
+}
+
 /// Normalises a raw request path the way the manifest spells paths: percent-encodings of
-/// unreserved characters are decoded, others upper-cased; encoded slashes, `.`/`..`
-/// segments, empty segments and control characters are refused.
+/// unreserved characters are decoded, others upper-cased. An encoded slash or backslash
+/// stays encoded inside its segment (a key `a/b` is published at `/a%2Fb`; pages are looked
+/// up in the manifest, never on a file system). `.`/`..` segments (also encoded), empty
+/// segments, raw backslashes and control characters are refused.
 pub fn normalize_path(raw: &str) -> Result<String, String> {
     if raw.len() > PATH_BYTES_MAX {
         return Err(format!(
@@ -329,10 +404,12 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
         let b = bytes[i];
         if b == b'%' {
             let hex = raw.get(i + 1..i + 3).ok_or("truncated percent-encoding")?;
+            if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                return Err(format!("bad percent-encoding %{hex}"));
+            }
             let v =
                 u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent-encoding %{hex}"))?;
             match v {
-                b'/' | b'\\' => return Err("encoded slashes are not allowed in paths".into()),
                 v if is_unreserved(v) => out.push(v as char),
                 v if v < 0x20 || v == 0x7f => {
                     return Err("control characters are not allowed in paths".into())
@@ -343,8 +420,11 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
         } else if b < 0x20 || b == 0x7f || b == b'\\' {
             return Err("control characters and backslashes are not allowed in paths".into());
         } else {
-            out.push(b as char);
-            i += 1;
+            // Multi-byte UTF-8 is copied whole (a request path from the network is ASCII;
+            // this keeps the function total on any string).
+            let len = utf8_len(b);
+            out.push_str(raw.get(i..i + len).ok_or("path is not UTF-8")?);
+            i += len;
         }
     }
     let inner = out.strip_prefix('/').unwrap_or(&out);
@@ -360,6 +440,16 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
         out.insert(0, '/');
     }
     Ok(out)
+}
+
+/// Bytes in the UTF-8 sequence that starts with `first`.
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xF0..=0xFF => 4,
+        0xE0..=0xEF => 3,
+        0xC0..=0xDF => 2,
+        _ => 1,
+    }
 }
 
 fn min_index(headers: &HeaderMap, query: Option<&str>) -> Result<Option<LogIndex>, String> {
@@ -380,16 +470,37 @@ fn min_index(headers: &HeaderMap, query: Option<&str>) -> Result<Option<LogIndex
 /// The handler for every non-API request.
 pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return plain(
+        let mut resp = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "pages are read with GET or HEAD",
-        );
+            "method_not_allowed",
+            format!(
+                "{} is not allowed: pages are read with GET or HEAD",
+                req.method()
+            ),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
     }
     let pages = &node.pages;
     let headers = req.headers();
-    let (site, raw_path) = site_and_path(&pages.config, headers, req.uri().path());
+    let target = site_and_path(&pages.config, headers, req.uri().path());
+    let (site, raw_path) = (target.site.as_ref(), target.path);
     if validate_site(site).is_err() {
         return plain(StatusCode::NOT_FOUND, "no such site");
+    }
+    // "/demo" → "/demo/": the site's root page, where its relative links resolve.
+    if !target.by_host && req.uri().path().len() == site.len() + 1 {
+        let location = match req.uri().query() {
+            Some(q) => format!("/{site}/?{q}"),
+            None => format!("/{site}/"),
+        };
+        let mut resp = plain(StatusCode::PERMANENT_REDIRECT, "moved");
+        if let Ok(loc) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, loc);
+        }
+        return resp;
     }
     let path = match normalize_path(raw_path) {
         Ok(p) => p,
@@ -421,7 +532,7 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
         None => {
             // "/alice/" → "/alice": one canonical URL per page.
             if let Some(trimmed) = path.strip_suffix('/').filter(|t| version.file(t).is_some()) {
-                let base = if pages.config.domain.is_some() && raw_path == req.uri().path() {
+                let base = if target.by_host {
                     String::new()
                 } else {
                     format!("/{site}")
@@ -578,12 +689,18 @@ mod tests {
         assert_eq!(normalize_path("/%61lice").unwrap(), "/alice");
         assert_eq!(normalize_path("/zo%c3%ab").unwrap(), "/zo%C3%AB");
         assert_eq!(normalize_path("/blog/").unwrap(), "/blog/");
+        // Encoded slashes stay inside their segment, spelled as the manifest spells them.
+        assert_eq!(normalize_path("/a%2fb").unwrap(), "/a%2Fb");
+        assert_eq!(normalize_path("/a%2Fb").unwrap(), "/a%2Fb");
+        assert_eq!(normalize_path("/a%5cb").unwrap(), "/a%5Cb");
+        assert_eq!(normalize_path("/..%2F..%2Fx").unwrap(), "/..%2F..%2Fx");
         for bad in [
             "/../etc/passwd",
             "/a/../b",
             "/%2e%2e/x",
-            "/a%2Fb",
-            "/a%5Cb",
+            "/a/%2E",
+            "/a\\b",
+            "/%+1",
             "/a//b",
             "/./a",
             "/%zz",
@@ -599,18 +716,38 @@ mod tests {
     fn sites_from_path_or_host() {
         let mut h = HeaderMap::new();
         let cfg = ServeConfig {
-            domain: Some("example.com".into()),
+            domain: Some("Example.com.".into()),
             ..Default::default()
         };
-        assert_eq!(site_and_path(&cfg, &h, "/demo/alice"), ("demo", "/alice"));
-        assert_eq!(site_and_path(&cfg, &h, "/demo"), ("demo", "/"));
-        h.insert(
-            header::HOST,
-            HeaderValue::from_static("demo.example.com:8080"),
-        );
-        assert_eq!(site_and_path(&cfg, &h, "/alice"), ("demo", "/alice"));
-        h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        assert_eq!(site_and_path(&cfg, &h, "/demo/x"), ("demo", "/x"));
+        let split = |h: &HeaderMap, p: &'static str| {
+            let t = site_and_path(&cfg, h, p);
+            (t.site.into_owned(), t.path, t.by_host)
+        };
+        assert_eq!(split(&h, "/demo/alice"), ("demo".into(), "/alice", false));
+        assert_eq!(split(&h, "/demo"), ("demo".into(), "/", false));
+        for host in [
+            "demo.example.com:8080",
+            "demo.example.com",
+            "Demo.EXAMPLE.com",
+            "demo.example.com.",
+            "DEMO.example.com.:443",
+        ] {
+            h.insert(header::HOST, HeaderValue::from_static(host));
+            assert_eq!(
+                split(&h, "/alice"),
+                ("demo".into(), "/alice", true),
+                "{host}"
+            );
+        }
+        for host in [
+            "example.com",
+            "[::1]:8080",
+            "demo.example.org",
+            ".example.com",
+        ] {
+            h.insert(header::HOST, HeaderValue::from_static(host));
+            assert_eq!(split(&h, "/demo/x"), ("demo".into(), "/x", false), "{host}");
+        }
     }
 
     #[test]

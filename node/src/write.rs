@@ -114,7 +114,9 @@ impl Router {
         loop {
             let view = self.raft.view();
             let result = match (view.leader, view.leader_member) {
-                (Some(id), _) if id == view.id => propose_local(&self.raft.get(), command.clone()).await,
+                (Some(id), _) if id == view.id => {
+                    propose_local(&self.raft.get(), command.clone()).await
+                }
                 (Some(id), Some(_)) => self.forward(id, command.clone()).await,
                 _ => Err(WriteError::NoLeader),
             };

@@ -308,6 +308,18 @@ impl Publisher {
         }
     }
 
+    /// Removes the mirrored root of a deleted site, so edge readers stop serving it. Its
+    /// blobs and manifests stay (they are content-addressed and may be shared with a site
+    /// created later under the same name). Absent already is fine.
+    pub async fn remove_root(&self, site: &str) -> Result<(), PublishError> {
+        check_site(site)?;
+        let path = self.path(&format!("sites/{site}/root"));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The mirrored root of a site, if one was written.
     pub async fn get_root(&self, site: &str) -> Result<Option<Root>, PublishError> {
         check_site(site)?;

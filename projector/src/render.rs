@@ -58,6 +58,9 @@ pub fn environment(
     env.set_recursion_limit(recursion_depth_max);
     env.set_auto_escape_callback(auto_escape);
     env.set_formatter(format_value);
+    // `{{ key|segment }}`: a key as one URL path segment, spelled exactly as page paths,
+    // sitemaps and canonical links spell it (`a/b` → `a%2Fb`; `urlencode` keeps the `/`).
+    env.add_filter("segment", |s: &str| sesame_proto::encode_segment(s));
     env
 }
 

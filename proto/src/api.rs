@@ -111,6 +111,9 @@ pub struct ChangesPage {
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     pub role: Role,
+    /// Lifetime in seconds (1 to [`crate::command::TOKEN_TTL_S_MAX`]); absent: no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +122,43 @@ pub struct TokenCreated {
     pub token: String,
     pub site: String,
     pub role: Role,
+    /// What `GET .../tokens` lists it as, and `DELETE .../tokens/{id}` revokes.
+    pub id: LogIndex,
+    /// Milliseconds since the Unix epoch; absent: never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// One token as `GET /v1/sites/{site}/tokens` lists it: never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: LogIndex,
+    pub role: Role,
+    pub created_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    /// True once `expires_at_ms` has passed (by the answering node's clock).
+    pub expired: bool,
+}
+
+/// `GET /v1/sites/{site}/tokens`: the site's tokens that are not revoked, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `DELETE /v1/sites/{site}/tokens/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub id: LogIndex,
+    pub revoked: bool,
+}
+
+/// `DELETE /v1/sites/{site}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteDeleted {
+    pub site: String,
+    /// The log index of the deletion.
+    pub index: LogIndex,
 }
 
 /// `GET /v1/sites/{site}/status`: how far projection and publishing have come.

@@ -7,8 +7,9 @@ use thiserror::Error;
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 3] = *b"SSM";
-/// Bumped whenever the encoding of any type changes incompatibly.
-pub const FORMAT_VERSION: u8 = 1;
+/// Bumped whenever the encoding of any type changes incompatibly. 2: tokens carry their
+/// creation and expiry times.
+pub const FORMAT_VERSION: u8 = 2;
 /// Largest frame we encode or decode, in bytes.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 

@@ -42,13 +42,27 @@ impl Role {
     }
 }
 
-/// A site token as stored: only the hash of the secret is kept.
+/// Most live tokens (neither revoked nor expired) one site may have; making one more is
+/// refused until some are revoked.
+pub const TOKENS_PER_SITE_MAX: usize = 1_000;
+/// Revoked and expired tokens kept per site, so that using one is answered "revoked" or
+/// "expired" rather than "unknown". Past this the oldest are forgotten.
+pub const DEAD_TOKENS_PER_SITE_MAX: usize = 1_000;
+/// Longest lifetime a token may be given, in seconds (ten years).
+pub const TOKEN_TTL_S_MAX: u64 = 10 * 365 * 24 * 3_600;
+
+/// A site token as stored: only the hash of the secret is kept. Its id is the log index of
+/// the command that stored it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct TokenRecord {
     /// Hex blake3 hash of the token secret.
     pub hash: String,
     pub site: String,
     pub role: Role,
+    /// The proposer's clock when the token was made.
+    pub created_at_ms: u64,
+    /// When the token stops working (the proposer's clock plus the lifetime); `None`: never.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A command in the Raft log.
@@ -56,7 +70,8 @@ pub struct TokenRecord {
 pub enum Command {
     /// Create a site. `created_at_ms` is the proposer's clock.
     CreateSite { name: String, created_at_ms: u64 },
-    /// Store a site token.
+    /// Store a site token. Refused past [`TOKENS_PER_SITE_MAX`] live tokens ("live" at
+    /// `created_at_ms`); tokens dead by then past [`DEAD_TOKENS_PER_SITE_MAX`] are forgotten.
     PutToken(TokenRecord),
     /// Apply transactions, in order, each atomically. The node groups transactions that
     /// arrive while the previous entry is being made durable into one entry (group commit):
@@ -64,6 +79,17 @@ pub enum Command {
     Txs(Vec<Transaction>),
     /// Point a site's root at a manifest: publish a new version, or roll back to an old one.
     Publish(Publish),
+    /// Revoke a site token by id (the log index that stored it). `revoked_at_ms` is the
+    /// proposer's clock.
+    RevokeToken {
+        site: String,
+        id: LogIndex,
+        revoked_at_ms: u64,
+    },
+    /// Delete a site and everything the store holds for it: tuples, tokens, versions, the
+    /// root and its clients' sequence numbers. A site created later under the same name
+    /// starts empty.
+    DeleteSite { name: String },
 }
 
 /// A site's new root. Publishing through the log means every node agrees on the current
@@ -109,9 +135,15 @@ pub enum CommandResult {
     Committed {
         index: LogIndex,
     },
-    /// This `(client_id, seq)` was applied before, at or before `index`; nothing changed now.
+    /// This `(client_id, seq)` was applied before, at `index`; nothing changed now.
     Duplicate {
         index: LogIndex,
+    },
+    /// The client has applied up to `highest`, and this lower `seq` is not among the last
+    /// [`crate::tuple::CLIENT_SEQ_WINDOW`] sequence numbers remembered: an old retry (whose
+    /// index is no longer known) or a write out of order. Nothing changed.
+    StaleSeq {
+        highest: u64,
     },
     /// A guard failed; nothing changed.
     Conflict(Conflict),
@@ -126,4 +158,12 @@ pub enum CommandResult {
     RootMoved {
         current: Option<String>,
     },
+    /// The site has [`TOKENS_PER_SITE_MAX`] live tokens already; nothing changed.
+    TooManyTokens,
+    TokenRevoked,
+    /// The site has no token with this id (or it was revoked already); nothing changed.
+    UnknownToken {
+        id: LogIndex,
+    },
+    SiteDeleted,
 }

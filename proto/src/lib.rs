@@ -19,3 +19,8 @@ pub use value::Value;
 /// A Raft log index. Tuple versions are log indexes: the index of the commit that last wrote
 /// the tuple. Index 0 never holds a commit, so `if_version: 0` means "must not exist".
 pub type LogIndex = u64;
+
+/// The largest index, version or sequence number anything accepts: the store keeps them in
+/// SQLite's signed 64-bit integers, so a larger one would wrap around. Input past it is
+/// refused (the API answers 400).
+pub const INDEX_MAX: u64 = i64::MAX as u64;

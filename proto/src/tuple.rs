@@ -5,7 +5,7 @@ use thiserror::Error;
 
 use crate::names::{validate_collection, validate_key, validate_site, NameError};
 use crate::value::{Value, VALUE_DEPTH_MAX};
-use crate::{codec, LogIndex};
+use crate::{codec, LogIndex, INDEX_MAX};
 
 /// Largest encoded value, in bytes (SPEC.md: 1 MiB by default).
 pub const VALUE_BYTES_MAX: usize = 1 << 20;
@@ -15,6 +15,10 @@ pub const TX_OPS_MAX: usize = 10_000;
 pub const TX_BYTES_MAX: usize = 8 << 20;
 /// Longest client id, in bytes.
 pub const CLIENT_ID_BYTES_MAX: usize = 128;
+/// How many of a client's latest sequence numbers (per site) the store remembers with the
+/// index each was applied at: a retry of any of them is answered with its own index. A
+/// retry of an older one is answered [`crate::CommandResult::StaleSeq`].
+pub const CLIENT_SEQ_WINDOW: u64 = 1_024;
 
 /// Where a tuple was born: the client that wrote it and that client's sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
@@ -129,6 +133,10 @@ pub enum TxError {
     Site(NameError),
     #[error("invalid client_id: {0}")]
     ClientId(String),
+    #[error("seq {0} is over the maximum of {INDEX_MAX}")]
+    SeqTooLarge(u64),
+    #[error("op {op}: if_version {version} is over the maximum of {INDEX_MAX}")]
+    IfVersionTooLarge { op: usize, version: LogIndex },
 }
 
 impl Transaction {
@@ -147,11 +155,17 @@ impl Transaction {
         }
         if let Some(origin) = &self.origin {
             validate_client_id(&origin.client_id).map_err(TxError::ClientId)?;
+            if origin.seq > INDEX_MAX {
+                return Err(TxError::SeqTooLarge(origin.seq));
+            }
         }
         for (i, op) in self.ops.iter().enumerate() {
             let name_err = |source| TxError::Name { op: i, source };
             validate_collection(op.collection()).map_err(name_err)?;
             validate_key(op.key()).map_err(name_err)?;
+            if let Some(version) = op.if_version().filter(|v| *v > INDEX_MAX) {
+                return Err(TxError::IfVersionTooLarge { op: i, version });
+            }
             if let Op::Put {
                 value,
                 collection,
@@ -276,6 +290,30 @@ mod tests {
             .map(|i| put("p", &format!("k{i}"), value.clone()))
             .collect();
         assert!(matches!(tx(ops).validate(), Err(TxError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn numbers_past_sqlite_integers_are_refused() {
+        let mut t = tx(vec![Op::Delete {
+            collection: "p".into(),
+            key: "k".into(),
+            if_version: Some(INDEX_MAX + 1),
+        }]);
+        assert!(matches!(
+            t.validate(),
+            Err(TxError::IfVersionTooLarge { op: 0, .. })
+        ));
+        t.ops = vec![put("p", "k", Value::Null)];
+        t.origin = Some(Origin {
+            client_id: "c".into(),
+            seq: u64::MAX,
+        });
+        assert_eq!(t.validate(), Err(TxError::SeqTooLarge(u64::MAX)));
+        t.origin = Some(Origin {
+            client_id: "c".into(),
+            seq: INDEX_MAX,
+        });
+        assert_eq!(t.validate(), Ok(()));
     }
 
     #[test]

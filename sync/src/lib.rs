@@ -14,7 +14,9 @@ mod store;
 mod view;
 
 pub use store::{Store, StoreError};
-pub use view::{Change, ChangesPage, ReadPool, Reader, RootRecord, SiteRecord, Snapshot, View};
+pub use view::{
+    Change, ChangesPage, ReadPool, Reader, RootRecord, SiteRecord, Snapshot, TokenRow, View,
+};
 
 /// Most tuples one scan returns.
 pub const SCAN_LIMIT_MAX: usize = 10_000;

@@ -2,8 +2,9 @@
 
 use rusqlite::Connection;
 
-/// Bumped whenever the schema changes incompatibly; checked on open.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Bumped whenever the schema changes incompatibly; checked on open. 2: token ids, times and
+/// revocation; the window of applied client sequence numbers.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a connection waits on a lock held by another before giving up.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
@@ -20,12 +21,18 @@ CREATE TABLE IF NOT EXISTS sites (
     created_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- Site tokens: only the hash of the secret. `created_index` (the log index that stored the
+-- token) is its id. Revoked and expired rows are kept, bounded, to say why a token fails.
 CREATE TABLE IF NOT EXISTS tokens (
     hash          TEXT PRIMARY KEY,
     site          TEXT NOT NULL,
     role          TEXT NOT NULL,
-    created_index INTEGER NOT NULL
+    created_index INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    revoked_at_ms INTEGER
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokens_by_site ON tokens (site, created_index);
 
 -- value NULL marks a tombstone: the key was deleted at `version`.
 CREATE TABLE IF NOT EXISTS tuples (
@@ -74,6 +81,16 @@ CREATE TABLE IF NOT EXISTS client_seqs (
     seq       INTEGER NOT NULL,
     idx       INTEGER NOT NULL,
     PRIMARY KEY (site, client_id)
+) WITHOUT ROWID;
+
+-- At-most-once, answered truthfully: the index each of a client's latest sequence numbers
+-- was applied at (the last CLIENT_SEQ_WINDOW of them per client and site).
+CREATE TABLE IF NOT EXISTS client_txs (
+    site      TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    idx       INTEGER NOT NULL,
+    PRIMARY KEY (site, client_id, seq)
 ) WITHOUT ROWID;
 ";
 

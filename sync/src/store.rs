@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction as SqlTx};
+use sesame_proto::command::{DEAD_TOKENS_PER_SITE_MAX, TOKENS_PER_SITE_MAX};
+use sesame_proto::tuple::CLIENT_SEQ_WINDOW;
 use sesame_proto::{
     codec, Command, CommandResult, Conflict, LogIndex, Op, Publish, Role, TokenRecord, Transaction,
 };
@@ -156,6 +158,7 @@ impl Store {
                 "tokens",
                 "tuples",
                 "client_seqs",
+                "client_txs",
                 "roots",
                 "versions",
             ] {
@@ -193,16 +196,13 @@ fn apply_command(
                 CommandResult::SiteExists
             })
         }
-        Command::PutToken(TokenRecord { hash, site, role }) => {
-            if !site_exists(tx, site)? {
-                return Ok(CommandResult::UnknownSite { site: site.clone() });
-            }
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO tokens (hash, site, role, created_index) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![hash, site, role.as_str(), index as i64])?;
-            Ok(CommandResult::TokenStored)
-        }
+        Command::PutToken(record) => put_token(tx, index, record),
+        Command::RevokeToken {
+            site,
+            id,
+            revoked_at_ms,
+        } => revoke_token(tx, site, *id, *revoked_at_ms),
+        Command::DeleteSite { name } => delete_site(tx, name),
         Command::Txs(txs) => Ok(CommandResult::Txs(
             txs.iter()
                 .map(|t| apply_tx(tx, index, t))
@@ -210,6 +210,124 @@ fn apply_command(
         )),
         Command::Publish(p) => apply_publish(tx, index, p),
     }
+}
+
+fn put_token(
+    tx: &SqlTx<'_>,
+    index: LogIndex,
+    record: &TokenRecord,
+) -> Result<CommandResult, StoreError> {
+    let TokenRecord {
+        hash,
+        site,
+        role,
+        created_at_ms,
+        expires_at_ms,
+    } = record;
+    if !site_exists(tx, site)? {
+        return Ok(CommandResult::UnknownSite { site: site.clone() });
+    }
+    let now = sql_int(*created_at_ms);
+    let live: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM tokens WHERE site = ?1 AND revoked_at_ms IS NULL
+               AND (expires_at_ms IS NULL OR expires_at_ms > ?2)",
+        )?
+        .query_row(params![site, now], |r| r.get(0))?;
+    if live as u64 >= TOKENS_PER_SITE_MAX as u64 {
+        return Ok(CommandResult::TooManyTokens);
+    }
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO tokens
+           (hash, site, role, created_index, created_at_ms, expires_at_ms, revoked_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+    )?
+    .execute(params![
+        hash,
+        site,
+        role.as_str(),
+        sql_int(index),
+        now,
+        expires_at_ms.map(sql_int)
+    ])?;
+    forget_dead_tokens(tx, site, now)?;
+    Ok(CommandResult::TokenStored)
+}
+
+fn revoke_token(
+    tx: &SqlTx<'_>,
+    site: &str,
+    id: LogIndex,
+    revoked_at_ms: u64,
+) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: site.to_string(),
+        });
+    }
+    let Ok(id_sql) = i64::try_from(id) else {
+        return Ok(CommandResult::UnknownToken { id });
+    };
+    let changed = tx
+        .prepare_cached(
+            "UPDATE tokens SET revoked_at_ms = ?3
+             WHERE site = ?1 AND created_index = ?2 AND revoked_at_ms IS NULL",
+        )?
+        .execute(params![site, id_sql, sql_int(revoked_at_ms)])?;
+    if changed == 0 {
+        return Ok(CommandResult::UnknownToken { id });
+    }
+    forget_dead_tokens(tx, site, sql_int(revoked_at_ms))?;
+    Ok(CommandResult::TokenRevoked)
+}
+
+/// Keeps at most [`DEAD_TOKENS_PER_SITE_MAX`] of a site's revoked or (at `now_ms`, the
+/// command's clock) expired tokens, the newest.
+fn forget_dead_tokens(tx: &SqlTx<'_>, site: &str, now_ms: i64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "DELETE FROM tokens WHERE site = ?1 AND hash IN (
+           SELECT hash FROM tokens
+           WHERE site = ?1 AND (revoked_at_ms IS NOT NULL
+                                OR (expires_at_ms IS NOT NULL AND expires_at_ms <= ?2))
+           ORDER BY created_index DESC LIMIT -1 OFFSET ?3)",
+    )?
+    .execute(params![site, now_ms, DEAD_TOKENS_PER_SITE_MAX as i64])?;
+    Ok(())
+}
+
+fn delete_site(tx: &SqlTx<'_>, name: &str) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, name)? {
+        return Ok(CommandResult::UnknownSite {
+            site: name.to_string(),
+        });
+    }
+    for table in [
+        "tuples",
+        "tokens",
+        "roots",
+        "versions",
+        "client_seqs",
+        "client_txs",
+    ] {
+        tx.prepare_cached(&format!("DELETE FROM {table} WHERE site = ?1"))?
+            .execute(params![name])?;
+    }
+    tx.prepare_cached("DELETE FROM sites WHERE name = ?1")?
+        .execute(params![name])?;
+    Ok(CommandResult::SiteDeleted)
+}
+
+/// A number for SQLite. Indexes, sequence numbers and times that reach the store were
+/// checked against [`sesame_proto::INDEX_MAX`] (or come from the log and the clock, far
+/// below it); one past it is a bug upstream. It must not wrap around into a negative, and
+/// must not stop the state machine either (every node would stop on the same entry), so it
+/// saturates.
+fn sql_int(v: u64) -> i64 {
+    debug_assert!(
+        v <= sesame_proto::INDEX_MAX,
+        "{v} reached the store unchecked"
+    );
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn apply_publish(
@@ -261,19 +379,27 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
         });
     }
     if let Some(origin) = &t.origin {
-        let seen: Option<(i64, i64)> = tx
-            .prepare_cached("SELECT seq, idx FROM client_seqs WHERE site = ?1 AND client_id = ?2")?
-            .query_row(params![t.site, origin.client_id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+        let seq = sql_int(origin.seq);
+        let applied: Option<i64> = tx
+            .prepare_cached(
+                "SELECT idx FROM client_txs WHERE site = ?1 AND client_id = ?2 AND seq = ?3",
+            )?
+            .query_row(params![t.site, origin.client_id, seq], |r| r.get(0))
             .optional()?;
-        if let Some((seq, idx)) = seen {
-            // Sequence numbers only grow per client: anything at or below the highest
-            // applied one is a retry of a transaction that already committed (at or
-            // before `idx`).
-            if origin.seq <= seq as u64 {
-                return Ok(CommandResult::Duplicate { index: idx as u64 });
-            }
+        if let Some(idx) = applied {
+            return Ok(CommandResult::Duplicate { index: idx as u64 });
+        }
+        let highest: Option<i64> = tx
+            .prepare_cached("SELECT seq FROM client_seqs WHERE site = ?1 AND client_id = ?2")?
+            .query_row(params![t.site, origin.client_id], |r| r.get(0))
+            .optional()?;
+        // Sequence numbers only grow per client: one at or below the highest applied that
+        // is not remembered is an old retry or out of order. Either way it is not applied,
+        // and its index is not known: say so rather than guess.
+        if let Some(highest) = highest.filter(|h| seq <= *h) {
+            return Ok(CommandResult::StaleSeq {
+                highest: highest as u64,
+            });
         }
     }
     // Check every guard against the state before the transaction, then write: a failed
@@ -294,7 +420,7 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
         }
     }
     let (origin_client, origin_seq) = match &t.origin {
-        Some(o) => (Some(o.client_id.as_str()), Some(o.seq as i64)),
+        Some(o) => (Some(o.client_id.as_str()), Some(sql_int(o.seq))),
         None => (None, None),
     };
     for op in &t.ops {
@@ -327,8 +453,22 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
         }
     }
     if let Some(origin) = &t.origin {
+        let (seq, idx) = (sql_int(origin.seq), sql_int(index));
         tx.prepare_cached("INSERT OR REPLACE INTO client_seqs (site, client_id, seq, idx) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![t.site, origin.client_id, origin.seq as i64, index as i64])?;
+            .execute(params![t.site, origin.client_id, seq, idx])?;
+        tx.prepare_cached(
+            "INSERT INTO client_txs (site, client_id, seq, idx) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![t.site, origin.client_id, seq, idx])?;
+        // Remember the last CLIENT_SEQ_WINDOW sequence numbers: (seq - window, seq].
+        tx.prepare_cached(
+            "DELETE FROM client_txs WHERE site = ?1 AND client_id = ?2 AND seq <= ?3",
+        )?
+        .execute(params![
+            t.site,
+            origin.client_id,
+            seq.saturating_sub(CLIENT_SEQ_WINDOW as i64)
+        ])?;
     }
     Ok(CommandResult::Committed { index })
 }

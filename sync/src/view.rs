@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
-use sesame_proto::{codec, Home, LogIndex, Origin, TokenRecord, Tuple, Value};
+use sesame_proto::{codec, Home, LogIndex, Origin, Role, Tuple, Value};
 
 use crate::store::{applied_index_key, decode_i64, get_meta, role_from_str, StoreError};
 use crate::CHANGES_LIMIT_MAX;
@@ -33,6 +33,18 @@ pub struct RootRecord {
     pub published_at_ms: u64,
     /// True when this root re-pointed the site to an earlier version (a rollback).
     pub rollback: bool,
+}
+
+/// A site token as the store keeps it (the secret's hash stays inside the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// The log index that stored the token.
+    pub id: LogIndex,
+    pub site: String,
+    pub role: Role,
+    pub created_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub revoked_at_ms: Option<u64>,
 }
 
 /// The latest change to one key: a put (with its value) or a delete (`value: None`).
@@ -167,6 +179,13 @@ impl<'c> View<'c> {
     ) -> Result<ChangesPage, StoreError> {
         let limit = limit.clamp(1, CHANGES_LIMIT_MAX);
         let applied = self.applied_index()?;
+        if i64::try_from(since).is_err() {
+            // Past every index the store can hold: nothing is newer.
+            return Ok(ChangesPage {
+                changes: Vec::new(),
+                next_since: since,
+            });
+        }
         let mut changes = self.changes_where(site, since, None, limit + 1)?;
         if changes.len() <= limit {
             return Ok(ChangesPage {
@@ -209,7 +228,12 @@ impl<'c> View<'c> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map(
-            params![site, since as i64, only.map(|i| i as i64), limit],
+            params![
+                site,
+                i64::try_from(since).unwrap_or(i64::MAX),
+                only.map(|i| i64::try_from(i).unwrap_or(i64::MAX)),
+                limit
+            ],
             RawTuple::from_row,
         )?;
         let mut out = Vec::new();
@@ -279,7 +303,8 @@ impl<'c> View<'c> {
             "SELECT site, manifest, idx, log_index, files, published_at_ms, 0 FROM roots
              WHERE log_index > ?1 ORDER BY log_index",
         )?;
-        let rows = stmt.query_map(params![since as i64], root_from_row)?;
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![since], root_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -300,31 +325,80 @@ impl<'c> View<'c> {
         site: &str,
         index: LogIndex,
     ) -> Result<Option<RootRecord>, StoreError> {
+        let Ok(index) = i64::try_from(index) else {
+            return Ok(None);
+        };
         Ok(self
             .conn
             .prepare_cached(
                 "SELECT site, manifest, idx, log_index, files, published_at_ms, rollback FROM versions
                  WHERE site = ?1 AND idx = ?2 AND rollback = 0 ORDER BY log_index DESC LIMIT 1",
             )?
-            .query_row(params![site, index as i64], root_from_row)
+            .query_row(params![site, index], root_from_row)
             .optional()?)
     }
 
-    /// The token whose secret hashes to `hash`.
-    pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let row: Option<(String, String, String)> = self
+    /// The token whose secret hashes to `hash`, revoked or not.
+    pub fn token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
+        let raw = self
             .conn
-            .prepare_cached("SELECT hash, site, role FROM tokens WHERE hash = ?1")?
-            .query_row(params![hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+            ))?
+            .query_row(params![hash], RawToken::from_row)
             .optional()?;
-        row.map(|(hash, site, role)| {
-            Ok(TokenRecord {
-                hash,
-                site,
-                role: role_from_str(&role)?,
-            })
+        raw.map(RawToken::decode).transpose()
+    }
+
+    /// A site's tokens that are not revoked (expired ones included), oldest first. At most
+    /// `TOKENS_PER_SITE_MAX` live plus `DEAD_TOKENS_PER_SITE_MAX` dead ones exist.
+    pub fn tokens(&self, site: &str) -> Result<Vec<TokenRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens
+             WHERE site = ?1 AND revoked_at_ms IS NULL ORDER BY created_index"
+        ))?;
+        let rows = stmt.query_map(params![site], RawToken::from_row)?;
+        let mut out = Vec::new();
+        for raw in rows {
+            out.push(raw?.decode()?);
+        }
+        Ok(out)
+    }
+}
+
+const TOKEN_COLUMNS: &str =
+    "created_index, site, role, created_at_ms, expires_at_ms, revoked_at_ms";
+
+struct RawToken {
+    id: i64,
+    site: String,
+    role: String,
+    created_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    revoked_at_ms: Option<i64>,
+}
+
+impl RawToken {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<RawToken> {
+        Ok(RawToken {
+            id: r.get(0)?,
+            site: r.get(1)?,
+            role: r.get(2)?,
+            created_at_ms: r.get(3)?,
+            expires_at_ms: r.get(4)?,
+            revoked_at_ms: r.get(5)?,
         })
-        .transpose()
+    }
+
+    fn decode(self) -> Result<TokenRow, StoreError> {
+        Ok(TokenRow {
+            id: self.id as u64,
+            site: self.site,
+            role: role_from_str(&self.role)?,
+            created_at_ms: self.created_at_ms as u64,
+            expires_at_ms: self.expires_at_ms.map(|t| t as u64),
+            revoked_at_ms: self.revoked_at_ms.map(|t| t as u64),
+        })
     }
 }
 

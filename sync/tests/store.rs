@@ -1,6 +1,8 @@
 //! Behaviour of the tuple store: atomic transactions, guards, scans, the change feed,
 //! at-most-once application, persistence and snapshots.
 
+use sesame_proto::command::{DEAD_TOKENS_PER_SITE_MAX, TOKENS_PER_SITE_MAX};
+use sesame_proto::tuple::CLIENT_SEQ_WINDOW;
 use sesame_proto::{Command, CommandResult, Op, Origin, Role, TokenRecord, Transaction, Value};
 use sesame_sync::{ReadPool, Store, StoreError};
 
@@ -280,10 +282,15 @@ fn client_seq_is_applied_at_most_once() {
         f.apply(with_origin(2, 12)),
         CommandResult::Committed { index: 4 }
     );
-    assert!(matches!(
+    // A retry of an earlier seq reports that transaction's own index, not the latest.
+    assert_eq!(
         f.apply(with_origin(1, 13)),
-        CommandResult::Duplicate { .. }
-    ));
+        CommandResult::Duplicate { index: 2 }
+    );
+    assert_eq!(
+        f.apply(with_origin(2, 13)),
+        CommandResult::Duplicate { index: 4 }
+    );
     let t = f.store.view().get("demo", "p", "a").unwrap().unwrap();
     assert_eq!(t.value, Value::Int(12));
     assert_eq!(
@@ -292,6 +299,195 @@ fn client_seq_is_applied_at_most_once() {
             client_id: "phone".into(),
             seq: 2
         })
+    );
+}
+
+#[test]
+fn client_seqs_are_remembered_within_a_bounded_window() {
+    let mut f = Fixture::new();
+    let with_seq = |seq| {
+        Command::Txs(vec![Transaction {
+            site: "demo".into(),
+            ops: vec![put("p", "a", 1)],
+            origin: Some(Origin {
+                client_id: "phone".into(),
+                seq,
+            }),
+        }])
+    };
+    let first = f.next;
+    assert_eq!(
+        f.apply(with_seq(1)),
+        CommandResult::Committed { index: first }
+    );
+    // A skipped seq below the highest was never applied: not a duplicate, not applied.
+    f.apply(with_seq(3));
+    assert_eq!(f.apply(with_seq(2)), CommandResult::StaleSeq { highest: 3 });
+    // Still inside the window: the exact index.
+    let far = 1 + CLIENT_SEQ_WINDOW - 1;
+    f.apply(with_seq(far));
+    assert_eq!(
+        f.apply(with_seq(1)),
+        CommandResult::Duplicate { index: first }
+    );
+    // One more and seq 1 leaves the window: answered truthfully as stale.
+    f.apply(with_seq(far + 1));
+    assert_eq!(
+        f.apply(with_seq(1)),
+        CommandResult::StaleSeq { highest: far + 1 }
+    );
+    // However many seqs a client writes, exactly the last CLIENT_SEQ_WINDOW are remembered.
+    let last = far + 1 + CLIENT_SEQ_WINDOW;
+    for seq in far + 2..=last {
+        f.apply(with_seq(seq));
+    }
+    let remembered = (1..=last)
+        .filter(|s| matches!(f.apply(with_seq(*s)), CommandResult::Duplicate { .. }))
+        .count();
+    assert_eq!(remembered as u64, CLIENT_SEQ_WINDOW);
+}
+
+#[test]
+fn changes_past_the_largest_index_are_empty() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![put("p", "a", 1)]));
+    let v = f.store.view();
+    for since in [1u64 << 63, u64::MAX] {
+        let page = v.changes(Some("demo"), since, 100).unwrap();
+        assert!(page.changes.is_empty(), "{since}: {page:?}");
+        assert!(v.changes(None, since, 100).unwrap().changes.is_empty());
+    }
+    assert!(v.version_at("demo", u64::MAX).unwrap().is_none());
+    assert!(v.roots_since(u64::MAX).unwrap().is_empty());
+}
+
+fn token(hash: &str, site: &str, at: u64, expires: Option<u64>) -> TokenRecord {
+    TokenRecord {
+        hash: hash.into(),
+        site: site.into(),
+        role: Role::Reader,
+        created_at_ms: at,
+        expires_at_ms: expires,
+    }
+}
+
+#[test]
+fn tokens_expire_are_revoked_and_stay_bounded() {
+    let mut f = Fixture::new();
+    let id = f.next;
+    assert_eq!(
+        f.apply(Command::PutToken(token("h0", "demo", 100, Some(200)))),
+        CommandResult::TokenStored
+    );
+    let row = f.store.view().token("h0").unwrap().unwrap();
+    assert_eq!(
+        (row.id, row.expires_at_ms, row.revoked_at_ms),
+        (id, Some(200), None)
+    );
+    assert_eq!(f.store.view().tokens("demo").unwrap().len(), 1);
+
+    let revoke = |id| Command::RevokeToken {
+        site: "demo".into(),
+        id,
+        revoked_at_ms: 150,
+    };
+    assert_eq!(f.apply(revoke(id)), CommandResult::TokenRevoked);
+    assert_eq!(f.apply(revoke(id)), CommandResult::UnknownToken { id });
+    assert_eq!(
+        f.apply(revoke(u64::MAX)),
+        CommandResult::UnknownToken { id: u64::MAX }
+    );
+    assert_eq!(
+        f.store.view().token("h0").unwrap().unwrap().revoked_at_ms,
+        Some(150),
+        "a revoked token is remembered as revoked"
+    );
+    assert!(f.store.view().tokens("demo").unwrap().is_empty());
+
+    // Live tokens are bounded; expired ones (by the command's clock) do not count.
+    for i in 0..TOKENS_PER_SITE_MAX {
+        let t = token(&format!("live{i}"), "demo", 1_000, Some(5_000));
+        assert_eq!(f.apply(Command::PutToken(t)), CommandResult::TokenStored);
+    }
+    assert_eq!(
+        f.apply(Command::PutToken(token("one-more", "demo", 4_000, None))),
+        CommandResult::TooManyTokens
+    );
+    assert_eq!(
+        f.apply(Command::PutToken(token("later", "demo", 6_000, None))),
+        CommandResult::TokenStored,
+        "the others have expired by then"
+    );
+    // Dead tokens (expired or revoked) are kept up to a bound, newest first.
+    let rows = f.store.view().tokens("demo").unwrap();
+    assert_eq!(
+        rows.len(),
+        DEAD_TOKENS_PER_SITE_MAX + 1,
+        "dead kept + the live one"
+    );
+    assert!(
+        f.store.view().token("h0").unwrap().is_none(),
+        "oldest dead forgotten"
+    );
+    assert!(f.store.view().token("later").unwrap().is_some());
+}
+
+#[test]
+fn deleting_a_site_removes_everything_and_a_new_one_starts_empty() {
+    let mut f = Fixture::new();
+    let with_seq = |seq| {
+        Command::Txs(vec![Transaction {
+            site: "demo".into(),
+            ops: vec![put("p", "a", 1)],
+            origin: Some(Origin {
+                client_id: "phone".into(),
+                seq,
+            }),
+        }])
+    };
+    f.apply(with_seq(5));
+    f.apply(Command::PutToken(token("h", "demo", 1, None)));
+    assert_eq!(f.apply(site("blog")), CommandResult::SiteCreated);
+    f.apply(Command::Txs(vec![Transaction {
+        site: "blog".into(),
+        ops: vec![put("p", "b", 1)],
+        origin: None,
+    }]));
+    let publish = Command::Publish(sesame_proto::Publish {
+        site: "demo".into(),
+        manifest: "m1".into(),
+        index: 2,
+        files: 1,
+        published_at_ms: 1,
+        expected: None,
+        rollback: false,
+    });
+    assert_eq!(f.apply(publish), CommandResult::Published);
+
+    let delete = || Command::DeleteSite {
+        name: "demo".into(),
+    };
+    assert_eq!(f.apply(delete()), CommandResult::SiteDeleted);
+    assert!(matches!(
+        f.apply(delete()),
+        CommandResult::UnknownSite { .. }
+    ));
+    let v = f.store.view();
+    assert!(v.site("demo").unwrap().is_none());
+    assert!(v.get("demo", "p", "a").unwrap().is_none());
+    assert!(v.changes(Some("demo"), 0, 100).unwrap().changes.is_empty());
+    assert!(v.token("h").unwrap().is_none());
+    assert!(v.root("demo").unwrap().is_none());
+    assert!(v.versions("demo", 10).unwrap().is_empty());
+    assert!(
+        v.get("blog", "p", "b").unwrap().is_some(),
+        "other sites stay"
+    );
+
+    assert_eq!(f.apply(site("demo")), CommandResult::SiteCreated);
+    assert!(
+        matches!(f.apply(with_seq(1)), CommandResult::Committed { .. }),
+        "a new site under the old name forgot the old clients' seqs"
     );
 }
 
@@ -324,17 +520,25 @@ fn unknown_sites_sites_and_tokens() {
         hash: "h1".into(),
         site: "blog".into(),
         role: Role::Editor,
+        created_at_ms: 7,
+        expires_at_ms: None,
     };
     assert_eq!(
         f.apply(Command::PutToken(token.clone())),
         CommandResult::TokenStored
     );
-    assert_eq!(f.store.view().token("h1").unwrap(), Some(token));
+    let row = f.store.view().token("h1").unwrap().unwrap();
+    assert_eq!(
+        (row.site.as_str(), row.role, row.created_at_ms),
+        ("blog", Role::Editor, 7)
+    );
     assert_eq!(f.store.view().token("h2").unwrap(), None);
     let orphan = TokenRecord {
         hash: "h3".into(),
         site: "gone".into(),
         role: Role::Owner,
+        created_at_ms: 7,
+        expires_at_ms: None,
     };
     assert!(matches!(
         f.apply(Command::PutToken(orphan)),

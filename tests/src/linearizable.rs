@@ -97,7 +97,10 @@ pub fn check_register(ops: &[Op], initial: Value) -> bool {
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * ops.len());
     for (i, op) in ops.iter().enumerate() {
         if let Some(ret) = op.ret {
-            assert!(ret >= op.call, "operation {op:?} returns before it is called");
+            assert!(
+                ret >= op.call,
+                "operation {op:?} returns before it is called"
+            );
         }
         events.push((op.call, true, i));
         events.push((op.ret.unwrap_or(u64::MAX), false, i));
@@ -236,7 +239,10 @@ mod tests {
     fn sequential_histories() {
         assert!(check(&[w(0, Some(1), "a"), r(2, 3, Some("a"))]).is_ok());
         assert!(check(&[r(0, 1, None), w(2, Some(3), "a")]).is_ok());
-        assert!(check(&[w(0, Some(1), "a"), r(2, 3, None)]).is_err(), "stale read");
+        assert!(
+            check(&[w(0, Some(1), "a"), r(2, 3, None)]).is_err(),
+            "stale read"
+        );
         assert!(
             check(&[w(0, Some(1), "a"), w(2, Some(3), "b"), r(4, 5, Some("a"))]).is_err(),
             "a read older than an acknowledged write"

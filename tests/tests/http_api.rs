@@ -6,7 +6,7 @@ use serde_json::{json, Value as Json};
 use sesame_client::ClientError;
 use sesame_proto::api::TxRequest;
 use sesame_proto::Role;
-use sesame_tests::TestNode;
+use sesame_tests::{raw_http, TestNode};
 
 /// Sends a raw request and returns the status and the parsed body (or the text as a string).
 async fn raw(
@@ -205,6 +205,27 @@ async fn writes_reads_scans_changes_and_conflicts() {
         (again.index, again.duplicate, first.duplicate),
         (first.index, true, false)
     );
+    // After a later seq, a retry of the earlier one still reports its own index.
+    let later = admin
+        .tx(
+            "demo",
+            &TxRequest {
+                seq: Some(8),
+                ..req.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(later.index > first.index);
+    let retry = admin.tx("demo", &req).await.unwrap();
+    assert_eq!((retry.index, retry.duplicate), (first.index, true));
+    // A lower seq that was never applied is not passed off as a duplicate.
+    let skipped = TxRequest {
+        seq: Some(3),
+        ..req.clone()
+    };
+    let err = admin.tx("demo", &skipped).await.unwrap_err();
+    assert_eq!((api_status(&err), err.code()), (409, Some("stale_seq")));
 
     node.stop().await.unwrap();
 }
@@ -507,5 +528,325 @@ async fn restart_keeps_every_acknowledged_write() {
         .await
         .unwrap();
     assert!(next.index > acked.last().unwrap().1);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn numbers_past_the_store_s_integers_are_400() {
+    let node = TestNode::start().await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    admin.put("demo", "p", "k", json!(1), None).await.unwrap();
+    let t = Some(node.node.admin_token.as_str());
+    for since in [1u64 << 63, u64::MAX] {
+        let (status, body) = raw(
+            &node,
+            "GET",
+            &format!("/v1/sites/demo/changes?since={since}"),
+            t,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{since}: {body}");
+        assert!(error_of(&body).1.contains("since"), "{body}");
+    }
+    let cases = [
+        (
+            "/v1/sites/demo/rollback",
+            format!(r#"{{"index":{}}}"#, u64::MAX),
+            "index",
+        ),
+        (
+            "/v1/sites/demo/tx",
+            format!(
+                r#"{{"ops":[{{"delete":{{"collection":"p","key":"k"}}}}],"client_id":"c","seq":{}}}"#,
+                u64::MAX
+            ),
+            "seq",
+        ),
+        (
+            "/v1/sites/demo/tx",
+            format!(
+                r#"{{"ops":[{{"delete":{{"collection":"p","key":"k","if_version":{}}}}}]}}"#,
+                1u64 << 63
+            ),
+            "if_version",
+        ),
+    ];
+    for (path, body, needle) in &cases {
+        let (status, resp) = raw(&node, "POST", path, t, Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {resp}");
+        assert!(error_of(&resp).1.contains(needle), "{resp}");
+    }
+    let (status, _) = raw(
+        &node,
+        "DELETE",
+        "/v1/sites/demo/tokens/99999999999999999999",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        admin.changes("demo", 0, 100).await.unwrap().changes.len(),
+        1
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_are_listed_revoked_and_expire() {
+    let node = TestNode::start().await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    admin.create_site("blog").await.unwrap();
+    let owner = admin.create_token("demo", Role::Owner).await.unwrap();
+    let owner_client = node.client(Some(&owner.token));
+    let editor = owner_client
+        .create_token("demo", Role::Editor)
+        .await
+        .unwrap();
+    let short = owner_client
+        .create_token_for("demo", Role::Reader, Some(1))
+        .await
+        .unwrap();
+    assert!(short.expires_at_ms.is_some() && editor.expires_at_ms.is_none());
+
+    // Listed by the owner (and admin): ids, roles, times; never a secret or its hash.
+    let listed = owner_client.list_tokens("demo").await.unwrap().tokens;
+    let ids: Vec<u64> = listed.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [owner.id, editor.id, short.id]);
+    let raw_list = raw(
+        &node,
+        "GET",
+        "/v1/sites/demo/tokens",
+        Some(&owner.token),
+        None,
+    )
+    .await
+    .1
+    .to_string();
+    for secret in [&owner.token, &editor.token, &short.token] {
+        assert!(!raw_list.contains(secret.as_str()), "{raw_list}");
+        let hash = sesame_node::auth::hash_token(secret);
+        assert!(!raw_list.contains(&hash[..16]), "{raw_list}");
+    }
+    assert_eq!(admin.list_tokens("demo").await.unwrap().tokens.len(), 3);
+    let editor_client = node.client(Some(&editor.token));
+    assert_eq!(
+        api_status(&editor_client.list_tokens("demo").await.unwrap_err()),
+        403
+    );
+    assert_eq!(
+        api_status(&owner_client.list_tokens("blog").await.unwrap_err()),
+        403
+    );
+    assert_eq!(
+        api_status(
+            &owner_client
+                .revoke_token("blog", editor.id)
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
+
+    // Revoked: refused with 401 saying so; revoking again is 404.
+    editor_client
+        .put("demo", "p", "k", json!(1), None)
+        .await
+        .unwrap();
+    owner_client.revoke_token("demo", editor.id).await.unwrap();
+    let err = editor_client
+        .put("demo", "p", "k", json!(2), None)
+        .await
+        .unwrap_err();
+    let ClientError::Api {
+        status, message, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*status, 401);
+    assert!(message.contains("revoked"), "{message}");
+    assert_eq!(
+        api_status(
+            &owner_client
+                .revoke_token("demo", editor.id)
+                .await
+                .unwrap_err()
+        ),
+        404
+    );
+    assert_eq!(
+        owner_client.list_tokens("demo").await.unwrap().tokens.len(),
+        2
+    );
+
+    // Expired: refused with 401 saying so.
+    let reader = node.client(Some(&short.token));
+    let expires = short.expires_at_ms.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(std::time::Duration::from_millis(
+        expires.saturating_sub(now) + 50,
+    ))
+    .await;
+    let err = reader.get("demo", "p", "k").await.unwrap_err();
+    let ClientError::Api {
+        status, message, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*status, 401);
+    assert!(message.contains("expired"), "{message}");
+    let listed = admin.list_tokens("demo").await.unwrap().tokens;
+    assert!(listed.iter().any(|t| t.id == short.id && t.expired));
+
+    // A lifetime out of range is refused.
+    for ttl in ["0", "315360001", "-1"] {
+        let (status, body) = raw(
+            &node,
+            "POST",
+            "/v1/sites/demo/tokens",
+            Some(&owner.token),
+            Some(&format!(r#"{{"role":"reader","ttl_s":{ttl}}}"#)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{ttl}: {body}");
+    }
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let node = TestNode::start().await.unwrap();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/v1/sites", node.node.url()))
+            .header(
+                "Authorization",
+                format!("{scheme} {}", node.node.admin_token),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{scheme}");
+    }
+    node.stop().await.unwrap();
+}
+
+/// A raw request with `Connection: close` and the given extra header lines.
+fn request(method: &str, target: &str, extra: &str) -> Vec<u8> {
+    format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
+        .into_bytes()
+}
+
+fn json_error(resp: &sesame_tests::RawResponse) -> (String, String) {
+    let body: Json = serde_json::from_str(&resp.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", resp.head, resp.body));
+    let (code, message) = error_of(&body);
+    (code.to_string(), message.to_string())
+}
+
+#[tokio::test]
+async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
+    let node = TestNode::start().await.unwrap();
+    let addr = node.node.addr;
+    let auth = format!("Authorization: Bearer {}\r\n", node.node.admin_token);
+
+    // 405 from routing: JSON, with Allow.
+    let resp = raw_http(addr, &request("DELETE", "/v1/sites", &auth)).await;
+    assert_eq!(resp.status, 405, "{}", resp.head);
+    assert!(
+        resp.header("allow").is_some_and(|a| a.contains("POST")),
+        "{}",
+        resp.head
+    );
+    assert_eq!(json_error(&resp).0, "method_not_allowed");
+    assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
+
+    // 414: a request target over our limit, under hyper's.
+    let long = format!("/demo/{}", "a".repeat(sesame_node::edge::URI_BYTES_MAX));
+    let resp = raw_http(addr, &request("GET", &long, "")).await;
+    assert_eq!(resp.status, 414, "{}", resp.head);
+    let (code, message) = json_error(&resp);
+    assert_eq!(code, "uri_too_long");
+    assert!(
+        message.contains(&sesame_node::edge::URI_BYTES_MAX.to_string()),
+        "{message}"
+    );
+
+    // 431: too many headers, and headers too large.
+    let many: String = (0..sesame_node::edge::HEADERS_MAX + 1)
+        .map(|i| format!("X-H{i}: v\r\n"))
+        .collect();
+    let resp = raw_http(addr, &request("GET", "/healthz", &many)).await;
+    assert_eq!(resp.status, 431, "{}", resp.head);
+    assert_eq!(json_error(&resp).0, "headers_too_large");
+    let big = format!(
+        "X-Big: {}\r\n",
+        "b".repeat(sesame_node::edge::HEADER_BYTES_MAX)
+    );
+    let resp = raw_http(addr, &request("GET", "/v1/sites", &big)).await;
+    assert_eq!(resp.status, 431, "{}", resp.head);
+    assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(json_error(&resp).0, "headers_too_large");
+
+    // nosniff on API answers, API errors, health and pages.
+    for (target, extra, status) in [
+        ("/v1/sites", auth.as_str(), 200),
+        ("/v1/sites", "", 401),
+        ("/v1/nothing", auth.as_str(), 404),
+        ("/healthz", "", 200),
+        ("/nosuchsite/page", "", 404),
+    ] {
+        let resp = raw_http(addr, &request("GET", target, extra)).await;
+        assert_eq!(resp.status, status, "{target}: {}", resp.head);
+        assert_eq!(
+            resp.header("x-content-type-options"),
+            Some("nosniff"),
+            "{target}"
+        );
+    }
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_data_directory_is_private_and_short_admin_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let err = TestNode::start_in_with(&data, |c| c.admin_token = Some("short-token".into()))
+        .await
+        .err()
+        .expect("a short admin token is refused");
+    assert!(format!("{err:#}").contains("at least 16"), "{err:#}");
+
+    std::fs::create_dir_all(&data).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let node = TestNode::start_in(&data).await.unwrap();
+    node.admin().create_site("demo").await.unwrap();
+    let node_dir = node.data_dir().to_path_buf();
+    node.stop().await.unwrap();
+    // Start again: whatever the first run made is fixed now too.
+    let node = TestNode::start_in(&node_dir).await.unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&node_dir), 0o700);
+        for entry in std::fs::read_dir(&node_dir).unwrap() {
+            let path = entry.unwrap().path();
+            let want = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(&path), want, "{}", path.display());
+        }
+    }
     node.stop().await.unwrap();
 }

@@ -45,7 +45,10 @@ async fn wait_published(node: &TestNode, path: &str, index: u64) -> String {
         if resp.status() == StatusCode::OK {
             return resp.text().await.unwrap();
         }
-        assert!(Instant::now() < deadline, "{path} never reached index {index}");
+        assert!(
+            Instant::now() < deadline,
+            "{path} never reached index {index}"
+        );
     }
 }
 
@@ -250,7 +253,10 @@ async fn a_full_disk_stops_writes_cleanly_and_the_node_recovers_without_a_restar
             assert!(body.contains("raft stopped"), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "healthz never reported the failure");
+        assert!(
+            Instant::now() < deadline,
+            "healthz never reported the failure"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let refused = admin

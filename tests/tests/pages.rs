@@ -11,7 +11,7 @@ use sesame_client::{ClientError, Http};
 use sesame_node::bundle;
 use sesame_proto::api::TxRequest;
 use sesame_proto::Op;
-use sesame_tests::TestNode;
+use sesame_tests::{raw_http, TestNode};
 
 const SITE: &str = "demo";
 
@@ -297,7 +297,11 @@ async fn read_your_writes_etags_and_bounded_waits() {
     .await;
     assert_eq!(future.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(future.headers.contains_key(RETRY_AFTER));
-    assert!(future.body.contains("beyond the newest index"), "{}", future.body);
+    assert!(
+        future.body.contains("beyond the newest index"),
+        "{}",
+        future.body
+    );
     assert_eq!(
         get(&node, "/demo/alice", None).await.status,
         StatusCode::OK,
@@ -548,11 +552,13 @@ async fn odd_paths_never_escape_the_site() {
     let index = deploy_demo(&admin).await;
     get(&node, "/demo/", Some(index)).await;
     let long = format!("/demo/{}", "a".repeat(3_000));
+    // An encoded slash stays inside its segment and is looked up in the manifest (no such
+    // page here): it never splits a path, so it can never climb out of the site.
     let cases: [(&str, u16); 11] = [
         ("/demo/%2e%2e/%2e%2e/etc/passwd", 400),
-        ("/demo/..%2F..%2Fetc%2Fpasswd", 400),
-        ("/demo/a%2Fb", 400),
-        ("/demo/a%5C..%5Cb", 400),
+        ("/demo/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/demo/a%2Fb", 404),
+        ("/demo/a%5C..%5Cb", 404),
         ("/demo/a//b", 400),
         ("/demo/%00", 400),
         ("/demo/%zz", 400),
@@ -580,6 +586,155 @@ async fn odd_paths_never_escape_the_site() {
         .await
         .unwrap();
     assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(post.headers()["allow"], "GET, HEAD");
+    assert_eq!(post.headers()["x-content-type-options"], "nosniff");
+    let body: serde_json::Value = post.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    node.stop().await.unwrap();
+}
+
+/// The `<loc>` URLs of a sitemap.
+fn sitemap_urls(xml: &str) -> Vec<String> {
+    xml.split("<loc>")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split_once("</loc>")
+                .map(|(url, _)| url.replace("&amp;", "&"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_key_with_a_slash_is_served_where_the_sitemap_and_links_say() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    deploy_demo(&admin).await;
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "a/b",
+            json!({"name": "Slashed", "bio": "x"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let sitemap = get(&node, "/demo/sitemap.xml", Some(w.index)).await;
+    assert_eq!(sitemap.status, StatusCode::OK);
+    let urls = sitemap_urls(&sitemap.body);
+    let url = urls
+        .iter()
+        .find(|u| u.ends_with("/demo/a%2Fb"))
+        .unwrap_or_else(|| panic!("no URL for key a/b in {urls:?}"));
+    // The URL exactly as the sitemap names it: 200, the page, whose canonical link is it.
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{url}");
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("<h1>Slashed</h1>"), "{body}");
+    assert!(
+        body.contains(&format!(r#"<link rel="canonical" href="{url}">"#)),
+        "{body}"
+    );
+    // The index page links to it the same way.
+    let index = get(&node, "/demo/", Some(w.index)).await;
+    assert!(index.body.contains(r#"href="#), "{}", index.body);
+    assert!(
+        index.body.contains(&format!(r#"href="{url}""#)),
+        "{}",
+        index.body
+    );
+    // Lower-case hex reaches it too; the unencoded path is another page (none).
+    let path = url.strip_prefix(&node.node.url()).unwrap();
+    let lower = path.replace("%2F", "%2f");
+    let request = format!("GET {lower} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        raw_http(node.node.addr, request.as_bytes()).await.status,
+        200
+    );
+    assert_eq!(
+        get(&node, "/demo/a/b", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bare_site_path_redirects_to_its_root_page() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let index = deploy_demo(&node.admin()).await;
+    get(&node, "/demo/", Some(index)).await;
+    for (path, location) in [("/demo", "/demo/"), ("/demo?_min=1", "/demo/?_min=1")] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let resp = raw_http(node.node.addr, request.as_bytes()).await;
+        assert_eq!(resp.status, 308, "{path}: {}", resp.head);
+        assert_eq!(resp.header("location"), Some(location), "{}", resp.head);
+    }
+    let followed = get(&node, "/demo", None).await;
+    assert_eq!(followed.status, StatusCode::OK);
+    assert_eq!(followed.headers["x-content-type-options"], "nosniff");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_site_stops_being_served_and_comes_back_empty() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    assert_eq!(
+        get(&node, "/demo/alice", Some(index)).await.status,
+        StatusCode::OK
+    );
+    let reader = admin
+        .create_token(SITE, sesame_proto::Role::Reader)
+        .await
+        .unwrap()
+        .token;
+    let root = node.data_dir().join("objects/sites/demo/root");
+    assert!(root.is_file());
+
+    let deleted = admin.delete_site(SITE).await.unwrap();
+    assert!(deleted.index > index);
+    assert_eq!(
+        get(&node, "/demo/alice", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&node, "/demo/", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(!root.exists(), "edge readers lose the root too");
+    let err = node
+        .client(Some(&reader))
+        .get(SITE, "profiles", "alice")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Api { status: 401, .. }), "{err}");
+    let err = admin.delete_site(SITE).await.unwrap_err();
+    assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err}");
+    assert!(admin.list_sites().await.unwrap().sites.is_empty());
+
+    // Recreated under the same name: empty, and it publishes afresh.
+    admin.create_site(SITE).await.unwrap();
+    assert!(admin.keys(SITE, "profiles").await.unwrap().is_empty());
+    assert!(admin
+        .changes(SITE, 0, 100)
+        .await
+        .unwrap()
+        .changes
+        .is_empty());
+    let versions = admin.versions(SITE, 10).await.unwrap().versions;
+    assert!(
+        versions.iter().all(|v| v.index > deleted.index),
+        "no version of the old site: {versions:?}"
+    );
+    let w = admin
+        .put(SITE, "profiles", "zed", json!({"name": "Zed"}), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&node, "/demo/alice", Some(w.index)).await.status,
+        StatusCode::NOT_FOUND
+    );
     node.stop().await.unwrap();
 }
 
@@ -655,8 +810,38 @@ async fn subdomain_mode_serves_by_host() {
         "{}",
         page.body
     );
+    // Host names compare without case, a trailing dot or the port.
+    for host in [
+        "Demo.Sites.Test",
+        "demo.sites.test.",
+        "DEMO.sites.test.:8080",
+    ] {
+        let page = get_with(&node, "/alice", |r| r.header("Host", host)).await;
+        assert_eq!(page.status, StatusCode::OK, "{host}");
+    }
     // Path mode still works on the node's own address.
     assert_eq!(get(&node, "/demo/alice", None).await.status, StatusCode::OK);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn subdomain_links_keep_the_port_without_a_public_url() {
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.domain = Some("sites.test".into());
+    })
+    .await
+    .unwrap();
+    let index = deploy_demo(&node.admin()).await;
+    let page = get(&node, "/demo/alice", Some(index)).await;
+    let port = node.node.addr.port();
+    assert!(
+        page.body.contains(&format!(
+            r#"<link rel="canonical" href="http://demo.sites.test:{port}/alice">"#
+        )),
+        "{}",
+        page.body
+    );
     node.stop().await.unwrap();
 }
 
@@ -843,7 +1028,11 @@ async fn a_failed_publish_keeps_the_old_version_and_recovers() {
     }
     let problem = status.last_error.expect("a failing publish is reported");
     assert_eq!(problem.template, "(publish)");
-    assert!(problem.message.contains("publishing failed"), "{}", problem.message);
+    assert!(
+        problem.message.contains("publishing failed"),
+        "{}",
+        problem.message
+    );
 
     // Repair it: the projector retries and publishes the edit.
     std::fs::remove_file(&blobs).unwrap();

@@ -16,8 +16,8 @@ use openraft::{Entry, EntryPayload};
 use sesame_proto::{Command, CommandResult, LogIndex};
 use thiserror::Error;
 
-use crate::write::WriteError;
 use crate::raft::{LogId, Member, NodeId, SnapshotMeta, TypeConfig, Vote};
+use crate::write::WriteError;
 
 /// A request from one peer to another. Each travels on a stream of its own.
 #[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
@@ -33,7 +33,9 @@ pub enum PeerRequest {
     Propose(Command),
     /// A linearizable read point: the index a reader must wait for on its own node.
     /// `lease: true` lets a leader within its lease answer without a round of heartbeats.
-    ReadIndex { lease: bool },
+    ReadIndex {
+        lease: bool,
+    },
     /// Waits (at most `wait_ms`) until the leader has published `site` as of `index`; answers
     /// which root the reader's node must have installed to serve that.
     WaitProjected {

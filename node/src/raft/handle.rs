@@ -118,7 +118,10 @@ impl RaftHandle {
 
     /// The running instance (cheap: a handle).
     pub fn get(&self) -> Raft {
-        self.current.read().expect("raft handle lock poisoned").clone()
+        self.current
+            .read()
+            .expect("raft handle lock poisoned")
+            .clone()
     }
 
     /// Why Raft is not running, or `None` when it runs.

@@ -287,6 +287,8 @@ impl SnapshotDir {
             fs::copy(src, &dest).map_err(io_error("copy snapshot into", &dest))?;
             dest
         };
+        crate::private::make_file_private(&path)
+            .map_err(io_error("restrict the mode of", &path))?;
         File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io_error("fsync snapshot", &path))?;

@@ -21,7 +21,7 @@ pub const BASE_HTML: &str = r#"<!doctype html>
 pub const INDEX: &str = r#"{% extends "base.html" %}
 {% block body %}<h1>People</h1>
 <ul>
-{% for p in list("profiles", limit=100) %}<li><a href="{{ site.base_url }}/{{ p.key|urlencode }}">{{ p.value.name }}</a></li>
+{% for p in list("profiles", limit=100) %}<li><a href="{{ site.base_url }}/{{ p.key|segment }}">{{ p.value.name }}</a></li>
 {% endfor %}</ul>{% endblock %}"#;
 
 pub const PROFILE: &str = r#"{% extends "base.html" %}

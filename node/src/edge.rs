@@ -1,0 +1,157 @@
+//! What every HTTP request and response passes through, around routing: limits on the
+//! request target and headers answered in the API's error format, that format for the
+//! answers axum makes without a body (405 from method routing), and the headers every
+//! response carries.
+//!
+//! hyper has limits of its own further out (a request target of 64 KiB, 100 headers, a
+//! request head of about 408 KiB); past those hyper answers 414, 431 or 400 itself, with an
+//! empty body, before any of this runs. The limits here sit below hyper's so that what a
+//! client meets first is a JSON error that names the limit.
+
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+
+/// Longest request target (path and query), in bytes.
+pub const URI_BYTES_MAX: usize = 8 * 1024;
+/// Most request headers.
+pub const HEADERS_MAX: usize = 64;
+/// Largest sum of request header names and values, in bytes.
+pub const HEADER_BYTES_MAX: usize = 32 * 1024;
+
+/// The middleware: see the module documentation.
+pub async fn edge(req: Request, next: Next) -> Response {
+    let mut resp = match check_head(&req) {
+        Err(e) => e.into_response(),
+        Ok(()) => {
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let resp = next.run(req).await;
+            fill_empty_error(resp, &method, &path)
+        }
+    };
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// Checks the request line and headers against the limits.
+fn check_head(req: &Request) -> Result<(), ApiError> {
+    let uri = req.uri();
+    let uri_bytes = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, str::len);
+    if uri_bytes > URI_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is {uri_bytes} bytes, the limit is {URI_BYTES_MAX}"),
+        ));
+    }
+    let headers = req.headers();
+    if headers.len() > HEADERS_MAX {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request has {} headers, the limit is {HEADERS_MAX}",
+                headers.len()
+            ),
+        ));
+    }
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > HEADER_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request headers are {header_bytes} bytes, the limit is {HEADER_BYTES_MAX}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Gives an error answer without a body (axum's own 405, say) the API's JSON error body,
+/// keeping its headers (`Allow`).
+fn fill_empty_error(resp: Response, method: &http::Method, path: &str) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return resp;
+    }
+    let (parts, _) = resp.into_parts();
+    let error = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            ApiError::new(
+                status,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}; allowed: {allowed}"),
+            )
+        }
+        _ => {
+            let code = match status {
+                StatusCode::BAD_REQUEST => "bad_request",
+                StatusCode::NOT_FOUND => "not_found",
+                StatusCode::REQUEST_TIMEOUT => "request_timeout",
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                StatusCode::INTERNAL_SERVER_ERROR => "internal",
+                _ => "error",
+            };
+            let reason = status.canonical_reason().unwrap_or("error");
+            ApiError::new(status, code, format!("{reason} ({method} {path})"))
+        }
+    };
+    let mut filled = error.into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_LENGTH && name != header::CONTENT_TYPE {
+            filled.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    filled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_errors_get_json_bodies_and_keep_their_headers() {
+        let mut resp = StatusCode::METHOD_NOT_ALLOWED.into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET,HEAD"));
+        let filled = fill_empty_error(resp, &http::Method::DELETE, "/v1/sites/demo/tx");
+        assert_eq!(filled.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(filled.headers()[header::ALLOW], "GET,HEAD");
+        assert_eq!(filled.headers()[header::CONTENT_TYPE], "application/json");
+
+        let filled = fill_empty_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response(),
+            &http::Method::POST,
+            "/",
+        );
+        assert_eq!(filled.headers()[header::CONTENT_TYPE], "application/json");
+        let ok = fill_empty_error(
+            StatusCode::NO_CONTENT.into_response(),
+            &http::Method::GET,
+            "/",
+        );
+        assert!(!ok.headers().contains_key(header::CONTENT_TYPE));
+    }
+}
