@@ -152,6 +152,29 @@ impl Http {
         self.call::<(), _>(Method::GET, &path, None).await
     }
 
+    /// One tuple, read as fresh as `consistency` (`linearizable`, `lease` or `stale`) says,
+    /// and no older than `min_index`.
+    pub async fn get_with(
+        &self,
+        site: &str,
+        collection: &str,
+        key: &str,
+        consistency: &str,
+        min_index: Option<LogIndex>,
+    ) -> Result<TupleBody, ClientError> {
+        let mut path = format!(
+            "/v1/sites/{}/tuples/{}/{}?consistency={}",
+            seg(site),
+            seg(collection),
+            seg(key),
+            seg(consistency)
+        );
+        if let Some(n) = min_index {
+            path.push_str(&format!("&min_index={n}"));
+        }
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
     pub async fn scan(
         &self,
         site: &str,

@@ -31,7 +31,7 @@ use crate::peer::{
     Faults, FaultyTransport, NoPeers, NodeCerts, PeerConfig, PeerEndpoint, PeerTransport,
 };
 use crate::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
-use crate::raft::{Member, Network, NodeId, RaftHandle, RaftParts, RaftTiming};
+use crate::raft::{Member, Network, NodeId, RaftHandle, RaftParts, RaftTuning};
 use crate::reads::{ReadGate, Reads};
 use crate::serve::{Pages, ServeConfig};
 use crate::write::{WriteError, Writer, Written};
@@ -71,7 +71,7 @@ pub struct NodeConfig {
     pub min_index_wait: Duration,
     /// `None`: a single voter with no peers (`sesame dev`).
     pub cluster: Option<ClusterConfig>,
-    pub raft_timing: RaftTiming,
+    pub raft_tuning: RaftTuning,
 }
 
 impl NodeConfig {
@@ -88,7 +88,7 @@ impl NodeConfig {
             write_rate: Some(RateLimit::default()),
             min_index_wait: ServeConfig::default().min_index_wait,
             cluster: None,
-            raft_timing: RaftTiming::default(),
+            raft_tuning: RaftTuning::default(),
         }
     }
 }
@@ -290,12 +290,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let raft_parts = RaftParts {
         dir: config.data_dir.clone(),
         node_id: id,
-        timing: config.raft_timing,
+        timing: config.raft_tuning,
         network: Network::new(id, transport.clone()),
         applied: applied_tx.clone(),
     };
     let (raft, pool) = raft_parts.open().await?;
-    let raft = Arc::new(RaftHandle::new(id, config.raft_timing, raft));
+    let raft = Arc::new(RaftHandle::new(id, config.raft_tuning, raft));
     let reads = Reads::new(Arc::new(pool), applied_tx.subscribe());
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)

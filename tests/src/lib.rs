@@ -1,6 +1,7 @@
 //! Shared helpers for Sesame's integration tests and benchmark harness: start a real node on
 //! a loopback port in a temporary directory and talk to it.
 
+pub mod cluster;
 pub mod linearizable;
 
 use std::path::{Path, PathBuf};

@@ -24,25 +24,33 @@ const READ_POOL_IDLE_MAX: usize = 16;
 const RAFT_RESTART_MS_MIN: u64 = 250;
 const RAFT_RESTART_MS_MAX: u64 = 10_000;
 
-/// Raft's timing. Failover takes about one election timeout after the leader's last
-/// heartbeat, plus a vote round trip; a leader's read lease is shorter than the shortest
-/// election timeout by [`LEASE_MARGIN_MS`], so no new leader can exist while it holds.
+/// Raft's timing and snapshots. Failover takes about one election timeout after the
+/// leader's last heartbeat, plus a vote round trip; a leader's read lease is shorter than the
+/// shortest election timeout by [`LEASE_MARGIN_MS`], so no new leader can exist while it
+/// holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RaftTiming {
+pub struct RaftTuning {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// A snapshot is taken after this many log entries; older entries are then purged, and a
+    /// follower that lags past them is sent the snapshot.
+    pub snapshot_every: u64,
 }
+
+/// Log entries between snapshots by default.
+pub const SNAPSHOT_EVERY_DEFAULT: u64 = 10_000;
 
 /// Defaults tuned for failover within 1 s on a LAN: heartbeats every 100 ms, elections after
 /// 300–600 ms of silence. openraft also uses the heartbeat interval as the timeout of each
 /// append-entries request, so it must cover a follower's fsync of a full batch.
-impl Default for RaftTiming {
+impl Default for RaftTuning {
     fn default() -> Self {
-        RaftTiming {
+        RaftTuning {
             heartbeat_ms: 100,
             election_min_ms: 300,
             election_max_ms: 600,
+            snapshot_every: SNAPSHOT_EVERY_DEFAULT,
         }
     }
 }
@@ -51,7 +59,7 @@ impl Default for RaftTiming {
 /// clock drift between nodes and for the time the last acknowledgement took to arrive.
 pub const LEASE_MARGIN_MS: u64 = 100;
 
-impl RaftTiming {
+impl RaftTuning {
     /// How long after its last quorum acknowledgement a leader may serve lease reads.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.election_min_ms.saturating_sub(LEASE_MARGIN_MS))
@@ -63,6 +71,8 @@ impl RaftTiming {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_min_ms,
             election_timeout_max: self.election_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.snapshot_every.min(1_000),
             ..Default::default()
         }
         .validate()
@@ -73,7 +83,7 @@ impl RaftTiming {
 /// The node's Raft: the running instance, and why none runs when one does not.
 pub struct RaftHandle {
     id: NodeId,
-    timing: RaftTiming,
+    timing: RaftTuning,
     current: RwLock<Raft>,
     problem: RwLock<Option<String>>,
 }
@@ -99,7 +109,7 @@ impl RaftView {
 }
 
 impl RaftHandle {
-    pub fn new(id: NodeId, timing: RaftTiming, raft: Raft) -> RaftHandle {
+    pub fn new(id: NodeId, timing: RaftTuning, raft: Raft) -> RaftHandle {
         RaftHandle {
             id,
             timing,
@@ -112,7 +122,7 @@ impl RaftHandle {
         self.id
     }
 
-    pub fn timing(&self) -> RaftTiming {
+    pub fn timing(&self) -> RaftTuning {
         self.timing
     }
 
@@ -167,7 +177,7 @@ impl RaftHandle {
 pub struct RaftParts {
     pub dir: PathBuf,
     pub node_id: NodeId,
-    pub timing: RaftTiming,
+    pub timing: RaftTuning,
     pub network: Network,
     /// The applied index, shared by every instance so followers of it need not resubscribe.
     pub applied: Arc<watch::Sender<LogIndex>>,

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-pub use handle::{RaftHandle, RaftParts, RaftTiming, RaftView};
+pub use handle::{RaftHandle, RaftParts, RaftTuning, RaftView};
 pub use log_store::{LogReader, LogStore, LogStoreError};
 pub use member::Member;
 pub use network::Network;
