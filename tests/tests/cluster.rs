@@ -321,3 +321,73 @@ async fn bad_membership_requests_get_clear_errors() {
     assert!(matches!(err, ClientError::Api { status: 403, .. }), "{err}");
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_disk_on_one_node_does_not_stop_the_cluster() {
+    let disk = std::sync::Arc::new(sesame_tests::disk::SmallDisk::mount(96 << 20));
+    let mut options = ClusterOptions::default();
+    let on_disk = disk.clone();
+    options.adjust = Some(std::sync::Arc::new(move |id, c| {
+        if id == 3 {
+            c.data_dir = on_disk.path().join("node3");
+        }
+    }));
+    let cluster = TestCluster::start(3, options).await.unwrap();
+    let healthy = cluster.admin(1);
+    healthy.create_site("s").await.unwrap();
+    let health = |id: u64| {
+        let url = format!("{}/healthz", cluster.node(id).url());
+        async move {
+            let resp = reqwest::get(url).await.unwrap();
+            (resp.status(), resp.text().await.unwrap())
+        }
+    };
+
+    let filler = sesame_tests::disk::fill(disk.path());
+    // Writes through the healthy nodes keep being acknowledged while node 3 cannot store
+    // anything: the other two are a majority.
+    let value = "x".repeat(2_000);
+    let mut acked = Vec::new();
+    let mut failing_seen = false;
+    let deadline = Instant::now() + PATIENCE;
+    let mut i = 0u64;
+    while !failing_seen || acked.len() < 50 {
+        assert!(Instant::now() < deadline, "node 3 never reported its disk");
+        let writer = cluster.admin(1 + i % 2);
+        let key = format!("k{i}");
+        i += 1;
+        match writer
+            .put("s", "t", &key, json!({ "v": value }), None)
+            .await
+        {
+            Ok(w) => acked.push((key, w.index)),
+            // A write in flight when node 3 (perhaps the leader) failed: the cluster moves on.
+            Err(e) => assert!(
+                ["outcome_unknown", "not_leader", "unavailable"].contains(&e.code().unwrap_or("")),
+                "{e}"
+            ),
+        }
+        let (status, body) = health(3).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(body.contains("raft stopped"), "{body}");
+            failing_seen = true;
+        }
+    }
+    // Node 3 never acknowledged what it did not store: its applied index is behind.
+    let newest = acked.last().unwrap().1;
+    assert!(cluster.node(3).node.reads.applied_index() < newest);
+
+    // Space returns: node 3 restarts its Raft, catches up and serves reads again.
+    std::fs::remove_file(filler).unwrap();
+    cluster.wait_applied(newest, PATIENCE).await.unwrap();
+    assert_eq!(health(3).await.0, StatusCode::OK);
+    let three = cluster.admin(3);
+    for (key, _) in &acked {
+        let t = three
+            .get_with("s", "t", key, "stale", Some(newest))
+            .await
+            .unwrap();
+        assert_eq!(t.value.to_json(), json!({ "v": value }));
+    }
+    cluster.stop().await.unwrap();
+}

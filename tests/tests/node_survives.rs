@@ -7,6 +7,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sesame_node::bundle;
 use sesame_proto::api::TxRequest;
+use sesame_tests::disk::{fill, SmallDisk};
 use sesame_tests::TestNode;
 
 const SITE: &str = "demo";
@@ -152,54 +153,6 @@ async fn held_requests_are_bounded_and_never_starve_other_visitors() {
         "the ordinary page waited behind the held requests"
     );
     node.stop().await.unwrap();
-}
-
-/// A tmpfs of `bytes` mounted on a fresh temporary directory; unmounted on drop.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(bytes: u64) -> SmallDisk {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
-            .arg("tmpfs")
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs to fill it and needs root (CI runs as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk { dir }
-    }
-
-    fn path(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Fills the disk at `dir` with a file until writing fails; returns its path.
-fn fill(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write as _;
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 64 << 10];
-    while f.write_all(&chunk).is_ok() {}
-    // Whatever a partial chunk could still take.
-    while f.write_all(&[0u8; 512]).is_ok() {}
-    path
 }
 
 #[tokio::test]

@@ -23,6 +23,9 @@ const READ_POOL_IDLE_MAX: usize = 16;
 /// attempt up to [`RAFT_RESTART_MS_MAX`].
 const RAFT_RESTART_MS_MIN: u64 = 250;
 const RAFT_RESTART_MS_MAX: u64 = 10_000;
+/// Bytes written (and removed) to check that the data folder takes writes again before
+/// Raft restarts on it.
+const DISK_PROBE_BYTES: usize = 4 << 20;
 
 /// Raft's timing and snapshots. Failover takes about one election timeout after the
 /// leader's last heartbeat, plus a vote round trip; a leader's read lease is shorter than the
@@ -242,6 +245,14 @@ pub async fn supervise(handle: Arc<RaftHandle>, parts: RaftParts, cancel: Cancel
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             }
+            // A restarted node may resume leading at once (its vote is committed), so it
+            // must not come back before its disk takes writes, or it would hold the
+            // cluster's leadership while failing every append.
+            if let Err(e) = probe_disk(&parts.dir).await {
+                tracing::warn!("raft stays stopped: the data folder does not take writes: {e:#}");
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
             match parts.open().await {
                 Ok((raft, _reads)) => {
                     *handle.current.write().expect("raft handle lock poisoned") = raft;
@@ -256,4 +267,24 @@ pub async fn supervise(handle: Arc<RaftHandle>, parts: RaftParts, cancel: Cancel
             }
         }
     }
+}
+
+/// Writes, syncs and removes a file of [`DISK_PROBE_BYTES`] in `dir`: whether the disk takes
+/// writes now.
+async fn probe_disk(dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = dir.join(".disk-probe");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let written = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&path)?;
+            f.write_all(&vec![0u8; DISK_PROBE_BYTES])?;
+            f.sync_all()
+        })();
+        let removed = std::fs::remove_file(&path);
+        written.with_context(|| format!("write {}", path.display()))?;
+        removed.with_context(|| format!("remove {}", path.display()))?;
+        Ok(())
+    })
+    .await
+    .context("join the disk probe")?
 }
