@@ -114,7 +114,7 @@ pub(crate) fn environment(
         Escape::Json => AutoEscape::Json,
         Escape::None => AutoEscape::None,
     };
-    env.set_auto_escape_callback(move |_| auto_escape.clone());
+    env.set_auto_escape_callback(move |_| auto_escape);
     env.set_formatter(format_value);
     env.add_filter("safe_url", safe_url);
     env
@@ -158,9 +158,7 @@ pub fn safe_url(value: &JValue) -> String {
     }
     match head.split_once(':') {
         None => url.trim().to_string(),
-        Some((scheme, _)) if matches!(scheme, "http" | "https" | "mailto") => {
-            url.trim().to_string()
-        }
+        Some(("http" | "https" | "mailto", _)) => url.trim().to_string(),
         Some(_) => UNSAFE.to_string(),
     }
 }
