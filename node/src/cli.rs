@@ -89,7 +89,14 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// A worker process of the node's render pool (started by the node; speaks a binary
+    /// protocol on stdin and stdout). `main` runs it before any runtime starts.
+    #[command(hide = true, name = RENDER_WORKER_COMMAND)]
+    RenderWorker,
 }
+
+/// The hidden subcommand that makes `sesame` a render worker.
+pub const RENDER_WORKER_COMMAND: &str = "render-worker";
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -276,6 +283,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown role {other:?}: use owner, editor or reader"),
             };
             print_json(&remote.client().create_token(&site, role).await?)
+        }
+        Command::RenderWorker => {
+            anyhow::bail!("{RENDER_WORKER_COMMAND} runs from main, outside the async runtime")
         }
     }
 }

@@ -20,6 +20,9 @@ use sesame_sync::{ReadPool, StoreError, View};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use sesame_projector::sandbox::{
+    PoolConfig, RenderPool, WorkerCommand, PAGE_TIME_MS_DEFAULT, WORKER_MEMORY_BYTES_DEFAULT,
+};
 use sesame_projector::Publisher;
 
 use crate::auth;
@@ -71,6 +74,16 @@ pub struct NodeConfig {
     pub write_rate: Option<RateLimit>,
     /// Longest a `Sesame-Min-Index` request waits.
     pub min_index_wait: Duration,
+    /// The program the render pool runs as its workers; `None`: this executable with
+    /// `render-worker` (right for the `sesame` binary; a process that is not `sesame`, like
+    /// a test, must name the `sesame` binary here).
+    pub render_worker: Option<WorkerCommand>,
+    /// Render worker processes; 0: one per core.
+    pub render_workers: usize,
+    /// Address space of each render worker: what one page render may use, plus the worker.
+    pub render_memory_bytes_max: u64,
+    /// Longest one page may take to render before its worker is killed.
+    pub render_page_time_max: Duration,
 }
 
 impl NodeConfig {
@@ -86,7 +99,25 @@ impl NodeConfig {
             debounce: Duration::from_millis(DEBOUNCE_MS_DEFAULT),
             write_rate: Some(RateLimit::default()),
             min_index_wait: ServeConfig::default().min_index_wait,
+            render_worker: None,
+            render_workers: 0,
+            render_memory_bytes_max: WORKER_MEMORY_BYTES_DEFAULT,
+            render_page_time_max: Duration::from_millis(PAGE_TIME_MS_DEFAULT),
         }
+    }
+
+    /// The render pool's configuration.
+    fn render_pool(&self) -> anyhow::Result<PoolConfig> {
+        let command = match &self.render_worker {
+            Some(command) => command.clone(),
+            None => WorkerCommand::current_exe(&[crate::cli::RENDER_WORKER_COMMAND])
+                .context("find this executable to run it as the render worker")?,
+        };
+        let mut config = PoolConfig::new(command);
+        config.workers = self.render_workers;
+        config.memory_bytes_max = self.render_memory_bytes_max;
+        config.page_time_max = self.render_page_time_max;
+        Ok(config)
     }
 }
 
@@ -342,6 +373,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             debounce: config.debounce,
             public_url,
             domain: config.domain.clone(),
+            render_pool: Arc::new(RenderPool::new(config.render_pool()?)),
         },
         publisher.clone(),
     ));
