@@ -144,6 +144,8 @@ struct Queue {
     batches: VecDeque<Queued>,
     next_id: u64,
     drivers_started: bool,
+    /// Drivers waiting for a page.
+    idle: usize,
     stopping: bool,
 }
 
@@ -190,18 +192,21 @@ impl Shared {
                 }
                 return Some((batch, i));
             }
+            queue.idle += 1;
             queue = self
                 .work
                 .wait(queue)
                 .unwrap_or_else(PoisonError::into_inner);
+            queue.idle -= 1;
         }
     }
 
-    /// The next page, if there is one and no other batch is waiting for its turn (then the
-    /// page is not taken: it would make that batch wait one page longer).
+    /// The next page, if there is one, no other batch is waiting for its turn (the page
+    /// would make that batch wait one page longer) and no driver is idle (it should render
+    /// the page at once instead).
     fn next_job_uncontended(&self) -> Option<(Arc<Batch>, usize)> {
         let mut queue = self.lock();
-        if queue.stopping || queue.batches.len() != 1 {
+        if queue.stopping || queue.batches.len() != 1 || queue.idle > 0 {
             return None;
         }
         let entry = queue.batches.front_mut().expect("one batch is queued");
@@ -870,8 +875,13 @@ impl Death {
             Cause::Wire(e) => e,
         };
         if self.stderr.contains("memory allocation of") {
+            let what = if during == "starting" {
+                "the renderer itself"
+            } else {
+                "the page"
+            };
             return format!(
-                "the page needed more than its memory limit of {}",
+                "{what} needed more than its memory limit of {}",
                 mib(config.memory_bytes_max)
             );
         }
