@@ -39,4 +39,4 @@ pub use worker::worker_main;
 pub const ENVIRONMENTS_CACHED_MAX: usize = 16;
 /// Template source a worker keeps compiled, over all its environments, in bytes (about: the
 /// environment in use is never evicted).
-pub const TEMPLATE_BYTES_CACHED_MAX: usize = 32 << 20;
+pub const TEMPLATE_BYTES_CACHED_MAX: usize = 8 << 20;

@@ -56,6 +56,8 @@ const STDERR_LINES_LOGGED_MAX: usize = 20;
 /// Pages a worker holds at once: the one it renders and the next, so it need not wait for
 /// its driver between pages. Only taken when no other batch waits for a turn.
 const PIPELINE_PAGES: usize = 2;
+/// What Rust's runtime prints before it aborts on a failed allocation.
+const OUT_OF_MEMORY: &str = "memory allocation of";
 /// Buffer for reading a worker's frames, in bytes.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 
@@ -363,30 +365,53 @@ impl Drop for RenderPool {
 /// A driver: renders pages on one worker slot until the pool stops.
 ///
 /// Pages are pipelined: while the worker renders one page, the next is already in its pipe
-/// (when no other batch is waiting for a turn), so the worker never waits for the driver
-/// between pages. Only the page being rendered can fail with its worker; the one queued
-/// behind it is sent again to the next worker.
+/// (when no other batch is waiting for a turn and no driver is idle), so the worker need not
+/// wait for the driver between pages. Only the page being rendered can fail with its
+/// worker; the one queued behind it is sent again to the next worker.
 fn drive(shared: &Shared) {
     let mut slot = Slot::default();
-    // Pages handed to this driver, in the order the worker renders them; `bool`: sent to the
-    // current worker.
-    let mut pages: VecDeque<(Arc<Batch>, usize, bool)> = VecDeque::new();
+    // Pages handed to this driver, in the order the worker renders them.
+    let mut pages: VecDeque<InHand> = VecDeque::new();
     loop {
         if pages.is_empty() {
             match shared.next_job() {
-                Some((batch, i)) => pages.push_back((batch, i, false)),
+                Some((batch, i)) => pages.push_back(InHand::new(batch, i)),
                 None => break,
             }
         }
-        let (batch, i, _) = pages.front().expect("a page is in hand");
-        let (batch, i) = (Arc::clone(batch), *i);
-        let outcome = render_head(shared, &mut slot, &mut pages);
-        pages.pop_front();
+        let Some(outcome) = render_head(shared, &mut slot, &mut pages) else {
+            // To be rendered again, on a fresh worker.
+            continue;
+        };
+        let page = pages.pop_front().expect("a page is in hand");
         // A caller that went away (it unwound) needs no answer.
-        let _ = batch.events.send(Event::Done(i, outcome));
+        let _ = page.batch.events.send(Event::Done(page.i, outcome));
     }
     if let Some(worker) = slot.worker.take() {
         worker.stop();
+    }
+}
+
+/// A page a driver holds.
+struct InHand {
+    batch: Arc<Batch>,
+    i: usize,
+    /// Sent to the current worker.
+    sent: bool,
+    /// Rendered once already on a worker that died of memory after other pages: then the
+    /// page gets one more try on a fresh worker, since what those pages left behind (cached
+    /// templates) may have counted against the limit.
+    retried: bool,
+}
+
+impl InHand {
+    fn new(batch: Arc<Batch>, i: usize) -> InHand {
+        InHand {
+            batch,
+            i,
+            sent: false,
+            retried: false,
+        }
     }
 }
 
@@ -400,14 +425,15 @@ struct Slot {
 }
 
 /// Renders the first of `pages` (starting a worker and sending it the pages in hand first,
-/// and the next page from the queue if no other batch waits) and returns its outcome.
+/// and the next page from the queue when it can) and returns its outcome, or `None` when it
+/// must be rendered again on a fresh worker.
 fn render_head(
     shared: &Shared,
     slot: &mut Slot,
-    pages: &mut VecDeque<(Arc<Batch>, usize, bool)>,
-) -> PageOutcome {
-    let (batch, i, _) = pages.front().expect("a page is in hand");
-    let (batch, i) = (Arc::clone(batch), *i);
+    pages: &mut VecDeque<InHand>,
+) -> Option<PageOutcome> {
+    let head = pages.front().expect("a page is in hand");
+    let (batch, i) = (Arc::clone(&head.batch), head.i);
     let mut reads = PageReads::default();
     let result = match ensure_worker(shared, slot) {
         Err(message) => Err(format!("the renderer could not start: {message}")),
@@ -419,16 +445,28 @@ fn render_head(
                 worker.set_deadline(deadline);
                 converse(worker, &batch, &mut reads, &mut slot.buf)
             });
-            conversation.map_err(|cause| {
-                let worker = slot.worker.take().expect("in use above");
-                // Pages queued behind this one were never started: the next worker gets them.
-                for page in pages.iter_mut() {
-                    page.2 = false;
+            match conversation {
+                Ok(result) => {
+                    worker.pages += 1;
+                    Ok(result)
                 }
-                worker
-                    .kill(cause)
-                    .describe(&shared.config, "rendering the page")
-            })
+                Err(cause) => {
+                    let worker = slot.worker.take().expect("in use above");
+                    let rendered_before = worker.pages > 0;
+                    // Pages queued behind this one were never started: the next worker
+                    // gets them.
+                    for page in pages.iter_mut() {
+                        page.sent = false;
+                    }
+                    let death = worker.kill(cause);
+                    let head = pages.front_mut().expect("a page is in hand");
+                    if death.out_of_memory() && rendered_before && !head.retried {
+                        head.retried = true;
+                        return None;
+                    }
+                    Err(death.describe(&shared.config, "rendering the page"))
+                }
+            }
         }
     };
     let (deps, result) = match result {
@@ -446,11 +484,11 @@ fn render_head(
             (std::mem::take(&mut reads.observed), Err(error))
         }
     };
-    PageOutcome {
+    Some(PageOutcome {
         deps,
         result,
         source_error: reads.source_error,
-    }
+    })
 }
 
 /// Starts the slot's worker if it has none (unless one failed to start just now).
@@ -479,18 +517,15 @@ fn ensure_worker(shared: &Shared, slot: &mut Slot) -> Result<(), String> {
 
 /// Sends the worker the pages in hand it does not have yet, and takes one more from the
 /// queue when it can.
-fn send_pages(
-    shared: &Shared,
-    slot: &mut Slot,
-    pages: &mut VecDeque<(Arc<Batch>, usize, bool)>,
-) -> Result<(), Cause> {
+fn send_pages(shared: &Shared, slot: &mut Slot, pages: &mut VecDeque<InHand>) -> Result<(), Cause> {
     if pages.len() < PIPELINE_PAGES {
         if let Some((batch, i)) = shared.next_job_uncontended() {
-            pages.push_back((batch, i, false));
+            pages.push_back(InHand::new(batch, i));
         }
     }
     let worker = slot.worker.as_mut().expect("started before sending");
-    for (batch, i, sent) in pages.iter_mut().filter(|p| !p.2) {
+    for page in pages.iter_mut().filter(|p| !p.sent) {
+        let (batch, i) = (&page.batch, page.i);
         let render: ToWorker<RenderJobRef<'_>> = ToWorker::Render(RenderJobRef {
             templates: &batch.inputs.templates.id,
             fuel_per_page: batch.inputs.templates.fuel_per_page,
@@ -499,10 +534,10 @@ fn send_pages(
             base_url: &batch.inputs.base_url,
             // The body must fit in a frame, with room for the page's dependencies.
             page_bytes_max: batch.inputs.page_bytes_max.min(wire::FRAME_BYTES_MAX / 2) as u64,
-            job: &batch.jobs[*i],
+            job: &batch.jobs[i],
         });
         worker.send(&render, &mut slot.buf).map_err(Cause::Wire)?;
-        *sent = true;
+        page.sent = true;
     }
     Ok(())
 }
@@ -675,6 +710,8 @@ struct Worker {
     /// Reused for every frame read.
     read_buf: Vec<u8>,
     stderr: Option<JoinHandle<String>>,
+    /// Pages it has rendered.
+    pages: u64,
 }
 
 /// How a worker ended.
@@ -724,6 +761,7 @@ impl Worker {
             ),
             read_buf: Vec::new(),
             stderr: Some(stderr),
+            pages: 0,
         };
         let start: ToWorker = ToWorker::Start {
             memory_bytes_max: config.memory_bytes_max,
@@ -860,6 +898,11 @@ fn keep_stderr(stderr: impl Read, pid: u32) -> String {
 }
 
 impl Death {
+    /// Whether an allocation failed against the memory limit.
+    fn out_of_memory(&self) -> bool {
+        matches!(self.cause, Cause::Wire(_)) && self.stderr.contains(OUT_OF_MEMORY)
+    }
+
     /// Why the page failed, for site status; `during` is what the worker was doing.
     fn describe(&self, config: &PoolConfig, during: &str) -> String {
         let wire_error = match &self.cause {
@@ -874,7 +917,7 @@ impl Death {
             }
             Cause::Wire(e) => e,
         };
-        if self.stderr.contains("memory allocation of") {
+        if self.out_of_memory() {
             let what = if during == "starting" {
                 "the renderer itself"
             } else {
