@@ -164,13 +164,50 @@ struct Batch {
     inputs: BatchInputs,
     jobs: Arc<[PageJob]>,
     preloaded: Arc<Preloaded>,
+    /// Where drivers put outcomes. Shared with the caller, which takes them at the end: it
+    /// is woken for reads and once all pages are done, not for every page.
+    outcomes: Arc<Outcomes>,
     events: mpsc::Sender<Event>,
+}
+
+struct Outcomes {
+    slots: Mutex<Slots>,
+}
+
+struct Slots {
+    outcomes: Vec<Option<PageOutcome>>,
+    /// Pages without an outcome yet.
+    left: usize,
 }
 
 /// What drivers tell the thread that called `render_batch`.
 enum Event {
     Read(ReadRequest),
-    Done(usize, PageOutcome),
+    /// A page's read failed in the store: the projection fails.
+    SourceFailed(SourceError),
+    /// The last page is done.
+    Finished,
+}
+
+impl Batch {
+    /// Stores a page's outcome, telling the caller when it matters.
+    fn done(&self, i: usize, mut outcome: PageOutcome) {
+        // A caller that went away (it unwound) needs no answer.
+        if let Some(e) = outcome.source_error.take() {
+            let _ = self.events.send(Event::SourceFailed(e));
+        }
+        let mut slots = self
+            .outcomes
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        assert!(slots.outcomes[i].is_none(), "page {i} rendered twice");
+        slots.outcomes[i] = Some(outcome);
+        slots.left -= 1;
+        if slots.left == 0 {
+            let _ = self.events.send(Event::Finished);
+        }
+    }
 }
 
 impl Shared {
@@ -278,6 +315,12 @@ impl RenderPool {
         }
         let total = jobs.len();
         let (events, incoming) = mpsc::channel();
+        let outcomes = Arc::new(Outcomes {
+            slots: Mutex::new(Slots {
+                outcomes: (0..total).map(|_| None).collect(),
+                left: total,
+            }),
+        });
         let id = {
             let mut queue = self.shared.lock();
             if !queue.drivers_started {
@@ -292,6 +335,7 @@ impl RenderPool {
                     inputs: inputs.clone(),
                     jobs,
                     preloaded,
+                    outcomes: Arc::clone(&outcomes),
                     events,
                 }),
                 next: 0,
@@ -304,38 +348,35 @@ impl RenderPool {
             id,
         };
 
-        let mut outcomes: Vec<Option<PageOutcome>> = (0..total).map(|_| None).collect();
-        let mut done = 0;
         let mut source_error = None;
         // Ends when every page is done, or when the drivers let go of the batch (after a
         // source error withdrew it, or if a driver thread died).
-        while done < total {
+        loop {
             match incoming.recv() {
                 Ok(Event::Read(request)) => request.answer(src),
-                Ok(Event::Done(i, mut outcome)) => {
-                    if let Some(e) = outcome.source_error.take() {
-                        // The projection fails: render no more of it.
-                        source_error.get_or_insert(e);
-                        self.shared.withdraw(id);
-                    }
-                    debug_assert!(outcomes[i].is_none(), "page {i} rendered twice");
-                    outcomes[i] = Some(outcome);
-                    done += 1;
+                Ok(Event::SourceFailed(e)) => {
+                    // The projection fails: render no more of it.
+                    source_error.get_or_insert(e);
+                    self.shared.withdraw(id);
                 }
-                Err(mpsc::RecvError) => break,
+                Ok(Event::Finished) | Err(mpsc::RecvError) => break,
             }
         }
         drop(withdraw);
         if let Some(e) = source_error {
             return Err(ProjectError::Source(e));
         }
-        if done < total {
+        let mut slots = outcomes
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slots.left > 0 {
             return Err(ProjectError::Pool(format!(
                 "the render pool stopped with {} of {total} pages not rendered",
-                total - done
+                slots.left
             )));
         }
-        Ok(outcomes
+        Ok(std::mem::take(&mut slots.outcomes)
             .into_iter()
             .map(|o| o.expect("every page is done"))
             .collect())
@@ -384,8 +425,7 @@ fn drive(shared: &Shared) {
             continue;
         };
         let page = pages.pop_front().expect("a page is in hand");
-        // A caller that went away (it unwound) needs no answer.
-        let _ = page.batch.events.send(Event::Done(page.i, outcome));
+        page.batch.done(page.i, outcome);
     }
     if let Some(worker) = slot.worker.take() {
         worker.stop();
