@@ -83,6 +83,37 @@ fn the_pool_renders_what_threads_render() {
     assert!(workers.page("/").contains("<h1>New title</h1>"));
 }
 
+#[test]
+fn many_pages_pipelined_through_the_pool_match_threads() {
+    let pool = pool_with(worker(), 2);
+    let mut threads = Harness::demo();
+    let mut workers = Harness::demo_with(pooled(&pool));
+    for h in [&mut threads, &mut workers] {
+        for i in 0..300 {
+            h.put(
+                "profiles",
+                &format!("user{i:03}"),
+                json!({ "name": format!("User {i}"), "bio": "<b>hi</b>" }),
+            );
+        }
+        // Every profile page also reads a list that is not preloaded (a computed name), so
+        // reads cross the pipe while the next page waits in it.
+        h.template(
+            "profile",
+            &PROFILE.replace(
+                "<p>{{ page.tuple.value.bio }}</p>",
+                r#"{% set c = "profiles" %}<p>{{ list(c, limit=3)|length }}</p>"#,
+            ),
+        );
+    }
+    let a = threads.full();
+    let b = workers.full();
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    assert_eq!(b.pages_rendered, 303);
+    assert_eq!(a.manifest_id, b.manifest_id);
+    assert!(workers.page("/user299").contains("<p>3</p>"));
+}
+
 /// Templates that fuel and the output limit do not stop: each must fail alone.
 const POISON: [(&str, &str, &str); 5] = [
     (
