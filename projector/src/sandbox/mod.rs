@@ -11,7 +11,7 @@
 //! a fresh worker.
 //!
 //! The worker runs the same page renderer as everything else
-//! ([`crate::render`]'s `render_page`, with the same environment, `get`/`list`
+//! (`render::render_page`, with the same environment, `get`/`list`
 //! dependency recording, fuel, recursion and output limits); its reads and template loads
 //! come back to the pool over the pipe (`wire`). The in-process thread renderer
 //! ([`crate::Renderer::Threads`]) stays for library users, tests and examples; the node

@@ -4,7 +4,7 @@
 //! Each worker slot has a driver thread here. A driver takes the next page (from the next
 //! batch in rotation), starts its worker process if there is none, sends the page, and
 //! answers the worker's questions until it sends the result: templates from the batch's
-//! [`TemplateSet`](crate::render::TemplateSet), reads from the batch's [`Preloaded`] memory
+//! `TemplateSet`, reads from the batch's [`Preloaded`] memory
 //! when it holds the whole collection, else from the thread that called
 //! [`RenderPool::render_batch`], which holds the `Source`. The driver reads the worker's
 //! frames with a deadline (`poll` before every read); a second thread per worker keeps the

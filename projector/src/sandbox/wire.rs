@@ -54,7 +54,7 @@ pub(crate) enum ToWorker<R = Box<RenderJob>> {
 /// One page to render, with what the worker needs to know about its batch.
 #[derive(Debug, Encode, Decode)]
 pub(crate) struct RenderJob {
-    /// [`crate::render::TemplateSet::id`]: the worker caches environments by it.
+    /// `TemplateSet::id`: the worker caches environments by it.
     pub templates: [u8; 32],
     pub fuel_per_page: u64,
     pub recursion_depth_max: u64,

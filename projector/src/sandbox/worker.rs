@@ -1,5 +1,5 @@
 //! The worker process: renders the pages the pool sends it, one at a time, with
-//! [`crate::render::render_page`], asking the pool over the pipe for every template and
+//! `render::render_page`, asking the pool over the pipe for every template and
 //! tuple it needs.
 //!
 //! It limits itself before it renders anything: its address space (`RLIMIT_AS`), so a
