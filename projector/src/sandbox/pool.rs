@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, BufReader, Read};
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,9 +421,35 @@ fn drive(shared: &Shared) {
                 None => break,
             }
         }
-        let Some(outcome) = render_head(shared, &mut slot, &mut pages) else {
+        // A panic here is a bug in the pool; it fails the page, not the driver (a pool
+        // whose drivers all died would leave its callers waiting forever).
+        let rendered = panic::catch_unwind(AssertUnwindSafe(|| {
+            render_head(shared, &mut slot, &mut pages)
+        }));
+        let outcome = match rendered {
+            Ok(Some(outcome)) => outcome,
             // To be rendered again, on a fresh worker.
-            continue;
+            Ok(None) => continue,
+            Err(_) => {
+                if let Some(worker) = slot.worker.take() {
+                    worker.stop();
+                }
+                for page in pages.iter_mut() {
+                    page.sent = false;
+                }
+                let head = pages.front().expect("a page is in hand");
+                let job = &head.batch.jobs[head.i];
+                PageOutcome {
+                    deps: PageDeps::default(),
+                    result: Err(TemplateError {
+                        template: job.template.clone(),
+                        line: None,
+                        message: "the render pool failed on this page (a bug; see the log)".into(),
+                        path: Some(job.path.clone()),
+                    }),
+                    source_error: None,
+                }
+            }
         };
         let page = pages.pop_front().expect("a page is in hand");
         page.batch.done(page.i, outcome);
