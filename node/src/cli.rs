@@ -97,7 +97,14 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// A worker process of the node's render pool (started by the node; speaks a binary
+    /// protocol on stdin and stdout). `main` runs it before any runtime starts.
+    #[command(hide = true, name = RENDER_WORKER_COMMAND)]
+    RenderWorker,
 }
+
+/// The hidden subcommand that makes `sesame` a render worker.
+pub const RENDER_WORKER_COMMAND: &str = "render-worker";
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
@@ -461,6 +468,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             ClusterCommand::Promote { id } => print_json(&remote.client().promote(id).await?),
             ClusterCommand::Remove { id } => print_json(&remote.client().remove_member(id).await?),
         },
+        Command::RenderWorker => {
+            anyhow::bail!("{RENDER_WORKER_COMMAND} runs from main, outside the async runtime")
+        }
     }
 }
 

@@ -11,6 +11,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = sesame_node::cli::Cli::parse();
+    if let sesame_node::cli::Command::RenderWorker = cli.command {
+        // A render pool worker: one render thread, no async runtime.
+        return sesame_projector::sandbox::worker_main();
+    }
     let runtime = tokio::runtime::Runtime::new().expect("start the tokio runtime");
     match runtime.block_on(sesame_node::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -19,6 +19,9 @@ use sesame_sync::{StoreError, View};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use sesame_projector::sandbox::{
+    PoolConfig, RenderPool, WorkerCommand, PAGE_TIME_MS_DEFAULT, WORKER_MEMORY_BYTES_DEFAULT,
+};
 use sesame_projector::Publisher;
 
 use crate::auth;
@@ -72,6 +75,16 @@ pub struct NodeConfig {
     /// `None`: a single voter with no peers (`sesame dev`).
     pub cluster: Option<ClusterConfig>,
     pub raft_tuning: RaftTuning,
+    /// The program the render pool runs as its workers; `None`: this executable with
+    /// `render-worker` (right for the `sesame` binary; a process that is not `sesame`, like
+    /// a test, must name the `sesame` binary here).
+    pub render_worker: Option<WorkerCommand>,
+    /// Render worker processes; 0: one per core.
+    pub render_workers: usize,
+    /// Address space of each render worker: what one page render may use, plus the worker.
+    pub render_memory_bytes_max: u64,
+    /// Longest one page may take to render before its worker is killed.
+    pub render_page_time_max: Duration,
 }
 
 impl NodeConfig {
@@ -89,7 +102,25 @@ impl NodeConfig {
             min_index_wait: ServeConfig::default().min_index_wait,
             cluster: None,
             raft_tuning: RaftTuning::default(),
+            render_worker: None,
+            render_workers: 0,
+            render_memory_bytes_max: WORKER_MEMORY_BYTES_DEFAULT,
+            render_page_time_max: Duration::from_millis(PAGE_TIME_MS_DEFAULT),
         }
+    }
+
+    /// The render pool's configuration.
+    fn render_pool(&self) -> anyhow::Result<PoolConfig> {
+        let command = match &self.render_worker {
+            Some(command) => command.clone(),
+            None => WorkerCommand::current_exe(&[crate::cli::RENDER_WORKER_COMMAND])
+                .context("find this executable to run it as the render worker")?,
+        };
+        let mut config = PoolConfig::new(command);
+        config.workers = self.render_workers;
+        config.memory_bytes_max = self.render_memory_bytes_max;
+        config.page_time_max = self.render_page_time_max;
+        Ok(config)
     }
 }
 
@@ -369,6 +400,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             debounce: config.debounce,
             public_url: public_url.clone(),
             domain: config.domain.clone(),
+            render_pool: Arc::new(RenderPool::new(config.render_pool()?)),
         },
         publisher.clone(),
         reads.clone(),

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
+use sesame_projector::sandbox::RenderPool;
 use sesame_projector::{
-    ChangedKey, Config as RenderConfig, Projection, Publisher, Root, SiteProjector, Source,
-    SourceError, TemplateError,
+    ChangedKey, Config as RenderConfig, Projection, Publisher, Renderer, Root, SiteProjector,
+    Source, SourceError, TemplateError,
 };
 use sesame_proto::{Command, CommandResult, LogIndex, Publish, Tuple};
 use sesame_sync::{StoreError, View, CHANGES_LIMIT_MAX};
@@ -71,6 +72,8 @@ pub struct ProjectionConfig {
     pub public_url: String,
     /// Subdomain mode: a site lives at `<scheme>://<site>.<domain>`.
     pub domain: Option<String>,
+    /// Where every site's pages render (worker processes that bound memory and time).
+    pub render_pool: Arc<RenderPool>,
 }
 
 impl ProjectionConfig {
@@ -606,7 +609,9 @@ impl Projections {
                 return Ok(());
             }
         }
-        let mut p = SiteProjector::new(site, RenderConfig::new(self.config.base_url(site)));
+        let mut render = RenderConfig::new(self.config.base_url(site));
+        render.renderer = Renderer::Pool(Arc::clone(&self.config.render_pool));
+        let mut p = SiteProjector::new(site, render);
         if let Some(root) = &root {
             let manifest = self
                 .publisher
@@ -746,10 +751,14 @@ mod tests {
 
     #[test]
     fn base_urls() {
+        let unused = sesame_projector::sandbox::WorkerCommand::new("unused");
         let path = ProjectionConfig {
             debounce: Duration::ZERO,
             public_url: "http://127.0.0.1:7700/".into(),
             domain: None,
+            render_pool: Arc::new(RenderPool::new(sesame_projector::sandbox::PoolConfig::new(
+                unused,
+            ))),
         };
         assert_eq!(path.base_url("demo"), "http://127.0.0.1:7700/demo");
         let sub = ProjectionConfig {

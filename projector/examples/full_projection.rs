@@ -1,10 +1,14 @@
-//! Measures a full projection of a generated 10,000-profile site, then an incremental one.
+//! Measures a full projection of a generated 10,000-profile site, then incremental ones, with
+//! each renderer: threads of this process, and the render pool's worker processes (what the
+//! node uses; this executable is its own worker).
 //!
-//! `cargo run --release -p sesame-projector --example full_projection [profiles]`
+//! `cargo run --release -p sesame-projector --example full_projection [profiles [threads|pool]]`
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use sesame_projector::{ChangedKey, Config, MemorySource, SiteProjector};
+use sesame_projector::sandbox::{worker_main, PoolConfig, RenderPool, WorkerCommand};
+use sesame_projector::{ChangedKey, Config, MemorySource, Renderer, SiteProjector};
 use sesame_proto::{Home, Tuple, Value};
 
 const PROFILES_DEFAULT: usize = 10_000;
@@ -29,7 +33,13 @@ fn tuple(collection: &str, key: &str, json: serde_json::Value, version: u64) -> 
     }
 }
 
-fn main() {
+/// The argument that makes this executable a render worker.
+const WORKER_ARG: &str = "render-worker";
+
+fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(WORKER_ARG) {
+        return worker_main();
+    }
     let profiles: usize = std::env::args()
         .nth(1)
         .map(|n| n.parse().expect("the argument is a number of profiles"))
@@ -73,14 +83,50 @@ fn main() {
         src.insert(tuple("profiles", &format!("user{i:06}"), value, 2));
     }
 
-    let mut projector = SiteProjector::new("bench", Config::new("https://bench.example.com"));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let command = WorkerCommand::current_exe(&[WORKER_ARG]).expect("find this executable");
+    let pool = Arc::new(RenderPool::new(PoolConfig::new(command)));
+    let only = std::env::args().nth(2);
+    for (name, what, renderer) in [
+        (
+            "threads",
+            format!("{threads} threads"),
+            Renderer::Threads(threads),
+        ),
+        (
+            "pool",
+            format!("{threads} worker processes"),
+            Renderer::Pool(pool),
+        ),
+    ] {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
+        println!("== {what}");
+        let mut config = Config::new("https://bench.example.com");
+        config.renderer = renderer;
+        measure(config, src.clone(), profiles);
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+fn measure(config: Config, mut src: MemorySource, profiles: usize) {
+    let t = |name: &str, source: &str| {
+        tuple(
+            "_templates",
+            name,
+            serde_json::json!({ "source": source }),
+            1,
+        )
+    };
+    let mut projector = SiteProjector::new("bench", config);
     let started = Instant::now();
     let p = projector.render_all(&src, 2).expect("render_all");
     let full = started.elapsed();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
     let bytes: usize = p.new_blobs.iter().map(|(_, b)| b.len()).sum();
     println!(
-        "full projection: {} pages rendered, {} files, {:.1} MiB, {threads} threads: {full:?}",
+        "full projection: {} pages rendered, {} files, {:.1} MiB: {full:?}",
         p.pages_rendered,
         p.manifest.files.len(),
         bytes as f64 / (1 << 20) as f64

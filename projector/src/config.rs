@@ -1,5 +1,8 @@
 //! Projector configuration and the default limits of the rendering sandbox.
 
+use std::sync::Arc;
+
+use crate::sandbox::RenderPool;
 use crate::sitemap::SITEMAP_URLS_MAX;
 
 /// Fuel a page render may burn (about one unit per template instruction). Bounds the time a
@@ -11,6 +14,30 @@ pub const RECURSION_DEPTH_MAX_DEFAULT: usize = 100;
 pub const PAGE_BYTES_MAX_DEFAULT: usize = 4 << 20;
 /// Most pages (routes, pages per tuple, 404) one site may have.
 pub const SITE_PAGES_MAX_DEFAULT: usize = 100_000;
+
+/// Where pages are rendered.
+#[derive(Debug, Clone)]
+pub enum Renderer {
+    /// On this many threads of the calling process (0: one per available core). Bounds fuel,
+    /// recursion and output size but not memory or wall-clock time, so a hostile template can
+    /// exhaust the process: for library users, tests and examples with trusted templates.
+    Threads(usize),
+    /// In the worker processes of a [`RenderPool`], which bound every page's memory and time
+    /// too and may be shared by many sites. What the node uses.
+    Pool(Arc<RenderPool>),
+}
+
+impl PartialEq for Renderer {
+    fn eq(&self, other: &Renderer) -> bool {
+        match (self, other) {
+            (Renderer::Threads(a), Renderer::Threads(b)) => a == b,
+            (Renderer::Pool(a), Renderer::Pool(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Renderer {}
 
 /// How one site is projected. Build with [`Config::new`] and adjust fields as needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +56,8 @@ pub struct Config {
     pub pages_max: usize,
     /// URLs per sitemap file before the sitemap is split (50,000 by the sitemaps protocol).
     pub sitemap_urls_max: usize,
-    /// Render threads; 0 means one per available core.
-    pub render_threads: usize,
+    /// Where pages are rendered: threads of this process by default.
+    pub renderer: Renderer,
 }
 
 impl Config {
@@ -42,7 +69,7 @@ impl Config {
             page_bytes_max: PAGE_BYTES_MAX_DEFAULT,
             pages_max: SITE_PAGES_MAX_DEFAULT,
             sitemap_urls_max: SITEMAP_URLS_MAX,
-            render_threads: 0,
+            renderer: Renderer::Threads(0),
         }
     }
 
@@ -50,12 +77,13 @@ impl Config {
     pub(crate) fn base_url(&self) -> &str {
         self.base_url.trim_end_matches('/')
     }
+}
 
-    pub(crate) fn threads(&self) -> usize {
-        if self.render_threads > 0 {
-            self.render_threads
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
+/// `threads`, or one per available core when 0.
+pub(crate) fn threads_or_cores(threads: usize) -> usize {
+    if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Everything one render read, normalised so that each key range appears once.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub struct PageDeps {
     /// `(collection, key)`.
     keys: BTreeSet<(String, String)>,

@@ -10,7 +10,7 @@ use crate::source::SourceError;
 
 /// A problem in the site's content, as site status reports it (`{ template, line, message }`).
 /// The page keeps its last good version; the rest of the site is published as usual.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct TemplateError {
     /// The template at fault (for an error inside an included template, that one). For a bad
     /// route or asset tuple, or a site limit, the tuple at fault, e.g. `_routes//{key}`.
@@ -56,4 +56,7 @@ pub enum ProjectError {
     Source(#[from] SourceError),
     #[error("starting render threads: {0}")]
     Threads(#[source] std::io::Error),
+    /// The render pool could not finish the batch (its threads are gone).
+    #[error("render pool: {0}")]
+    Pool(String),
 }

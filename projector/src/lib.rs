@@ -7,15 +7,19 @@
 //! node publishes them with a [`Publisher`], commits the new [`Root`] through Raft itself and
 //! mirrors it to the store.
 //!
-//! This crate does no Raft and no HTTP. Rendering is blocking, CPU-bound work on scoped
-//! threads: call it from `spawn_blocking` (or a dedicated thread), not on the async runtime.
+//! This crate does no Raft and no HTTP. Rendering is blocking, CPU-bound work: call it from
+//! `spawn_blocking` (or a dedicated thread), not on the async runtime. Pages render in the
+//! worker processes of a shared [`sandbox::RenderPool`] (what the node does: memory and time
+//! are bounded per page) or on threads of the calling process ([`Renderer::Threads`]).
 //!
 //! Map of the modules, in the order a projection uses them:
 //! - `source`: the read interface, and an in-memory implementation;
 //! - `site`: templates, routes and assets parsed from their tuples; `paths`: URL paths and
 //!   content types; `includes`: what a template loads, read from its source;
 //! - `projector`: the engine (claims on paths, dirty paths, manifests); `deps`: the reverse
-//!   dependency index; `render`: minijinja, the sandbox and parallel rendering; `sitemap`; `view`: tuples as templates see them;
+//!   dependency index; `render`: minijinja, its limits and the page renderer; `sandbox`: the
+//!   worker processes that run it with memory and time bounded; `sitemap`; `view`: tuples
+//!   as templates see them;
 //! - `manifest`: manifests and roots; `publish`: the object store.
 
 mod config;
@@ -27,27 +31,31 @@ mod paths;
 mod projector;
 mod publish;
 mod render;
+pub mod sandbox;
 mod site;
 mod sitemap;
 mod source;
 mod view;
 
 pub use config::{
-    Config, FUEL_PER_PAGE_DEFAULT, PAGE_BYTES_MAX_DEFAULT, RECURSION_DEPTH_MAX_DEFAULT,
+    Config, Renderer, FUEL_PER_PAGE_DEFAULT, PAGE_BYTES_MAX_DEFAULT, RECURSION_DEPTH_MAX_DEFAULT,
     SITE_PAGES_MAX_DEFAULT,
 };
 pub use error::{ProjectError, TemplateError};
 pub use manifest::{
     content_hash, Delta, FileEntry, Manifest, ManifestError, Root, MANIFEST_FORMAT, ROOT_FORMAT,
 };
-pub use paths::{content_type_for, encode_segment, NOT_FOUND_PATH, ROBOTS_PATH, SITEMAP_PATH};
+pub use paths::{
+    content_type_for, encode_segment, template_kind, Escape, PageKind, NOT_FOUND_PATH, ROBOTS_PATH,
+    SITEMAP_PATH,
+};
 pub use projector::{
     ChangedKey, Projection, SiteProjector, ASSETS_MAX, ERRORS_REPORTED_MAX, ROUTES_MAX,
     TEMPLATES_MAX,
 };
 pub use publish::{PublishError, Publisher, BLOB_PUTS_CONCURRENT_MAX};
 pub use render::{
-    LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,
+    safe_url, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,
 };
 pub use site::{ASSETS, ROUTES, TEMPLATES};
 pub use sitemap::{sitemaps, SITEMAP_URLS_MAX};

@@ -1,11 +1,12 @@
-//! URL paths of published files: encoding keys into path segments, checking paths, and
-//! choosing a content type from a path's extension.
+//! URL paths of published files: encoding keys into path segments, checking paths,
+//! choosing an asset's content type from its path's extension, and the one rule that decides
+//! a rendered page's content type and escaping: its template's kind ([`template_kind`]).
 //!
 //! Paths in a manifest are exactly what a browser sends: they start with `/` and carry
 //! percent-encoded bytes where a key had characters that are not safe in a path segment. The
 //! server looks a request's raw (still encoded) path up in the manifest.
 
-/// Content type of HTML pages: every route whose pattern has no known extension.
+/// Content type of HTML pages: every page whose template is HTML (see [`template_kind`]).
 pub const HTML: &str = "text/html; charset=utf-8";
 /// Content type of generated sitemaps.
 pub const XML: &str = "application/xml; charset=utf-8";
@@ -81,7 +82,69 @@ fn is_dot_segment(segment: &str) -> bool {
     decoded == "." || decoded == ".."
 }
 
-/// The content type for a path, by the extension of its last segment.
+/// How a rendered page's output is escaped: a template kind's half of [`PageKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub enum Escape {
+    /// `& < > " '` become entities: right for HTML and XML, text and attributes.
+    Html,
+    /// Values are written as JSON (strings quoted and escaped).
+    Json,
+    /// Values are written as they are: only for kinds that no browser runs as markup.
+    None,
+}
+
+/// What a page is, decided by its template's name alone: the content type it is published
+/// with, and how values are escaped into it. Escaping and content type come from the same
+/// rule, so no unescaped output is ever served as HTML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageKind {
+    pub content_type: &'static str,
+    pub escape: Escape,
+}
+
+/// The kind of the pages a template renders, by the extension of the template's name (its
+/// last `/` segment, ASCII case ignored):
+///
+/// | extension | content type | escaping |
+/// | --- | --- | --- |
+/// | none, `.html`, `.htm`, and any extension not listed here | `text/html; charset=utf-8` | HTML |
+/// | `.xml` | `application/xml; charset=utf-8` | HTML |
+/// | `.rss`, `.atom` | `application/rss+xml`, `application/atom+xml` | HTML |
+/// | `.svg` | `image/svg+xml` | HTML |
+/// | `.json` | `application/json` | JSON |
+/// | `.js`, `.mjs` | `text/javascript; charset=utf-8` | JSON |
+/// | `.txt` | `text/plain; charset=utf-8` | none |
+/// | `.css` | `text/css; charset=utf-8` | none |
+/// | `.csv` | `text/csv; charset=utf-8` | none |
+/// | `.md` | `text/markdown; charset=utf-8` | none |
+///
+/// A route's URL pattern plays no part: `/feed.xml` rendered by `feed.html` is HTML.
+pub fn template_kind(name: &str) -> PageKind {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let ext = last
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase());
+    let (content_type, escape) = match ext.as_deref() {
+        Some("xml") => (XML, Escape::Html),
+        Some("rss") => ("application/rss+xml", Escape::Html),
+        Some("atom") => ("application/atom+xml", Escape::Html),
+        Some("svg") => ("image/svg+xml", Escape::Html),
+        Some("json") => ("application/json", Escape::Json),
+        Some("js" | "mjs") => ("text/javascript; charset=utf-8", Escape::Json),
+        Some("txt") => (TEXT, Escape::None),
+        Some("css") => ("text/css; charset=utf-8", Escape::None),
+        Some("csv") => ("text/csv; charset=utf-8", Escape::None),
+        Some("md") => ("text/markdown; charset=utf-8", Escape::None),
+        // HTML is the safe default: everything is escaped.
+        _ => (HTML, Escape::Html),
+    };
+    PageKind {
+        content_type,
+        escape,
+    }
+}
+
+/// The content type for a path, by the extension of its last segment (assets).
 pub fn content_type_for(path: &str) -> Option<&'static str> {
     let last = path.rsplit('/').next().unwrap_or(path);
     let (_, ext) = last.rsplit_once('.')?;
@@ -154,6 +217,43 @@ mod tests {
         assert!(!is_sitemap_path("/sitemap-.xml"));
         assert!(!is_sitemap_path("/sitemap-a.xml"));
         assert!(!is_sitemap_path("/blog/sitemap.xml"));
+    }
+
+    #[test]
+    fn template_kinds_decide_content_type_and_escaping() {
+        let kind = |name: &str| {
+            let k = template_kind(name);
+            (k.content_type, k.escape)
+        };
+        for html in [
+            "profile",
+            "p.html",
+            "p.HTM",
+            "a/b.html",
+            "v1.0/page.tmpl",
+            "x.",
+        ] {
+            assert_eq!(kind(html), (HTML, Escape::Html), "{html}");
+        }
+        assert_eq!(kind("feed.xml"), (XML, Escape::Html));
+        assert_eq!(kind("feed.RSS"), ("application/rss+xml", Escape::Html));
+        assert_eq!(kind("icon.svg"), ("image/svg+xml", Escape::Html));
+        assert_eq!(kind("api/u.json"), ("application/json", Escape::Json));
+        assert_eq!(
+            kind("app.js"),
+            ("text/javascript; charset=utf-8", Escape::Json)
+        );
+        assert_eq!(kind("p.txt"), (TEXT, Escape::None));
+        assert_eq!(kind("s.css"), ("text/css; charset=utf-8", Escape::None));
+        assert_eq!(kind("d.csv"), ("text/csv; charset=utf-8", Escape::None));
+        assert_eq!(kind("r.md"), ("text/markdown; charset=utf-8", Escape::None));
+        // Only the last segment counts: a folder named like a file changes nothing.
+        assert_eq!(kind("x.txt/page"), (HTML, Escape::Html));
+        // Nothing unescaped is ever HTML.
+        for name in ["a.txt", "a.css", "a.csv", "a.md", "a.json", "a.js", "a"] {
+            let k = template_kind(name);
+            assert!(k.content_type != HTML || k.escape == Escape::Html, "{name}");
+        }
     }
 
     #[test]

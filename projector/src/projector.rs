@@ -23,13 +23,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sesame_proto::Tuple;
 
-use crate::config::Config;
+use crate::config::{threads_or_cores, Config, Renderer};
 use crate::deps::{DepIndex, PageDeps};
 use crate::error::{ProjectError, TemplateError};
 use crate::includes::{literal_collections, template_refs, TemplateRefs};
 use crate::manifest::{content_hash, Delta, FileEntry, Manifest, MANIFEST_FORMAT};
-use crate::paths::{self, is_sitemap_path, NOT_FOUND_PATH, NOT_FOUND_TEMPLATE, ROBOTS_PATH};
-use crate::render::{self, Batch, PageJob, Preloaded};
+use crate::paths::{
+    self, is_sitemap_path, template_kind, NOT_FOUND_PATH, NOT_FOUND_TEMPLATE, ROBOTS_PATH,
+};
+use crate::render::{self, BatchInputs, PageJob, Preloaded, TemplateSet};
 use crate::site::{self, Route, ASSETS, ROUTES, TEMPLATES};
 use crate::sitemap;
 use crate::source::{get_checked, list_checked, Source, SourceError};
@@ -256,6 +258,8 @@ pub struct SiteProjector {
     site: String,
     config: Config,
     templates: BTreeMap<String, Template>,
+    /// `templates` as the renderers take them; `None` after a template changed.
+    template_set: Option<Arc<TemplateSet>>,
     routes: BTreeMap<String, RouteState>,
     claims: Claims,
     /// For every path with a file made by this projector (not adopted).
@@ -282,6 +286,7 @@ impl SiteProjector {
             site: site.to_string(),
             config,
             templates: BTreeMap::new(),
+            template_set: None,
             routes: BTreeMap::new(),
             claims: Claims::default(),
             states: HashMap::new(),
@@ -371,6 +376,7 @@ impl SiteProjector {
         index: u64,
     ) -> Result<Projection, ProjectError> {
         self.templates.clear();
+        self.template_set = None;
         self.routes.clear();
         self.claims = Claims::default();
         self.states.clear();
@@ -467,6 +473,7 @@ impl SiteProjector {
     fn load_template(&mut self, name: &str, tuple: Option<&Tuple>, run: &mut Run) {
         self.problems.clear(&Subject::Template(name.to_string()));
         self.templates.remove(name);
+        self.template_set = None;
         if let Some(tuple) = tuple {
             match site::template_source(name, &tuple.value) {
                 Ok(_) if self.templates.len() >= TEMPLATES_MAX => self.problems.report(
@@ -759,28 +766,25 @@ impl SiteProjector {
         if jobs.is_empty() {
             return Ok(());
         }
-        let sources: BTreeMap<String, String> = self
-            .templates
-            .iter()
-            .map(|(name, t)| (name.clone(), t.source.clone()))
-            .collect();
-        let batch = Batch {
-            env: render::environment(
-                Arc::new(sources),
-                self.config.fuel_per_page,
-                self.config.recursion_depth_max,
-            ),
-            site: Batch::site_value(&self.site, self.config.base_url()),
-            base_url: self.config.base_url(),
+        let inputs = BatchInputs {
+            site: self.site.clone(),
+            base_url: self.config.base_url().to_string(),
+            templates: self.template_set(),
             page_bytes_max: self.config.page_bytes_max,
-            fuel_per_page: self.config.fuel_per_page,
-            threads: self.config.threads(),
         };
-        let outcomes = render::render_batch(src, &batch, &jobs, Arc::new(preloaded))?;
-        drop(batch);
+        let preloaded = Arc::new(preloaded);
+        let jobs: Arc<[PageJob]> = jobs.into();
+        let outcomes = match &self.config.renderer {
+            Renderer::Threads(threads) => {
+                render::render_batch(src, &inputs, &jobs, preloaded, threads_or_cores(*threads))?
+            }
+            Renderer::Pool(pool) => {
+                pool.render_batch(src, &inputs, Arc::clone(&jobs), preloaded)?
+            }
+        };
 
         let mut template_deps: HashMap<String, PageDeps> = HashMap::new();
-        for ((job, owner), outcome) in jobs.into_iter().zip(owners).zip(outcomes) {
+        for ((job, owner), outcome) in jobs.iter().zip(owners).zip(outcomes) {
             run.pages_rendered += 1;
             let mut deps = outcome.deps;
             deps.merge(
@@ -812,7 +816,7 @@ impl SiteProjector {
             match outcome.result {
                 Ok(rendered) => {
                     self.problems.clear(&subject);
-                    let content_type = self.page_content_type(&job.path);
+                    let content_type = template_kind(&job.template).content_type;
                     self.set_file_hashed(
                         &job.path,
                         content_type,
@@ -934,7 +938,7 @@ impl SiteProjector {
                     template: route.template.clone(),
                     key: None,
                     tuple: None,
-                    canonical: route.content_type == paths::HTML,
+                    canonical: template_kind(&route.template).content_type == paths::HTML,
                 }
             }
             Claim::Each { pattern, key } => {
@@ -958,7 +962,7 @@ impl SiteProjector {
                     template: route.template.clone(),
                     key: Some(key.clone()),
                     tuple: Some(tuple),
-                    canonical: route.content_type == paths::HTML,
+                    canonical: template_kind(&route.template).content_type == paths::HTML,
                 }
             }
             Claim::NotFound => PageJob {
@@ -973,13 +977,21 @@ impl SiteProjector {
         Ok(Some(job))
     }
 
-    fn page_content_type(&self, path: &str) -> &'static str {
-        match self.claims.owner(path) {
-            Some(Claim::Route { pattern } | Claim::Each { pattern, .. }) => {
-                self.routes[pattern].route.content_type
-            }
-            _ => paths::HTML,
-        }
+    /// The site's templates as one set, made once per change of templates.
+    fn template_set(&mut self) -> Arc<TemplateSet> {
+        let templates = &self.templates;
+        let config = &self.config;
+        Arc::clone(self.template_set.get_or_insert_with(|| {
+            let sources = templates
+                .iter()
+                .map(|(name, t)| (name.clone(), t.source.clone()))
+                .collect();
+            Arc::new(TemplateSet::new(
+                sources,
+                config.fuel_per_page,
+                config.recursion_depth_max,
+            ))
+        }))
     }
 
     /// Dependencies on the page's template and everything it loads, found in the template

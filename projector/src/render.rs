@@ -1,30 +1,37 @@
 //! Rendering pages with minijinja: the template environment, the `get`/`list` functions that
-//! record what a page read, the sandbox (fuel, recursion, output size), canonical links, and
-//! running many renders in parallel.
+//! record what a page read, the sandbox limits minijinja enforces (fuel, recursion, output
+//! size), canonical links, and a renderer on threads of this process.
+//!
+//! [`render_page`] is the one page renderer. Two runners call it:
+//! - [`crate::sandbox::RenderPool`], worker processes that bound each page's memory and
+//!   time as well (fuel does not bound what a filter allocates, nor the time one takes). The
+//!   node always renders there.
+//! - [`render_batch`] here, on scoped threads of the calling process: for library users,
+//!   tests and examples, where templates are trusted.
 //!
 //! How reads reach the store. Template functions must be `'static + Send + Sync`, but the
-//! node's [`Source`] is a borrowed SQLite view that is not even `Sync`. So renders run on
-//! scoped worker threads and the calling thread stays the only one touching the `Source`: a
-//! worker reads a collection from a [`Preloaded`] in-memory copy when it holds the whole
-//! collection, and otherwise sends the read over a channel to the calling thread, which
-//! answers it from the `Source`. Full renders preload the collections that matter, so they
-//! rarely take the channel path; small incremental renders use it for every read.
+//! node's [`Source`] is a borrowed SQLite view that is not even `Sync`. So the calling thread
+//! stays the only one touching the `Source`: a render reads a collection from a [`Preloaded`]
+//! in-memory copy when the batch holds the whole collection, and otherwise asks the calling
+//! thread, which answers from the `Source`. Full renders preload the collections that
+//! matter, so they rarely take that path; small incremental renders take it for every read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use minijinja::value::{Kwargs, Value as JValue};
+use minijinja::value::{Kwargs, Value as JValue, ValueKind};
 use minijinja::{context, AutoEscape, Environment, ErrorKind};
 use sesame_proto::{validate_collection, validate_key, Tuple};
 
 use crate::deps::PageDeps;
 use crate::error::{ProjectError, TemplateError};
 use crate::manifest::content_hash;
+use crate::paths::{template_kind, Escape};
 use crate::sitemap::xml_escape;
 use crate::source::{get_checked, list_checked, MemorySource, Source, SourceError};
 use crate::view::tuple_value;
@@ -40,28 +47,123 @@ pub const READS_PER_PAGE_MAX: usize = 10_000;
 pub const TUPLES_READ_PER_PAGE_MAX: usize = 100_000;
 /// Stack of each render thread, in bytes: minijinja recurses for nested templates and macros
 /// (within the recursion limit), and a spawned thread's default stack is only 2 MiB.
-const RENDER_STACK_BYTES: usize = 8 << 20;
+pub(crate) const RENDER_STACK_BYTES: usize = 8 << 20;
 /// How often the read-serving loop checks that workers are still running, in milliseconds.
 /// Workers normally end the loop by dropping their channel ends; this is the safety net.
 const SERVE_POLL_MS: u64 = 50;
 
-/// A template environment over the site's templates, with the sandbox limits set. Templates
-/// are parsed on first use and cached by minijinja for the life of the environment.
-pub fn environment(
-    templates: Arc<std::collections::BTreeMap<String, String>>,
+/// One site's templates at one moment, with the limits they render under. The id names
+/// exactly that content (worker processes cache compiled environments by it).
+#[derive(Debug)]
+pub struct TemplateSet {
+    pub id: [u8; 32],
+    pub sources: BTreeMap<String, String>,
+    pub fuel_per_page: u64,
+    pub recursion_depth_max: usize,
+}
+
+impl TemplateSet {
+    pub fn new(
+        sources: BTreeMap<String, String>,
+        fuel_per_page: u64,
+        recursion_depth_max: usize,
+    ) -> TemplateSet {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&fuel_per_page.to_le_bytes());
+        hasher.update(&(recursion_depth_max as u64).to_le_bytes());
+        for (name, source) in &sources {
+            // Lengths first, so no two different sets hash the same bytes.
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(&(source.len() as u64).to_le_bytes());
+            hasher.update(source.as_bytes());
+        }
+        TemplateSet {
+            id: *hasher.finalize().as_bytes(),
+            sources,
+            fuel_per_page,
+            recursion_depth_max,
+        }
+    }
+}
+
+/// Finds a template's source by name, for minijinja's loader.
+pub(crate) type TemplateLoader =
+    dyn Fn(&str) -> Result<Option<String>, minijinja::Error> + Send + Sync + 'static;
+
+/// A template environment with the sandbox limits set, escaping every template it renders
+/// as `escape` says: the page's kind decides, not the name of each template it includes (an
+/// HTML page that includes `part.txt` still escapes for HTML). Templates are loaded through
+/// `loader` on first use and cached by minijinja for the life of the environment.
+///
+/// The globals are minijinja's defaults less `debug()`, which would print the render's
+/// state into a public page; the `safe_url` filter is added.
+pub(crate) fn environment(
+    loader: Box<TemplateLoader>,
     fuel_per_page: u64,
     recursion_depth_max: usize,
+    escape: Escape,
 ) -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_loader(move |name| Ok(templates.get(name).cloned()));
+    env.remove_global("debug");
+    env.set_loader(loader);
     env.set_fuel(Some(fuel_per_page));
     env.set_recursion_limit(recursion_depth_max);
-    env.set_auto_escape_callback(auto_escape);
+    let auto_escape = match escape {
+        Escape::Html => AutoEscape::Html,
+        Escape::Json => AutoEscape::Json,
+        Escape::None => AutoEscape::None,
+    };
+    env.set_auto_escape_callback(move |_| auto_escape);
     env.set_formatter(format_value);
     // `{{ key|segment }}`: a key as one URL path segment, spelled exactly as page paths,
     // sitemaps and canonical links spell it (`a/b` → `a%2Fb`; `urlencode` keeps the `/`).
     env.add_filter("segment", |s: &str| sesame_proto::encode_segment(s));
+    env.add_filter("safe_url", safe_url);
     env
+}
+
+/// An environment over an in-memory template set.
+pub(crate) fn set_environment(
+    templates: &Arc<TemplateSet>,
+    escape: Escape,
+) -> Environment<'static> {
+    let set = Arc::clone(templates);
+    environment(
+        Box::new(move |name| Ok(set.sources.get(name).cloned())),
+        templates.fuel_per_page,
+        templates.recursion_depth_max,
+        escape,
+    )
+}
+
+/// The `safe_url` filter: the URL itself when it is relative or its scheme is `http`,
+/// `https` or `mailto`; `#` for anything else (`javascript:`, `data:`, `vbscript:`, …) and
+/// for values that are not strings. It decides on the URL as a browser would read it, with
+/// tabs, newlines, spaces and control characters removed and ASCII case folded, and refuses
+/// a character reference (`&…;`) or backslash before the first `/`, `?` or `#`, where one
+/// could spell a scheme (`javascript&colon;`). The result is a plain string: autoescape
+/// still applies to it.
+pub fn safe_url(value: &JValue) -> String {
+    const UNSAFE: &str = "#";
+    let Some(url) = value.as_str() else {
+        return UNSAFE.to_string();
+    };
+    let folded: String = url
+        .chars()
+        .filter(|c| !c.is_whitespace() && !c.is_control())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let head_end = folded.find(['/', '?', '#']).unwrap_or(folded.len());
+    let head = &folded[..head_end];
+    if head.contains(['&', '\\']) {
+        return UNSAFE.to_string();
+    }
+    match head.split_once(':') {
+        None => url.trim().to_string(),
+        Some(("http" | "https" | "mailto", _)) => url.trim().to_string(),
+        Some(_) => UNSAFE.to_string(),
+    }
 }
 
 /// Writes a value into the output. Strings in HTML are escaped for `& < > " '` only, which is
@@ -72,7 +174,7 @@ fn format_value(
     state: &minijinja::State,
     value: &JValue,
 ) -> Result<(), minijinja::Error> {
-    let plain_string = value.kind() == minijinja::value::ValueKind::String && !value.is_safe();
+    let plain_string = value.kind() == ValueKind::String && !value.is_safe();
     match value.as_str() {
         Some(text) if plain_string && state.auto_escape() == AutoEscape::Html => {
             let mut last = 0;
@@ -93,16 +195,6 @@ fn format_value(
             out.write_str(&text[last..]).map_err(minijinja::Error::from)
         }
         _ => minijinja::escape_formatter(out, state, value),
-    }
-}
-
-/// Output is HTML-escaped (SPEC.md), which is also correct for XML feeds. Templates named
-/// `*.json` escape for JSON and `*.txt` do not escape, so those outputs are not mangled.
-fn auto_escape(name: &str) -> AutoEscape {
-    match name.rsplit_once('.').map(|(_, ext)| ext) {
-        Some("json") => AutoEscape::Json,
-        Some("txt") => AutoEscape::None,
-        _ => AutoEscape::Html,
     }
 }
 
@@ -150,10 +242,19 @@ impl Preloaded {
                 .expect("reading memory cannot fail")
         })
     }
+
+    /// `Some(answer)` when the collection is held whole, `None` when the store must answer.
+    pub fn list(&self, collection: &str, prefix: &str, limit: usize) -> Option<Vec<Tuple>> {
+        self.is_complete(collection).then(|| {
+            self.data
+                .list(collection, prefix, limit)
+                .expect("reading memory cannot fail")
+        })
+    }
 }
 
-/// A read a worker asks the calling thread to answer from the [`Source`].
-enum ReadRequest {
+/// A read a renderer asks the thread holding the [`Source`] to answer.
+pub(crate) enum ReadRequest {
     Get {
         collection: String,
         key: String,
@@ -168,8 +269,8 @@ enum ReadRequest {
 }
 
 impl ReadRequest {
-    fn answer(self, src: &dyn Source) {
-        // A send fails only if the worker is gone, which it reports itself.
+    pub(crate) fn answer(self, src: &dyn Source) {
+        // A send fails only if the renderer is gone, which it reports itself.
         match self {
             ReadRequest::Get {
                 collection,
@@ -190,14 +291,23 @@ impl ReadRequest {
     }
 }
 
-/// A worker's way to the data: memory when it holds the collection, else the channel.
-#[derive(Clone)]
-struct Reader {
-    preloaded: Arc<Preloaded>,
-    remote: mpsc::Sender<ReadRequest>,
+/// Where a render's `get` and `list` calls are answered.
+pub(crate) trait PageReader: Send + Sync + 'static {
+    fn get(&self, collection: &str, key: &str) -> Result<Option<Tuple>, SourceError>;
+    fn list(&self, collection: &str, prefix: &str, limit: usize)
+        -> Result<Vec<Tuple>, SourceError>;
 }
 
-impl Reader {
+/// A way to the data: memory when the batch holds the collection, else a channel to the
+/// thread holding the [`Source`]. Renders on threads read through it directly; the pool reads
+/// through it on behalf of its worker processes.
+#[derive(Clone)]
+pub(crate) struct Reader {
+    pub(crate) preloaded: Arc<Preloaded>,
+    pub(crate) remote: mpsc::Sender<ReadRequest>,
+}
+
+impl PageReader for Reader {
     fn get(&self, collection: &str, key: &str) -> Result<Option<Tuple>, SourceError> {
         if let Some(answer) = self.preloaded.get(collection, key) {
             return Ok(answer);
@@ -218,12 +328,8 @@ impl Reader {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<Tuple>, SourceError> {
-        if self.preloaded.is_complete(collection) {
-            return Ok(self
-                .preloaded
-                .data
-                .list(collection, prefix, limit)
-                .expect("reading memory cannot fail"));
+        if let Some(answer) = self.preloaded.list(collection, prefix, limit) {
+            return Ok(answer);
         }
         let (reply, answer) = mpsc::sync_channel(1);
         let request = ReadRequest::List {
@@ -237,7 +343,7 @@ impl Reader {
     }
 }
 
-fn not_serving() -> SourceError {
+pub(crate) fn not_serving() -> SourceError {
     SourceError::new("the projection stopped answering reads")
 }
 
@@ -253,7 +359,7 @@ struct ReadLog {
 
 /// Backs the `get` and `list` template functions of one render.
 struct PageReads {
-    reader: Reader,
+    reader: Arc<dyn PageReader>,
     log: Mutex<ReadLog>,
 }
 
@@ -353,7 +459,7 @@ fn invalid(message: String) -> minijinja::Error {
 }
 
 /// One page to render.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, bincode::Encode, bincode::Decode)]
 pub struct PageJob {
     pub path: String,
     pub template: String,
@@ -378,56 +484,87 @@ pub struct PageOutcome {
     /// What the template read (not its templates or route: the caller knows those).
     pub deps: PageDeps,
     pub result: Result<Rendered, TemplateError>,
-    source_error: Option<SourceError>,
+    pub(crate) source_error: Option<SourceError>,
 }
 
-/// Shared, read-only inputs of a batch of renders.
-pub struct Batch<'a> {
-    pub env: Environment<'static>,
+/// Shared, read-only inputs of a batch of renders, whichever runner renders it.
+#[derive(Debug, Clone)]
+pub struct BatchInputs {
+    /// `site.name` in templates.
+    pub site: String,
+    /// `site.base_url` in templates, and the base of canonical links.
+    pub base_url: String,
+    pub templates: Arc<TemplateSet>,
+    pub page_bytes_max: usize,
+}
+
+/// What [`render_page`] needs besides the job: the environment for the page's kind and the
+/// batch's inputs.
+pub(crate) struct PageContext<'a> {
+    pub env: &'a Environment<'static>,
     /// `site` in templates.
-    pub site: JValue,
+    pub site: &'a JValue,
     pub base_url: &'a str,
     pub page_bytes_max: usize,
     pub fuel_per_page: u64,
-    pub threads: usize,
 }
 
-impl Batch<'_> {
-    pub fn site_value(name: &str, base_url: &str) -> JValue {
-        context! { name => name, base_url => base_url }
-    }
+/// `site` in templates.
+pub(crate) fn site_value(name: &str, base_url: &str) -> JValue {
+    context! { name => name, base_url => base_url }
 }
 
-/// Renders `jobs` on up to `batch.threads` threads, answering reads that `preloaded` cannot
-/// from `src` on this thread. Outcomes are in the order of `jobs`.
+/// Renders `jobs` on up to `threads` threads of this process, answering reads that
+/// `preloaded` cannot from `src` on this thread. Outcomes are in the order of `jobs`. Bounds
+/// fuel, recursion and output, not memory or wall-clock time: see the module docs.
 pub fn render_batch(
     src: &dyn Source,
-    batch: &Batch<'_>,
+    inputs: &BatchInputs,
     jobs: &[PageJob],
     preloaded: Arc<Preloaded>,
+    threads: usize,
 ) -> Result<Vec<PageOutcome>, ProjectError> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let workers = batch.threads.clamp(1, jobs.len());
+    let workers = threads.clamp(1, jobs.len());
     let next_job = AtomicUsize::new(0);
     let (requests, incoming) = mpsc::channel::<ReadRequest>();
+    let envs: [OnceLock<Environment<'static>>; 3] = Default::default();
+    let env_for = |escape: Escape| {
+        let slot = match escape {
+            Escape::Html => &envs[0],
+            Escape::Json => &envs[1],
+            Escape::None => &envs[2],
+        };
+        slot.get_or_init(|| set_environment(&inputs.templates, escape))
+    };
+    let site = site_value(&inputs.site, &inputs.base_url);
 
     let (finished, spawn_error) = thread::scope(|scope| {
         let mut handles = Vec::with_capacity(workers);
         let mut spawn_error = None;
         for _ in 0..workers {
-            let reader = Reader {
+            let reader: Arc<dyn PageReader> = Arc::new(Reader {
                 preloaded: Arc::clone(&preloaded),
                 remote: requests.clone(),
-            };
+            });
             let next_job = &next_job;
+            let env_for = &env_for;
+            let site = &site;
             let worker = move || {
                 let mut done = Vec::new();
                 loop {
                     let i = next_job.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
-                    done.push((i, render_page(batch, job, &reader)));
+                    let cx = PageContext {
+                        env: env_for(template_kind(&job.template).escape),
+                        site,
+                        base_url: &inputs.base_url,
+                        page_bytes_max: inputs.page_bytes_max,
+                        fuel_per_page: inputs.templates.fuel_per_page,
+                    };
+                    done.push((i, render_page(&cx, job, Arc::clone(&reader))));
                 }
                 done
             };
@@ -484,9 +621,14 @@ pub fn render_batch(
         .collect())
 }
 
-fn render_page(batch: &Batch<'_>, job: &PageJob, reader: &Reader) -> PageOutcome {
+/// Renders one page: the one page renderer, for threads and worker processes alike.
+pub(crate) fn render_page(
+    cx: &PageContext<'_>,
+    job: &PageJob,
+    reader: Arc<dyn PageReader>,
+) -> PageOutcome {
     let reads = Arc::new(PageReads {
-        reader: reader.clone(),
+        reader,
         log: Mutex::default(),
     });
     let get = {
@@ -504,27 +646,27 @@ fn render_page(batch: &Batch<'_>, job: &PageJob, reader: &Reader) -> PageOutcome
         key => job.key.as_deref(),
         tuple => job.tuple.clone().map(tuple_value),
     };
-    let ctx = context! { site => batch.site.clone(), page, get, list };
+    let ctx = context! { site => cx.site.clone(), page, get, list };
 
     let mut out = LimitedWriter {
         buf: Vec::new(),
-        max: batch.page_bytes_max,
+        max: cx.page_bytes_max,
         over: false,
     };
-    let result = batch
+    let result = cx
         .env
         .get_template(&job.template)
         .and_then(|t| t.render_captured_to(ctx, &mut out).map(drop));
     let log = reads.finish();
     let result = match result {
         Ok(()) => {
-            let body = finish_body(out.buf, job, batch.base_url);
+            let body = finish_body(out.buf, job, cx.base_url);
             Ok(Rendered {
                 hash: content_hash(&body),
                 body: Bytes::from(body),
             })
         }
-        Err(e) => Err(describe_error(&e, job, out.over, batch)),
+        Err(e) => Err(describe_error(&e, job, out.over, cx)),
     };
     PageOutcome {
         deps: log.deps,
@@ -539,7 +681,7 @@ fn describe_error(
     err: &minijinja::Error,
     job: &PageJob,
     over_limit: bool,
-    batch: &Batch<'_>,
+    cx: &PageContext<'_>,
 ) -> TemplateError {
     let mut named = err;
     let mut root = err;
@@ -556,12 +698,12 @@ fn describe_error(
     let message = if over_limit {
         format!(
             "page output is over the limit of {} bytes",
-            batch.page_bytes_max
+            cx.page_bytes_max
         )
     } else if root.kind() == ErrorKind::OutOfFuel {
         format!(
             "the page used all of its fuel ({} units): a loop or recursion runs too long",
-            batch.fuel_per_page
+            cx.fuel_per_page
         )
     } else {
         match root.detail() {
@@ -674,17 +816,30 @@ fn find_ascii_ci(hay: &str, needle: &str, from: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::config::RECURSION_DEPTH_MAX_DEFAULT;
+
+    fn env_with(name: &str, source: &str) -> Environment<'static> {
+        let templates = Arc::new(TemplateSet::new(
+            BTreeMap::from([(name.to_string(), source.to_string())]),
+            10_000,
+            RECURSION_DEPTH_MAX_DEFAULT,
+        ));
+        set_environment(&templates, template_kind(name).escape)
+    }
+
     #[test]
     fn html_escaping_covers_markup_and_quotes_but_leaves_slashes() {
-        let templates = Arc::new(std::collections::BTreeMap::from([(
-            "t.html".to_string(),
-            "<a title=\"{{ v }}\" href=\"{{ u }}\">{{ v }}</a>{{ s|safe }}".to_string(),
-        )]));
-        let env = super::environment(templates, 10_000, 10);
+        let env = env_with(
+            "t.html",
+            "<a title=\"{{ v }}\" href=\"{{ u }}\">{{ v }}</a>{{ s|safe }}",
+        );
         let out = env
             .get_template("t.html")
             .unwrap()
-            .render(minijinja::context! { v => "<b>\"A&B's\"</b>", u => "https://x.test/a/b", s => "<i>ok</i>" })
+            .render(
+                context! { v => "<b>\"A&B's\"</b>", u => "https://x.test/a/b", s => "<i>ok</i>" },
+            )
             .unwrap();
         assert_eq!(
             out,
@@ -693,7 +848,93 @@ mod tests {
         );
     }
 
-    use super::*;
+    #[test]
+    fn the_page_kind_decides_escaping_for_every_template_it_includes() {
+        let templates = Arc::new(TemplateSet::new(
+            BTreeMap::from([
+                (
+                    "page.html".to_string(),
+                    "{% include 'part.txt' %}".to_string(),
+                ),
+                ("part.txt".to_string(), "{{ v }}".to_string()),
+                ("p.txt".to_string(), "{% include 'page.html' %}".to_string()),
+                ("d.json".to_string(), "{{ v }}".to_string()),
+            ]),
+            10_000,
+            RECURSION_DEPTH_MAX_DEFAULT,
+        ));
+        let render = |name: &str| {
+            set_environment(&templates, template_kind(name).escape)
+                .get_template(name)
+                .unwrap()
+                .render(context! { v => "<script>\"" })
+                .unwrap()
+        };
+        assert_eq!(render("page.html"), "&lt;script&gt;&quot;");
+        assert_eq!(render("p.txt"), "<script>\"");
+        assert_eq!(render("d.json"), r#""<script>\"""#);
+    }
+
+    #[test]
+    fn debug_is_not_a_function() {
+        let env = env_with("p.html", "{{ debug() }}");
+        let e = env
+            .get_template("p.html")
+            .unwrap()
+            .render(context! {})
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnknownFunction, "{e}");
+    }
+
+    #[test]
+    fn safe_url_passes_web_links_and_refuses_scripts() {
+        let check = |url: &str| safe_url(&JValue::from(url));
+        for ok in [
+            "https://example.com/a?b=1&c=2#d",
+            "http://x",
+            "HTTPS://X.test",
+            "mailto:a@b.test?subject=hi&body=x",
+            "/alice",
+            "alice",
+            "./a:b",
+            "../up",
+            "?q=1",
+            "#top",
+            "//cdn.test/x.js",
+            "",
+        ] {
+            assert_eq!(check(ok), ok, "{ok:?}");
+        }
+        assert_eq!(check("  https://x.test  "), "https://x.test");
+        for bad in [
+            "javascript:alert(1)",
+            "JavaScript:alert(1)",
+            " javascript:alert(1)",
+            "java\tscript:alert(1)",
+            "java\nscript:alert(1)",
+            "\u{1}javascript:alert(1)",
+            "javascript&colon;alert(1)",
+            "&#106;avascript:alert(1)",
+            "jav&#x61;script:alert(1)",
+            "data:text/html,<script>alert(1)</script>",
+            "vbscript:msgbox(1)",
+            "VBScript:x",
+            "file:///etc/passwd",
+            "\\\\evil.test\\x",
+            "a:b",
+        ] {
+            assert_eq!(check(bad), "#", "{bad:?}");
+        }
+        assert_eq!(safe_url(&JValue::from(5)), "#");
+        assert_eq!(safe_url(&JValue::UNDEFINED), "#");
+        let env = env_with("p.html", "<a href=\"{{ u|safe_url }}\">");
+        let out = env
+            .get_template("p.html")
+            .unwrap()
+            .render(context! { u => "https://x.test/?a=1&b=\"2\"" })
+            .unwrap();
+        assert_eq!(out, "<a href=\"https://x.test/?a=1&amp;b=&quot;2&quot;\">");
+    }
 
     #[test]
     fn canonical_goes_into_head() {

@@ -32,9 +32,9 @@ pub struct Route {
     pub pattern: String,
     pub template: String,
     /// With `each`, one page per tuple of this collection; the pattern holds `{key}`.
+    /// (A page's content type comes from its template's kind, never from the pattern: see
+    /// [`crate::paths::template_kind`].)
     pub each: Option<String>,
-    /// By the pattern's extension (`/feed.xml`); HTML when it has none we know.
-    pub content_type: &'static str,
 }
 
 impl Route {
@@ -95,18 +95,10 @@ impl Route {
                 "route {pattern:?}: the path is reserved for the generated sitemap"
             ));
         }
-        // The extension is the pattern's own (`/u/{key}.json`), never one a key brings along.
-        let last_segment = pattern.rsplit('/').next().unwrap_or_default();
-        let ext_source = last_segment
-            .rsplit(KEY_PLACEHOLDER)
-            .next()
-            .unwrap_or_default();
-        let content_type = content_type_for(ext_source).unwrap_or(paths::HTML);
         Ok(Route {
             pattern: pattern.to_string(),
             template,
             each,
-            content_type,
         })
     }
 
@@ -251,29 +243,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.each.as_deref(), Some("profiles"));
-        assert_eq!(r.content_type, paths::HTML);
         assert_eq!(r.path_for(Some("alice")).unwrap(), "/alice");
         assert_eq!(r.path_for(Some("a b/c")).unwrap(), "/a%20b%2Fc");
         assert!(r.path_for(Some("..")).is_err());
         assert!(r.path_for(Some("sitemap.xml")).is_err());
 
         let feed = Route::parse("/feed.xml", &value(json!({"template": "feed"}))).unwrap();
-        assert_eq!(feed.content_type, paths::XML);
         assert_eq!(feed.path_for(None).unwrap(), "/feed.xml");
 
-        let json_pages = Route::parse(
-            "/u/{key}.json",
-            &value(json!({"template": "u.json", "each": "users"})),
-        )
-        .unwrap();
-        assert_eq!(json_pages.content_type, "application/json");
         let dotted = Route::parse(
             "/u/{key}",
             &value(json!({"template": "u", "each": "users"})),
         )
         .unwrap();
         assert_eq!(dotted.path_for(Some("a.png")).unwrap(), "/u/a.png");
-        assert_eq!(dotted.content_type, paths::HTML);
     }
 
     #[test]

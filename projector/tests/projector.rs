@@ -558,8 +558,13 @@ fn conflicting_claims_follow_precedence() {
 }
 
 #[test]
-fn routes_with_an_extension_get_its_content_type() {
+fn pages_get_the_content_type_and_escaping_of_their_template_kind() {
     let mut h = Harness::demo();
+    h.put(
+        "profiles",
+        "mallory",
+        json!({ "name": "<script>alert(1)</script>", "bio": "" }),
+    );
     h.template("api.json", "{{ page.tuple.value|tojson }}");
     h.put(
         "_routes",
@@ -571,24 +576,67 @@ fn routes_with_an_extension_get_its_content_type() {
         "<feed>{% for p in list(\"profiles\") %}<e>{{ p.value.name }}</e>{% endfor %}</feed>",
     );
     h.put("_routes", "/feed.xml", json!({ "template": "feed.xml" }));
-    let p = h.full();
-    assert_eq!(
-        p.manifest.files["/api/bob.json"].content_type,
-        "application/json"
+    // Text is not escaped, so it must never be served as HTML, whatever its URL says.
+    h.template(
+        "names.txt",
+        "{% for p in list(\"profiles\") %}{{ p.value.name }}\n{% endfor %}",
     );
+    h.put("_routes", "/names", json!({ "template": "names.txt" }));
+    h.put("_routes", "/names.html", json!({ "template": "names.txt" }));
+    // And an HTML template escapes, whatever its URL says.
+    h.put("_routes", "/people.txt", json!({ "template": "index" }));
+    let p = h.full();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let content_type = |path: &str| p.manifest.files[path].content_type.as_str();
+
+    assert_eq!(content_type("/api/bob.json"), "application/json");
     assert_eq!(
         h.page("/api/bob.json"),
         r#"{"bio":"Builds things","name":"Bob"}"#
     );
-    assert_eq!(
-        p.manifest.files["/feed.xml"].content_type,
-        "application/xml; charset=utf-8"
-    );
-    assert_eq!(h.page("/feed.xml"), "<feed><e>Alice</e><e>Bob</e></feed>");
-    assert!(
-        !h.page("/sitemap.xml").contains("feed"),
-        "only HTML pages are listed"
-    );
+    assert_eq!(content_type("/feed.xml"), "application/xml; charset=utf-8");
+    assert!(h
+        .page("/feed.xml")
+        .contains("<e>&lt;script&gt;alert(1)&lt;/script&gt;</e>"));
+    for text in ["/names", "/names.html"] {
+        assert_eq!(content_type(text), "text/plain; charset=utf-8", "{text}");
+        assert!(
+            h.page(text).contains("<script>alert(1)</script>\n"),
+            "{text}"
+        );
+        assert!(!h.page(text).contains("canonical"), "{text}");
+    }
+    assert_eq!(content_type("/people.txt"), "text/html; charset=utf-8");
+    assert!(h
+        .page("/people.txt")
+        .contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(h.page("/people.txt").contains("rel=\"canonical\""));
+
+    // Nothing unescaped is ever served as HTML, and only HTML pages are in the sitemap.
+    for (path, file) in &p.manifest.files {
+        let body = h.page(path);
+        if file.content_type.starts_with("text/html") {
+            assert!(!body.contains("<script>"), "{path}: {body}");
+        }
+    }
+    let sitemap = h.page("/sitemap.xml");
+    assert!(!sitemap.contains("feed") && !sitemap.contains("/names<"));
+    assert!(sitemap.contains("/people.txt"));
+}
+
+#[test]
+fn a_template_calling_debug_fails_with_unknown_function() {
+    let mut h = Harness::demo();
+    h.template("profile", "<pre>{{ debug() }}</pre>");
+    let p = h.full();
+    let e = p
+        .errors
+        .iter()
+        .find(|e| e.path.as_deref() == Some("/alice"))
+        .expect("the page fails");
+    assert_eq!((e.template.as_str(), e.line), ("profile", Some(1)));
+    assert!(e.message.contains("unknown function"), "{e}");
+    assert!(!p.manifest.files.contains_key("/alice"));
 }
 
 #[test]

@@ -130,6 +130,7 @@ impl TestCluster {
                 .expect("a loopback address"),
         );
         c.node_id = id;
+        c.render_worker = Some(crate::render_worker());
         c.admin_token = Some(ADMIN_TOKEN.into());
         c.write_rate = None;
         c.raft_tuning = self.options.tuning;

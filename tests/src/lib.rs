@@ -1,14 +1,19 @@
 //! Shared helpers for Sesame's integration tests and benchmark harness: start a real node on
 //! a loopback port in a temporary directory and talk to it.
+//!
+//! A node renders pages in worker processes that run the `sesame` binary. A test process is
+//! not `sesame`, so every node started here is given the built binary ([`sesame_binary`]).
 
 pub mod cluster;
 pub mod disk;
 pub mod linearizable;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use sesame_client::Http;
 use sesame_node::{NodeConfig, RunningNode};
+use sesame_projector::sandbox::WorkerCommand;
 
 /// A node running in a temporary data directory, on `127.0.0.1:0`.
 pub struct TestNode {
@@ -96,10 +101,98 @@ impl TestNode {
 }
 
 fn config(data: &Path) -> NodeConfig {
-    NodeConfig::new(
+    let mut config = NodeConfig::new(
         data,
         "127.0.0.1:0".parse().expect("parse a loopback address"),
-    )
+    );
+    config.render_worker = Some(render_worker());
+    config
+}
+
+/// The render worker a node started by a test runs: the built `sesame` binary.
+pub fn render_worker() -> WorkerCommand {
+    WorkerCommand::new(sesame_binary()).arg(sesame_node::cli::RENDER_WORKER_COMMAND)
+}
+
+/// The `sesame` binary of this build: `target/<profile>/sesame`, next to the running test
+/// or benchmark executable (which lives in `target/<profile>/` or its `deps/`), built with
+/// `cargo build -p sesame-node --bin sesame` first if it is missing or older than this
+/// executable. Panics when it cannot be had: no node test can run without it.
+pub fn sesame_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(find_or_build_sesame).clone()
+}
+
+fn find_or_build_sesame() -> PathBuf {
+    let exe = std::env::current_exe().expect("find the running executable");
+    let mut dir = exe
+        .parent()
+        .expect("an executable lives in a folder")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let binary = dir.join(format!("sesame{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = match (modified(&binary), modified(&exe)) {
+        (Some(binary), Some(exe)) => binary >= exe,
+        _ => false,
+    };
+    if fresh {
+        return binary;
+    }
+    // `dir` is `<target>/<profile>`: build into the same target folder and profile.
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("the profile folder has a name")
+        .to_string();
+    let target = dir.parent().expect("the profile folder lives in target/");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build
+        .args(["build", "--quiet", "-p", "sesame-node", "--bin", "sesame"])
+        .env("CARGO_TARGET_DIR", target);
+    // Cargo sets these for the running test; build scripts that watch them (ring watches
+    // CARGO_MANIFEST_DIR) would see a change and rebuild half the tree, here and again in
+    // the next `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_for_tests = ["CARGO_PKG_", "CARGO_BIN_EXE_"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&name);
+        if set_for_tests {
+            build.env_remove(name);
+        }
+    }
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo to build the sesame binary: {e}"));
+    assert!(
+        status.success() && binary.is_file(),
+        "building the sesame binary ({}) failed: {status}",
+        binary.display()
+    );
+    binary
 }
 
 /// An HTTP/1.1 answer read off a raw connection.

@@ -1050,3 +1050,39 @@ async fn a_failed_publish_keeps_the_old_version_and_recovers() {
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn demo_links_keep_javascript_urls_out() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    deploy_demo(&admin).await;
+    let links = json!([
+        { "title": "a", "url": "javascript:alert(1)" },
+        { "title": "b", "url": " JaVa\tScRiPt:alert(2)" },
+        { "title": "c", "url": "data:text/html,<script>alert(3)</script>" },
+        { "title": "d", "url": "https://example.com/mallory?a=1&b=2" },
+    ]);
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "mallory",
+            json!({ "name": "Mallory", "links": links }),
+            None,
+        )
+        .await
+        .unwrap();
+    let page = get(&node, "/demo/mallory", Some(w.index)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    let body = page.body.to_ascii_lowercase();
+    assert!(
+        !body.contains("script:") && !body.contains("data:"),
+        "{body}"
+    );
+    assert_eq!(body.matches(r##"href="#""##).count(), 3, "{body}");
+    assert!(page
+        .body
+        .contains(r#"href="https://example.com/mallory?a=1&amp;b=2""#));
+    node.stop().await.unwrap();
+}
