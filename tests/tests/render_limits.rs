@@ -208,3 +208,51 @@ async fn a_template_calling_debug_gets_an_unknown_function_error() {
     assert!(p.message.contains("unknown function"), "{p:?}");
     node.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_sites_slow_renders_do_not_delay_another_site() {
+    let node = TestNode::start_with(limits).await.unwrap();
+    let admin = node.admin();
+    let fast = deploy(&admin, HEALTHY, vec![]).await;
+    page(&node, HEALTHY, "/alice", fast).await;
+
+    // 150 pages that each burn a lot of fuel (well under the time limit): the slow site
+    // takes seconds to project.
+    let mut ops = vec![
+        put(
+            "_templates",
+            "slow.html",
+            json!({ "source": "{% for i in range(200) %}{% for j in range(1000) %}{% endfor %}{% endfor %}{{ page.key }}" }),
+        ),
+        put(
+            "_routes",
+            "/{key}",
+            json!({ "template": "slow.html", "each": "items" }),
+        ),
+    ];
+    for i in 0..150 {
+        ops.push(put("items", &format!("i{i}"), json!(i)));
+    }
+    admin.create_site("slow").await.unwrap();
+    let slow = admin
+        .tx(
+            "slow",
+            &TxRequest {
+                ops,
+                client_id: None,
+                seq: None,
+            },
+        )
+        .await
+        .unwrap()
+        .index;
+
+    // An edit to the other site is served while the slow site is still rendering.
+    edit_shows(&node, HEALTHY, "alice", "Alice Not Kept Waiting").await;
+    let status = admin.status("slow").await.unwrap();
+    assert!(
+        status.projected_index < slow,
+        "the slow site finished first, so this run shows nothing: {status:?}"
+    );
+    node.stop().await.unwrap();
+}
