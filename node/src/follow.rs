@@ -43,21 +43,22 @@ impl Follower {
     /// Installs committed roots as they are applied, until `cancel` fires, starting after
     /// the root at log index `installed` (0: every site's current root).
     pub async fn run(self, installed: LogIndex, cancel: CancellationToken) {
-        let mut applied = self.reads.applied();
+        // Only entries that move a root or delete a site concern this task.
+        let mut landmarks = self.reads.landmarks();
         let mut seen_root: LogIndex = installed;
-        let mut seen_applied: Option<LogIndex> = None;
+        let mut handled: Option<LogIndex> = None;
         loop {
-            if let Some(at) = seen_applied {
+            if let Some(at) = handled {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    r = applied.wait_for(|a| *a > at) => if r.is_err() { return },
+                    r = landmarks.wait_for(|l| l.roots_at > at) => if r.is_err() { return },
                 }
             }
-            let now = *applied.borrow();
+            let now = landmarks.borrow().roots_at;
             match self.catch_up(seen_root).await {
                 Ok(root) => {
                     seen_root = root;
-                    seen_applied = Some(now);
+                    handled = Some(now);
                 }
                 Err(e) => {
                     tracing::warn!("install published versions: {e:#}; retrying");

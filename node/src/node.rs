@@ -318,16 +318,22 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         };
 
     let applied_tx = Arc::new(watch::channel(0).0);
+    let landmarks_tx = Arc::new(watch::channel(crate::raft::Landmarks::default()).0);
     let raft_parts = RaftParts {
         dir: config.data_dir.clone(),
         node_id: id,
         timing: config.raft_tuning,
         network: Network::new(id, transport.clone()),
         applied: applied_tx.clone(),
+        landmarks: landmarks_tx.clone(),
     };
     let (raft, pool) = raft_parts.open().await?;
     let raft = Arc::new(RaftHandle::new(id, config.raft_tuning, raft));
-    let reads = Reads::new(Arc::new(pool), applied_tx.subscribe());
+    let reads = Reads::new(
+        Arc::new(pool),
+        applied_tx.subscribe(),
+        landmarks_tx.subscribe(),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

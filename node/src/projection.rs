@@ -325,8 +325,11 @@ impl Projections {
         self.active
             .store(true, std::sync::atomic::Ordering::Release);
         let mut applied = self.reads.applied();
+        let landmarks = self.reads.landmarks();
         let mut tasks = JoinSet::new();
         let mut cursor: Option<LogIndex> = None;
+        // The sites are listed again only when an entry created or deleted one.
+        let mut sites_listed_at: Option<LogIndex> = None;
         loop {
             if let Some(seen) = cursor {
                 tokio::select! {
@@ -334,8 +337,13 @@ impl Projections {
                     r = applied.wait_for(|a| *a > seen) => if r.is_err() { break },
                 }
             }
-            match self.dispatch(cursor.unwrap_or(0)).await {
+            let sites_at = landmarks.borrow().sites_at;
+            let list_sites = sites_listed_at.is_none_or(|at| sites_at > at);
+            match self.dispatch(cursor.unwrap_or(0), list_sites).await {
                 Ok((index, new_slots)) => {
+                    if list_sites {
+                        sites_listed_at = Some(sites_at);
+                    }
                     for slot in new_slots {
                         tasks.spawn(self.clone().site_task(slot, cancel.clone()));
                     }
@@ -367,17 +375,35 @@ impl Projections {
 
     /// Reads which sites changed after `since` and tells them; makes slots for new sites and
     /// retires deleted ones. Returns the index read up to and the new slots.
-    async fn dispatch(&self, since: LogIndex) -> anyhow::Result<(LogIndex, Vec<Arc<Slot>>)> {
-        let (index, sites, changed) = self
+    async fn dispatch(
+        &self,
+        since: LogIndex,
+        list_sites: bool,
+    ) -> anyhow::Result<(LogIndex, Vec<Arc<Slot>>)> {
+        let (index, listed, changed) = self
             .reads
-            .read(move |v| Ok((v.applied_index()?, v.sites()?, v.changed_sites(since)?)))
+            .read(move |v| {
+                let sites = if list_sites { Some(v.sites()?) } else { None };
+                Ok((v.applied_index()?, sites, v.changed_sites(since)?))
+            })
             .await?;
+        // Without a listing, the sites are the ones already known.
+        let sites: Vec<String> = match listed {
+            Some(sites) => sites.into_iter().map(|s| s.name).collect(),
+            None => self
+                .slots
+                .lock()
+                .expect("projection slots lock poisoned")
+                .keys()
+                .cloned()
+                .collect(),
+        };
         let fresh: Vec<String> = {
             let slots = self.slots.lock().expect("projection slots lock poisoned");
             sites
                 .iter()
-                .filter(|s| !slots.contains_key(&s.name))
-                .map(|s| s.name.clone())
+                .filter(|s| !slots.contains_key(*s))
+                .cloned()
                 .collect()
         };
         // What a new slot (every site, at start-up) must do first: nothing when its root
@@ -417,7 +443,7 @@ impl Projections {
         };
         let mut new_slots = Vec::new();
         let mut slots = self.slots.lock().expect("projection slots lock poisoned");
-        let live: BTreeSet<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        let live: BTreeSet<&str> = sites.iter().map(String::as_str).collect();
         slots.retain(|name, slot| {
             let keep = live.contains(name.as_str());
             if !keep {

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::peer::link::{Link, LinkError};
 use crate::peer::{PeerRequest, PeerResponse};
-use crate::raft::RaftHandle;
+use crate::raft::{Landmarks, RaftHandle};
 
 /// Longest a read waits for this node to apply the index it needs.
 pub const READ_WAIT_MS_MAX: u64 = 5_000;
@@ -41,11 +41,25 @@ pub enum ReadError {
 pub struct Reads {
     pool: Arc<ReadPool>,
     applied: watch::Receiver<LogIndex>,
+    landmarks: watch::Receiver<Landmarks>,
 }
 
 impl Reads {
-    pub fn new(pool: Arc<ReadPool>, applied: watch::Receiver<LogIndex>) -> Reads {
-        Reads { pool, applied }
+    pub fn new(
+        pool: Arc<ReadPool>,
+        applied: watch::Receiver<LogIndex>,
+        landmarks: watch::Receiver<Landmarks>,
+    ) -> Reads {
+        Reads {
+            pool,
+            applied,
+            landmarks,
+        }
+    }
+
+    /// Follows where the set of sites and the sites' roots last changed.
+    pub fn landmarks(&self) -> watch::Receiver<Landmarks> {
+        self.landmarks.clone()
     }
 
     /// Runs `f` on a consistent snapshot of the tuple store, on the blocking pool.

@@ -44,15 +44,18 @@ pub struct RaftTuning {
 /// Log entries between snapshots by default.
 pub const SNAPSHOT_EVERY_DEFAULT: u64 = 10_000;
 
-/// Defaults tuned for failover within 1 s on a LAN: heartbeats every 100 ms, elections after
-/// 300–600 ms of silence. openraft also uses the heartbeat interval as the timeout of each
-/// append-entries request, so it must cover a follower's fsync of a full batch.
+/// Defaults tuned for failover within 1 s on a LAN. Heartbeats go every 100 ms; openraft
+/// also uses that interval as the timeout of each append-entries request, so it must cover
+/// a follower's fsync of a full batch. A follower that heard from its leader waits the
+/// leader's lease (openraft sets it to `election_max_ms`) plus a random election timeout
+/// (`election_min_ms..election_max_ms`) before it stands: 500–600 ms after the last
+/// heartbeat, five missed heartbeats at least.
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_ms: 100,
-            election_min_ms: 300,
-            election_max_ms: 600,
+            election_min_ms: 200,
+            election_max_ms: 300,
             snapshot_every: SNAPSHOT_EVERY_DEFAULT,
         }
     }
@@ -172,6 +175,9 @@ impl RaftHandle {
     /// `timeout`.
     pub async fn changed(&self, timeout: Duration) {
         let mut metrics = self.get().metrics();
+        // A fresh receiver has not seen the current value, and `changed` would return at
+        // once: mark it seen, then wait for the next.
+        metrics.borrow_and_update();
         let _ = tokio::time::timeout(timeout, metrics.changed()).await;
     }
 }
@@ -184,6 +190,8 @@ pub struct RaftParts {
     pub network: Network,
     /// The applied index, shared by every instance so followers of it need not resubscribe.
     pub applied: Arc<watch::Sender<LogIndex>>,
+    /// Where sites and roots last changed, shared the same way.
+    pub landmarks: Arc<watch::Sender<super::Landmarks>>,
 }
 
 impl RaftParts {
@@ -195,7 +203,9 @@ impl RaftParts {
             .await
             .context("join storage opening")?
             .context("open raft storage")?;
-        let state_machine = state_machine.with_applied_watch(self.applied.clone());
+        let state_machine = state_machine
+            .with_applied_watch(self.applied.clone())
+            .with_landmarks_watch(self.landmarks.clone());
         let reads = state_machine
             .read_pool(READ_POOL_IDLE_MAX)
             .context("open tuple store readers")?;

@@ -28,7 +28,7 @@ pub use log_store::{LogReader, LogStore, LogStoreError};
 pub use member::Member;
 pub use network::Network;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{SnapshotBuilder, StateMachine, StateMachineError};
+pub use state_machine::{Landmarks, SnapshotBuilder, StateMachine, StateMachineError};
 
 openraft::declare_raft_types!(
     /// Sesame's openraft types: the log carries [`sesame_proto::Command`]s and applying one

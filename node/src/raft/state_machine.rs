@@ -164,6 +164,36 @@ fn write_snapshot_error(meta: Option<&SnapshotMeta>, e: StateMachineError) -> St
     StorageIOError::write_snapshot(meta.map(|m| m.signature()), &e).into()
 }
 
+/// Where the last entries that changed the set of sites, or a site's root, were applied: so
+/// the parts of the node that follow only those wake only for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Landmarks {
+    /// Log index of the last site creation or deletion.
+    pub sites_at: u64,
+    /// Log index of the last root change (publish, rollback, site deletion).
+    pub roots_at: u64,
+}
+
+impl Landmarks {
+    /// Moves the landmarks past what `entries` change.
+    fn advance(&mut self, entries: &[Entry]) {
+        for e in entries {
+            let EntryPayload::Normal(command) = &e.payload else {
+                continue;
+            };
+            match command {
+                Command::CreateSite { .. } => self.sites_at = e.log_id.index,
+                Command::DeleteSite { .. } => {
+                    self.sites_at = e.log_id.index;
+                    self.roots_at = e.log_id.index;
+                }
+                Command::Publish(_) => self.roots_at = e.log_id.index,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// The state machine openraft applies committed entries to.
 pub struct StateMachine {
     store: Arc<Mutex<Store>>,
@@ -172,6 +202,7 @@ pub struct StateMachine {
     snapshots: Arc<Mutex<SnapshotDir>>,
     snapshot_dir: PathBuf,
     applied_index: Arc<watch::Sender<u64>>,
+    landmarks: Arc<watch::Sender<Landmarks>>,
 }
 
 impl StateMachine {
@@ -202,6 +233,7 @@ impl StateMachine {
             snapshot_dir: snapshots.path().to_path_buf(),
             snapshots: Arc::new(Mutex::new(snapshots)),
             applied_index: Arc::new(applied_index),
+            landmarks: Arc::new(watch::channel(Landmarks::default()).0),
         })
     }
 
@@ -210,6 +242,21 @@ impl StateMachine {
     pub fn with_applied_watch(mut self, applied: Arc<watch::Sender<u64>>) -> StateMachine {
         applied.send_replace(*self.applied_index.borrow());
         self.applied_index = applied;
+        self
+    }
+
+    /// Reports [`Landmarks`] through `landmarks`, which the node keeps across restarts of
+    /// Raft. On open they are set to the applied index: whatever came before is there.
+    pub fn with_landmarks_watch(
+        mut self,
+        landmarks: Arc<watch::Sender<Landmarks>>,
+    ) -> StateMachine {
+        let applied = *self.applied_index.borrow();
+        landmarks.send_modify(|l| {
+            l.sites_at = l.sites_at.max(applied);
+            l.roots_at = l.roots_at.max(applied);
+        });
+        self.landmarks = landmarks;
         self
     }
 
@@ -250,9 +297,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
+        let mut landmarks = *self.landmarks.borrow();
+        landmarks.advance(&entries);
         let results = blocking::run(&self.store, move |store| apply_batch(store, &entries))
             .await
             .map_err(|e| StorageIOError::apply(last, &e))?;
+        self.landmarks.send_if_modified(|l| {
+            let moved = *l != landmarks;
+            *l = landmarks;
+            moved
+        });
         self.applied_index.send_replace(last.index);
         Ok(results)
     }
@@ -307,6 +361,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| write_snapshot_error(Some(meta), e))?;
         let installed_index = meta.last_log_id.map_or(0, |id| id.index);
+        // A snapshot may change anything.
+        self.landmarks.send_replace(Landmarks {
+            sites_at: installed_index,
+            roots_at: installed_index,
+        });
         self.applied_index.send_replace(installed_index);
         Ok(())
     }

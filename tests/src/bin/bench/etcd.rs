@@ -68,11 +68,6 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// The client URLs of the members.
-    pub fn urls(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.client_url.clone()).collect()
-    }
-
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -91,6 +86,30 @@ impl Etcd {
             }
         }
         Ok(())
+    }
+
+    /// The client URL of the member that leads now.
+    pub async fn leader_url(&self) -> anyhow::Result<String> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            for m in &self.members {
+                let status: serde_json::Value = client
+                    .post(format!("{}/v3/maintenance/status", m.client_url))
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let me = status["header"]["member_id"].as_str();
+                let leader = status["leader"].as_str();
+                if me.is_some() && me == leader {
+                    return Ok(m.client_url.clone());
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "etcd elected no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Stops every member.
@@ -117,10 +136,6 @@ pub async fn put(
         }))
         .send()
         .await?;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "etcd put: {}",
-        resp.status()
-    );
+    anyhow::ensure!(resp.status().is_success(), "etcd put: {}", resp.status());
     Ok(())
 }

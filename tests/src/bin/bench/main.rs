@@ -4,17 +4,21 @@
 //! measured in the same run, as a ratio.
 //!
 //! Sections (`--only`, comma-separated; all by default):
-//! - `writes`: durable write latency and throughput ([`writes`]);
+//! - `writes`: durable write latency and throughput on one voter ([`writes`]);
+//! - `cluster`: the same on three voters, side by side with etcd, batched tuples, and
+//!   failover time ([`cluster`]);
 //! - `projection`: full projection of a generated site, side by side with Hugo
 //!   ([`projection`]);
 //! - `latency`: commit → new page served, by site size ([`latency`]);
 //! - `serving`: one page under wrk, side by side with nginx ([`serving`]).
 //!
-//! Missing peers (`hugo`, `wrk`, `nginx`) are installed with `apt-get`. Every request goes
+//! Missing peers (`hugo`, `wrk`, `nginx`, `etcd`) are installed with `apt-get`. Every request goes
 //! to 127.0.0.1, every loop is bounded, and every process started here is stopped here.
 //!
 //! `cargo run --release -p sesame-tests --bin sesame-bench -- --help`
 
+mod cluster;
+mod etcd;
 mod latency;
 mod projection;
 mod report;
@@ -34,6 +38,7 @@ use report::Row;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Section {
     Writes,
+    Cluster,
     Projection,
     Latency,
     Serving,
@@ -46,7 +51,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "writes,projection,latency,serving"
+        default_value = "writes,cluster,projection,latency,serving"
     )]
     only: Vec<Section>,
     /// Small sizes everywhere, for a run of a minute or two; explicit size flags still win.
@@ -157,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = 0;
     for section in [
         Section::Writes,
+        Section::Cluster,
         Section::Projection,
         Section::Latency,
         Section::Serving,
@@ -168,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("== {name}");
         let result = match section {
             Section::Writes => writes::run(&args, tmp.path(), &mut rows).await,
+            Section::Cluster => cluster::run(&args, tmp.path(), &mut rows).await,
             Section::Projection => projection::run(&args, tmp.path(), &mut rows).await,
             Section::Latency => latency::run(&args, tmp.path(), &mut rows).await,
             Section::Serving => serving::run(&args, tmp.path(), &mut rows).await,
