@@ -308,6 +308,8 @@ pub enum TokenCommand {
 /// Which node to talk to and as whom.
 #[derive(Debug, Args)]
 pub struct Remote {
+    /// The node's URL, or several nodes of one cluster, comma-separated: a node that cannot
+    /// be reached, or cannot help now, is passed over for the next.
     #[arg(
         long,
         global = true,
@@ -321,13 +323,26 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn client(&self) -> Http {
+    fn client(&self) -> anyhow::Result<Http> {
         let token = self.token.clone().or_else(|| {
             std::fs::read_to_string(PathBuf::from(DEV_DATA_DIR).join(ADMIN_TOKEN_FILE))
                 .ok()
                 .map(|t| t.trim().to_string())
         });
-        Http::new(&self.node, token)
+        let nodes: Vec<&str> = self
+            .node
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        anyhow::ensure!(!nodes.is_empty(), "--node names no node URL");
+        anyhow::ensure!(
+            nodes.len() <= sesame_client::NODES_MAX,
+            "--node names {} URLs; at most {} are taken",
+            nodes.len(),
+            sesame_client::NODES_MAX
+        );
+        Ok(Http::with_nodes(nodes, token))
     }
 }
 
@@ -372,18 +387,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev(args).await,
         Command::Node(args) => node(args).await,
         Command::Site { command } => match command {
-            SiteCommand::Create { name } => print_json(&remote.client().create_site(&name).await?),
-            SiteCommand::List => print_json(&remote.client().list_sites().await?),
-            SiteCommand::Deploy { site, dir } => deploy(&remote.client(), &site, &dir).await,
-            SiteCommand::Status { site } => print_json(&remote.client().status(&site).await?),
+            SiteCommand::Create { name } => print_json(&remote.client()?.create_site(&name).await?),
+            SiteCommand::List => print_json(&remote.client()?.list_sites().await?),
+            SiteCommand::Deploy { site, dir } => deploy(&remote.client()?, &site, &dir).await,
+            SiteCommand::Status { site } => print_json(&remote.client()?.status(&site).await?),
             SiteCommand::Versions { site, limit } => {
-                print_json(&remote.client().versions(&site, limit).await?)
+                print_json(&remote.client()?.versions(&site, limit).await?)
             }
             SiteCommand::Rollback { site, index } => {
-                print_json(&remote.client().rollback(&site, index).await?)
+                print_json(&remote.client()?.rollback(&site, index).await?)
             }
-            SiteCommand::Rebuild { site } => print_json(&remote.client().rebuild(&site).await?),
-            SiteCommand::Delete { site } => print_json(&remote.client().delete_site(&site).await?),
+            SiteCommand::Rebuild { site } => print_json(&remote.client()?.rebuild(&site).await?),
+            SiteCommand::Delete { site } => print_json(&remote.client()?.delete_site(&site).await?),
         },
         Command::Put {
             site,
@@ -404,13 +419,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 client_id: None,
                 seq: None,
             };
-            print_json(&remote.client().tx(&site, &req).await?)
+            print_json(&remote.client()?.tx(&site, &req).await?)
         }
         Command::Get {
             site,
             collection,
             key,
-        } => print_json(&remote.client().get(&site, &collection, &key).await?),
+        } => print_json(&remote.client()?.get(&site, &collection, &key).await?),
         Command::Del {
             site,
             collection,
@@ -418,7 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if_version,
         } => print_json(
             &remote
-                .client()
+                .client()?
                 .delete(&site, &collection, &key, if_version)
                 .await?,
         ),
@@ -430,12 +445,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after,
         } => print_json(
             &remote
-                .client()
+                .client()?
                 .scan(&site, &collection, &prefix, after.as_deref(), limit)
                 .await?,
         ),
         Command::Changes { site, since, limit } => {
-            print_json(&remote.client().changes(&site, since, limit).await?)
+            print_json(&remote.client()?.changes(&site, since, limit).await?)
         }
         Command::Token { command } => match command {
             TokenCommand::Create { site, role, ttl } => {
@@ -445,21 +460,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "reader" => Role::Reader,
                     other => anyhow::bail!("unknown role {other:?}: use owner, editor or reader"),
                 };
-                print_json(&remote.client().create_token_for(&site, role, ttl).await?)
+                print_json(&remote.client()?.create_token_for(&site, role, ttl).await?)
             }
-            TokenCommand::List { site } => print_json(&remote.client().list_tokens(&site).await?),
+            TokenCommand::List { site } => print_json(&remote.client()?.list_tokens(&site).await?),
             TokenCommand::Revoke { site, id } => {
-                print_json(&remote.client().revoke_token(&site, id).await?)
+                print_json(&remote.client()?.revoke_token(&site, id).await?)
             }
         },
         Command::Cluster { command } => match command {
             ClusterCommand::Certs { out, nodes } => cluster_certs(&out, &nodes),
-            ClusterCommand::Status => print_json(&remote.client().cluster_status().await?),
+            ClusterCommand::Status => print_json(&remote.client()?.cluster_status().await?),
             ClusterCommand::AddLearner { id, raft, http } => {
-                print_json(&remote.client().add_learner(id, &raft, &http).await?)
+                print_json(&remote.client()?.add_learner(id, &raft, &http).await?)
             }
-            ClusterCommand::Promote { id } => print_json(&remote.client().promote(id).await?),
-            ClusterCommand::Remove { id } => print_json(&remote.client().remove_member(id).await?),
+            ClusterCommand::Promote { id } => print_json(&remote.client()?.promote(id).await?),
+            ClusterCommand::Remove { id } => print_json(&remote.client()?.remove_member(id).await?),
         },
     }
 }
