@@ -1,10 +1,16 @@
 //! Shared helpers for Sesame's integration tests and benchmark harness: start a real node on
-//! a loopback port in a temporary directory and talk to it.
+//! a loopback port in a temporary directory and talk to it, or find the `sesame` binary to
+//! run nodes as processes.
 
 pub mod cluster;
 pub mod linearizable;
+pub mod process;
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
 
 use sesame_client::Http;
 use sesame_node::{NodeConfig, RunningNode};
@@ -140,4 +146,118 @@ pub async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> RawResponse
         head: head.to_string(),
         body: body.to_string(),
     }
+}
+
+/// Names the `sesame` binary to run instead of finding (and building) it.
+pub const SESAME_BIN_ENV: &str = "SESAME_BIN";
+
+/// The path of a built `sesame` binary, for tests that run real node processes.
+///
+/// `SESAME_BIN` names one outright. Otherwise it is `<target>/<profile>/sesame` beside the
+/// running test executable (which cargo puts in `<target>/<profile>/deps/`), the way
+/// assert_cmd's `cargo_bin` finds it. Cargo builds a package's binaries only for that
+/// package's own tests, never for a dependent's like this crate, so the binary is built here
+/// (`cargo build -p sesame-node --bin sesame`, same target directory and profile, the
+/// environment passed on) when it is missing, or older than the test executable: the test
+/// is rebuilt whenever `sesame-node` changes, so an older binary may be stale (cargo then
+/// has nothing to do if it is not). Once per test process; later calls return the first
+/// answer.
+pub fn sesame_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| find_or_build_sesame().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Prefixes of the variables cargo sets for the package whose test runs, not for a build.
+const TEST_ONLY_CARGO_VARS: [&str; 8] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
+fn find_or_build_sesame() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(SESAME_BIN_ENV) {
+        let bin = PathBuf::from(bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "{SESAME_BIN_ENV}={} is not a file",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    let exe = std::env::current_exe().context("find the test executable")?;
+    let mut profile_dir = exe.parent().context("the test executable has no folder")?;
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().context("deps/ has no parent folder")?;
+    }
+    let bin = profile_dir.join(format!("sesame{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let test_built = modified(&exe).unwrap_or(SystemTime::UNIX_EPOCH);
+    if modified(&bin).is_some_and(|built| built >= test_built) {
+        return Ok(bin);
+    }
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the profile folder has no name")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the profile folder has no parent")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(&cargo);
+    build
+        .current_dir(workspace)
+        .args(["build", "--quiet", "-p", "sesame-node", "--bin", "sesame"])
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    // Cargo runs a test with the package's own variables set (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Build scripts ask to rerun when such a variable changes (ring's
+    // does), so passing them on would rebuild half the tree here, and again in the next
+    // `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if TEST_ONLY_CARGO_VARS.iter().any(|p| name.starts_with(p)) {
+            build.env_remove(name);
+        }
+    }
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let what = format!(
+        "cargo build -p sesame-node --bin sesame (profile folder {profile}, target {})",
+        target_dir.display()
+    );
+    eprintln!("building {} with {what}", bin.display());
+    let output = build
+        .output()
+        .with_context(|| format!("run {}", Path::new(&cargo).display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    anyhow::ensure!(
+        bin.is_file(),
+        "{what} succeeded but left no {}; set {SESAME_BIN_ENV} to the binary",
+        bin.display()
+    );
+    Ok(bin)
 }
