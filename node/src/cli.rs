@@ -112,6 +112,10 @@ pub enum ClusterCommand {
         /// Node ids, comma-separated: `--nodes 1,2,3`.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u64>,
+        /// Keep the certificates of ids that have them (checked, not remade) instead of
+        /// refusing: for a step that runs at every start, like docker-compose.yml's.
+        #[arg(long)]
+        skip_existing: bool,
     },
     /// Who leads, and every member's progress (`GET /v1/cluster`).
     Status,
@@ -468,7 +472,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Cluster { command } => match command {
-            ClusterCommand::Certs { out, nodes } => cluster_certs(&out, &nodes),
+            ClusterCommand::Certs {
+                out,
+                nodes,
+                skip_existing,
+            } => cluster_certs(&out, &nodes, skip_existing),
             ClusterCommand::Status => print_json(&remote.client()?.cluster_status().await?),
             ClusterCommand::AddLearner { id, raft, http } => {
                 print_json(&remote.client()?.add_learner(id, &raft, &http).await?)
@@ -479,8 +487,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn cluster_certs(out: &std::path::Path, nodes: &[u64]) -> anyhow::Result<()> {
-    let written = crate::peer::tls::write_cluster_certs(out, nodes)
+fn cluster_certs(out: &std::path::Path, nodes: &[u64], skip_existing: bool) -> anyhow::Result<()> {
+    use crate::peer::tls::{CA_CERT_FILE, NODE_CERT_FILE};
+    let mut nodes = nodes.to_vec();
+    if skip_existing {
+        let mut kept = Vec::new();
+        nodes.retain(|id| {
+            let has = out.join(id.to_string()).join(NODE_CERT_FILE).exists();
+            if has {
+                kept.push(*id);
+            }
+            !has
+        });
+        let ca = std::fs::read(out.join(CA_CERT_FILE));
+        for id in kept {
+            let dir = out.join(id.to_string());
+            // A folder that no longer loads, or is another CA's, is a problem to show now,
+            // not when the node starts.
+            let certs = crate::peer::NodeCerts::load(&dir)
+                .with_context(|| format!("check the certificates of node {id}"))?;
+            anyhow::ensure!(
+                certs.node_id() == id,
+                "{} holds node {}'s certificate",
+                dir.display(),
+                certs.node_id()
+            );
+            let own_ca = std::fs::read(dir.join(CA_CERT_FILE))
+                .with_context(|| format!("read {}", dir.join(CA_CERT_FILE).display()))?;
+            anyhow::ensure!(
+                ca.as_ref().is_ok_and(|ca| *ca == own_ca),
+                "{} is not signed by the CA in {}",
+                dir.display(),
+                out.display()
+            );
+            self::out(format_args!("node {id}: --certs {} (kept)", dir.display()))?;
+        }
+        if nodes.is_empty() {
+            return Ok(());
+        }
+    }
+    let written = crate::peer::tls::write_cluster_certs(out, &nodes)
         .with_context(|| format!("make cluster certificates in {}", out.display()))?;
     let ca = if written.new_ca { "made" } else { "used" };
     self::out(format_args!(
