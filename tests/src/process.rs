@@ -1,10 +1,12 @@
-//! `sesame node` as real processes on loopback: a cluster a test can kill with SIGKILL and
-//! restart. Each node has its own data folder, certificate folder, HTTP and QUIC ports and
-//! log file under one temporary directory; every process is killed when the cluster is
-//! dropped, so a failing test leaves none behind (and prints the end of each node's log).
-//! With `SESAME_KEEP_LOGS=1` the directory is kept, and its path printed.
+//! `sesame node` as real processes on loopback. [`NodeProcess`] is one node's command line
+//! and process: started, killed with SIGKILL, started again, and always killed when dropped
+//! (printing the end of its log if the test is failing), so a failing test leaves no process
+//! behind. [`ProcessCluster`] is a cluster of them, each with its own data folder,
+//! certificate folder, HTTP and QUIC ports and log file under one temporary directory; with
+//! `SESAME_KEEP_LOGS=1` that directory is kept, and its path printed.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,18 +19,22 @@ use crate::cluster::{free_tcp_port, free_udp_port, ADMIN_TOKEN};
 
 /// Longest a node process may take from its start to answering `/healthz`.
 const START_WAIT_MS: u64 = 30_000;
-/// Lines of each node's log printed when a test fails.
+/// Lines of a node's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 30;
-/// Set (to anything) to keep the cluster's directory, with every node's log, afterwards.
+/// Set (to anything) to keep a cluster's directory, with every node's log, afterwards.
 pub const KEEP_LOGS_ENV: &str = "SESAME_KEEP_LOGS";
+/// The log filter node processes run with.
+const NODE_LOG_FILTER: &str = "info,openraft=warn";
 
-/// One `sesame node` process, running or not.
-pub struct ProcessNode {
-    pub id: u64,
+/// One node's command line, and its process while it runs.
+pub struct NodeProcess {
+    /// For messages: `node 1`.
+    pub name: String,
+    /// Where it answers HTTP.
     pub http: SocketAddr,
-    pub raft: SocketAddr,
-    pub data: PathBuf,
-    pub certs: PathBuf,
+    bin: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
     /// Standard output and error of every run, appended.
     pub log: PathBuf,
     child: Option<Child>,
@@ -36,7 +42,29 @@ pub struct ProcessNode {
     pub starts: u32,
 }
 
-impl ProcessNode {
+impl NodeProcess {
+    /// A node run as `bin args...` with `env` added to the environment, answering HTTP at
+    /// `http`, logging to `log`; not started yet.
+    pub fn new(
+        name: impl Into<String>,
+        bin: &Path,
+        args: Vec<OsString>,
+        env: Vec<(String, String)>,
+        http: SocketAddr,
+        log: PathBuf,
+    ) -> NodeProcess {
+        NodeProcess {
+            name: name.into(),
+            http,
+            bin: bin.to_path_buf(),
+            args,
+            env,
+            log,
+            child: None,
+            starts: 0,
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
     }
@@ -44,17 +72,112 @@ impl ProcessNode {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Starts the process (it must not be running) and waits until it answers HTTP.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_http().await
+    }
+
+    /// Starts the process; it must not be running.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} is running", self.name);
+        self.starts += 1;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("open {}", self.log.display()))?;
+        std::io::Write::write_all(
+            &mut log,
+            format!("=== start {} of {}\n", self.starts, self.name).as_bytes(),
+        )?;
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .env("SESAME_LOG", NODE_LOG_FILTER)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the node answers `GET /healthz`; fails early if its process exits.
+    pub async fn wait_http(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(START_WAIT_MS);
+        loop {
+            let child = self.child.as_mut().context("the node is not running")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                anyhow::bail!(
+                    "{} exited with {status}:\n{}",
+                    self.name,
+                    tail(&self.log, LOG_TAIL_LINES)
+                );
+            }
+            if healthz(self.http).await {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not answer HTTP within {START_WAIT_MS} ms:\n{}",
+                self.name,
+                tail(&self.log, LOG_TAIL_LINES)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the process with SIGKILL (no shutdown, no flush) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("the node is not running")?;
+        // `Child::kill` is SIGKILL on Unix.
+        child
+            .kill()
+            .with_context(|| format!("kill {}", self.name))?;
+        child
+            .wait()
+            .with_context(|| format!("reap {}", self.name))?;
+        Ok(())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ({} starts), end of {}:\n{}",
+                self.name,
+                self.starts,
+                self.log.display(),
+                tail(&self.log, LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// One member of a [`ProcessCluster`].
+pub struct ProcessNode {
+    pub id: u64,
+    pub raft: SocketAddr,
+    pub data: PathBuf,
+    pub certs: PathBuf,
+    pub process: NodeProcess,
 }
 
 /// A cluster of `sesame node` processes.
 pub struct ProcessCluster {
+    pub nodes: BTreeMap<u64, ProcessNode>,
     /// `None` only while dropping.
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
-    bin: PathBuf,
-    /// Arguments every node gets after its own.
-    extra_args: Vec<String>,
-    pub nodes: BTreeMap<u64, ProcessNode>,
 }
 
 impl ProcessCluster {
@@ -78,37 +201,62 @@ impl ProcessCluster {
             "sesame cluster certs failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut addrs = BTreeMap::new();
+        for id in &ids {
+            addrs.insert(
+                *id,
+                (loopback(free_udp_port()?), loopback(free_tcp_port()?)),
+            );
+        }
+        let initial = addrs
+            .iter()
+            .map(|(id, (raft, _))| format!("{id}={raft}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut nodes = BTreeMap::new();
-        for id in ids {
+        for (id, (raft, http)) in addrs {
             let node_dir = dir.path().join(format!("node{id}"));
             std::fs::create_dir_all(&node_dir)?;
-            let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+            let data = node_dir.join("data");
+            let node_certs = certs.join(id.to_string());
+            let mut args: Vec<OsString> = vec!["node".into(), "--id".into(), id.to_string().into()];
+            args.extend(["--data".into(), data.clone().into_os_string()]);
+            args.extend(["--http".into(), http.to_string().into()]);
+            args.extend(["--raft".into(), raft.to_string().into()]);
+            args.extend(["--certs".into(), node_certs.clone().into_os_string()]);
+            args.extend(["--initial-cluster".into(), initial.clone().into()]);
+            args.extend(["--admin-token".into(), ADMIN_TOKEN.into()]);
+            args.extend(extra_args.iter().map(OsString::from));
+            let process = NodeProcess::new(
+                format!("node {id}"),
+                &bin,
+                args,
+                Vec::new(),
+                http,
+                node_dir.join("node.log"),
+            );
             nodes.insert(
                 id,
                 ProcessNode {
                     id,
-                    http: loopback(free_tcp_port()?),
-                    raft: loopback(free_udp_port()?),
-                    data: node_dir.join("data"),
-                    certs: certs.join(id.to_string()),
-                    log: node_dir.join("node.log"),
-                    child: None,
-                    starts: 0,
+                    raft,
+                    data,
+                    certs: node_certs,
+                    process,
                 },
             );
         }
         let mut cluster = ProcessCluster {
+            nodes,
             path: dir.path().to_path_buf(),
             dir: Some(dir),
-            bin,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
-            nodes,
         };
-        for id in cluster.ids() {
-            cluster.spawn(id)?;
+        for node in cluster.nodes.values_mut() {
+            node.process.spawn()?;
         }
-        for id in cluster.ids() {
-            cluster.wait_http(id).await?;
+        for node in cluster.nodes.values_mut() {
+            node.process.wait_http().await?;
         }
         Ok(cluster)
     }
@@ -125,13 +273,13 @@ impl ProcessCluster {
     pub fn running(&self) -> Vec<u64> {
         self.nodes
             .values()
-            .filter(|n| n.is_running())
+            .filter(|n| n.process.is_running())
             .map(|n| n.id)
             .collect()
     }
 
     pub fn url(&self, id: u64) -> String {
-        self.nodes[&id].url()
+        self.nodes[&id].process.url()
     }
 
     /// An admin client of node `id` alone.
@@ -139,158 +287,75 @@ impl ProcessCluster {
         Http::new(&self.url(id), Some(ADMIN_TOKEN.into()))
     }
 
-    /// An admin client of every node, trying them from `first` on.
+    /// An admin client of every node, trying them from the `first`-th on.
     pub fn admin_all(&self, first: usize) -> Http {
-        let mut urls: Vec<String> = self.nodes.values().map(ProcessNode::url).collect();
+        let mut urls: Vec<String> = self.nodes.values().map(|n| n.process.url()).collect();
         let len = urls.len();
         urls.rotate_left(first % len);
         Http::with_nodes(urls, Some(ADMIN_TOKEN.into()))
     }
 
-    /// The `--initial-cluster` value: every node's QUIC address.
-    fn initial_cluster(&self) -> String {
-        self.nodes
-            .values()
-            .map(|n| format!("{}={}", n.id, n.raft))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// Starts node `id`'s process on its data folder (it must not be running).
-    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let initial = self.initial_cluster();
-        let bin = self.bin.clone();
-        let extra = self.extra_args.clone();
-        let node = self.nodes.get_mut(&id).context("no such node")?;
-        anyhow::ensure!(node.child.is_none(), "node {id} is running");
-        node.starts += 1;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .with_context(|| format!("open {}", node.log.display()))?;
-        std::io::Write::write_all(
-            &mut log,
-            format!("=== start {} of node {id}\n", node.starts).as_bytes(),
-        )?;
-        let child = Command::new(bin)
-            .arg("node")
-            .args(["--id", &id.to_string()])
-            .arg("--data")
-            .arg(&node.data)
-            .args(["--http", &node.http.to_string()])
-            .args(["--raft", &node.raft.to_string()])
-            .arg("--certs")
-            .arg(&node.certs)
-            .args(["--initial-cluster", &initial])
-            .args(["--admin-token", ADMIN_TOKEN])
-            .args(&extra)
-            .env("SESAME_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start node {id}"))?;
-        node.child = Some(child);
-        Ok(())
-    }
-
-    /// Waits until node `id` answers `GET /healthz`; fails early if its process exits.
-    pub async fn wait_http(&mut self, id: u64) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_millis(START_WAIT_MS);
-        let addr = self.nodes[&id].http;
-        loop {
-            let node = self.nodes.get_mut(&id).context("no such node")?;
-            let child = node.child.as_mut().context("node is not running")?;
-            if let Some(status) = child.try_wait()? {
-                node.child = None;
-                anyhow::bail!(
-                    "node {id} exited with {status}:\n{}",
-                    tail(&node.log, LOG_TAIL_LINES)
-                );
-            }
-            if healthz(addr).await {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "node {id} did not answer HTTP within {START_WAIT_MS} ms:\n{}",
-                tail(&self.nodes[&id].log, LOG_TAIL_LINES)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Kills node `id` with SIGKILL (no shutdown, no flush) and reaps it.
+    /// Kills node `id` with SIGKILL and reaps it.
     pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self.nodes.get_mut(&id).context("no such node")?;
-        let mut child = node.child.take().context("node is not running")?;
-        // `Child::kill` is SIGKILL on Unix.
-        child.kill().with_context(|| format!("kill node {id}"))?;
-        child.wait().with_context(|| format!("reap node {id}"))?;
-        Ok(())
+        self.node_mut(id)?.process.kill()
     }
 
     /// Starts node `id` again on its data and waits until it answers HTTP.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        self.spawn(id)?;
-        self.wait_http(id).await
+        self.node_mut(id)?.process.start().await
+    }
+
+    fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut ProcessNode> {
+        self.nodes
+            .get_mut(&id)
+            .with_context(|| format!("no node {id}"))
     }
 
     /// The leader every running node names, once they agree on one that runs (within
     /// `timeout`).
     pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let running = self.running();
-            let mut views = Vec::new();
-            for id in &running {
-                views.push(
-                    self.admin(*id)
-                        .cluster_status()
-                        .await
-                        .ok()
-                        .and_then(|s| s.leader),
-                );
-            }
-            if let Some(Some(leader)) = views.first() {
-                if views.iter().all(|v| *v == Some(*leader)) && running.contains(leader) {
-                    return Ok(*leader);
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "nodes {running:?} agreed on no running leader within {timeout:?}: {views:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let urls: Vec<String> = self.running().iter().map(|id| self.url(*id)).collect();
+        let leader = wait_leader(&urls, ADMIN_TOKEN, timeout).await?;
+        anyhow::ensure!(
+            self.running().contains(&leader),
+            "the nodes agree on node {leader}, which is not running"
+        );
+        Ok(leader)
     }
 }
 
 impl Drop for ProcessCluster {
     fn drop(&mut self) {
-        for node in self.nodes.values_mut() {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if std::thread::panicking() {
-            for node in self.nodes.values() {
-                eprintln!(
-                    "--- node {} ({} starts), end of {}:\n{}",
-                    node.id,
-                    node.starts,
-                    node.log.display(),
-                    tail(&node.log, LOG_TAIL_LINES)
-                );
-            }
-        }
+        // The processes first (printing their logs' ends if failing), then their folder.
+        self.nodes.clear();
         if std::env::var_os(KEEP_LOGS_ENV).is_some() {
             if let Some(dir) = self.dir.take() {
                 eprintln!("kept the cluster's directory: {}", dir.keep().display());
             }
         }
+    }
+}
+
+/// The leader the nodes at `urls` all name in `GET /v1/cluster` (asked with admin token
+/// `token`), once they agree (within `timeout`).
+pub async fn wait_leader(urls: &[String], token: &str, timeout: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut views = Vec::new();
+        for url in urls {
+            let status = Http::new(url, Some(token.into())).cluster_status().await;
+            views.push(status.ok().and_then(|s| s.leader));
+        }
+        if let Some(Some(leader)) = views.first() {
+            if views.iter().all(|v| *v == Some(*leader)) {
+                return Ok(*leader);
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{urls:?} agreed on no leader within {timeout:?}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
