@@ -371,22 +371,26 @@ fn check(compose: &Compose, vars: &BTreeMap<&str, &str>) -> anyhow::Result<Plan>
         for (key, value) in &s.environment {
             env.push((key.clone(), interpolate(value, vars).map_err(cx)?));
         }
-        let token = env
-            .iter()
-            .find(|(k, _)| k == "SESAME_ADMIN_TOKEN")
-            .map(|(_, v)| v.clone())
-            .or_else(|| f.get("admin-token").cloned())
-            .with_context(|| format!("{name}: no admin token (SESAME_ADMIN_TOKEN)"))?;
-        ensure!(
-            token == TOKEN,
-            "{name}: the admin token is not ${{SESAME_ADMIN_TOKEN}}"
-        );
         let command = s
             .command
             .iter()
             .map(|a| interpolate(a, vars))
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(cx)?;
+        // As `sesame node` takes it: the flag, else the variable.
+        let token = flags(&command[1..])?
+            .get("admin-token")
+            .cloned()
+            .or_else(|| {
+                env.iter()
+                    .find(|(k, _)| k == "SESAME_ADMIN_TOKEN")
+                    .map(|(_, v)| v.clone())
+            })
+            .with_context(|| format!("{name}: no admin token (SESAME_ADMIN_TOKEN)"))?;
+        ensure!(
+            token == TOKEN,
+            "{name}: the admin token is not ${{SESAME_ADMIN_TOKEN}}"
+        );
         plans.push(NodePlan {
             service: name.into(),
             id,
