@@ -6,6 +6,8 @@ RUN cargo build --release --locked -p sesame-node --bin sesame \
     && strip target/release/sesame
 
 FROM debian:bookworm-slim
+# /data and /certs belong to the runtime user: a new named volume mounted on either takes
+# their owner, so the user can write it (docker-compose.yml's data and certs volumes).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \

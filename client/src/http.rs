@@ -1,5 +1,16 @@
 //! A typed client for the node's HTTP API under `/v1`.
+//!
+//! A client may know several nodes of a cluster ([`Http::with_nodes`]). Any node takes any
+//! request (followers forward writes to the leader), so the client only moves on when the
+//! node it asked cannot help: it is unreachable, or answers 503 `not_leader` or
+//! `unavailable` (nothing was done). It then asks the next node, after a short pause once
+//! it has asked them all, for at most [`RETRY_ROUNDS_MAX`] rounds; an error body naming
+//! the leader's URL sends it there first. A request that may have been applied (the
+//! connection broke after sending, or 503 `outcome_unknown`) is sent again only when doing
+//! so is harmless: reads, and transactions carrying `client_id` and `seq`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -15,6 +26,12 @@ use thiserror::Error;
 
 /// How long one request may take before the client gives up.
 const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Most rounds over the known nodes one call makes before it returns the last error.
+pub const RETRY_ROUNDS_MAX: u32 = 3;
+/// The pause after the first round that failed; it doubles after each further round.
+const RETRY_PAUSE_MS_MIN: u64 = 100;
+/// Most nodes a client is given.
+pub const NODES_MAX: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -41,30 +58,81 @@ impl ClientError {
     }
 }
 
-/// A connection to one node's HTTP API.
+/// Whether a request may be sent again when it may already have been applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Applying it twice is harmless: a read, or a transaction with `client_id` and `seq`.
+    Idempotent,
+    /// Only when it certainly was not applied: not sent, or refused before anything was done.
+    IfNotApplied,
+}
+
+/// What one try of a request came to, and where to try next.
+struct Failure {
+    error: ClientError,
+    /// Another node may do what this one could not.
+    retry: bool,
+    /// The leader's URL, when the answer named it.
+    leader: Option<String>,
+}
+
+/// A connection to a node's HTTP API, or to any of several nodes of one cluster.
 #[derive(Clone)]
 pub struct Http {
-    base: String,
+    /// Base URLs without a trailing slash; never empty.
+    nodes: Arc<[String]>,
+    /// The node that answered last: the first one asked next time.
+    preferred: Arc<AtomicUsize>,
     token: Option<String>,
     client: reqwest::Client,
 }
 
 impl Http {
-    /// `base` is the node's URL, like `http://127.0.0.1:7700`.
+    /// `base` is the node's URL, like `http://127.0.0.1:7700`. A client of one node tries
+    /// each request once: it has nowhere else to go.
     pub fn new(base: &str, token: Option<String>) -> Http {
+        Http::with_nodes([base], token)
+    }
+
+    /// A client of several nodes of one cluster (base URLs like `http://10.0.0.1:7700`);
+    /// see the module documentation for when it moves from one to the next.
+    ///
+    /// # Panics
+    /// When `nodes` is empty or has more than [`NODES_MAX`] URLs.
+    pub fn with_nodes<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+        token: Option<String>,
+    ) -> Http {
+        let nodes: Arc<[String]> = nodes
+            .into_iter()
+            .map(|n| n.as_ref().trim().trim_end_matches('/').to_string())
+            .collect();
+        assert!(!nodes.is_empty(), "an HTTP client needs a node URL");
+        assert!(
+            nodes.len() <= NODES_MAX,
+            "an HTTP client takes at most {NODES_MAX} node URLs, not {}",
+            nodes.len()
+        );
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
             .build()
             .expect("build an HTTP client with default TLS-free settings");
         Http {
-            base: base.trim_end_matches('/').to_string(),
+            nodes,
+            preferred: Arc::new(AtomicUsize::new(0)),
             token,
             client,
         }
     }
 
+    /// The URL of the node asked first: the one that answered last.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.nodes[self.preferred.load(Ordering::Relaxed) % self.nodes.len()]
+    }
+
+    /// Every node URL this client knows, in the order given.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
     }
 
     pub async fn create_site(&self, name: &str) -> Result<SiteInfo, ClientError> {
@@ -80,11 +148,19 @@ impl Http {
         self.call::<(), _>(Method::GET, "/v1/sites", None).await
     }
 
+    /// Commits a transaction. With `client_id` and `seq` it is applied at most once, so it
+    /// is sent again (to another node) even when an earlier try may have been applied.
     pub async fn tx(&self, site: &str, req: &TxRequest) -> Result<TxResponse, ClientError> {
-        self.call(
+        let resend = if req.client_id.is_some() && req.seq.is_some() {
+            Resend::Idempotent
+        } else {
+            Resend::IfNotApplied
+        };
+        self.send(
             Method::POST,
             &format!("/v1/sites/{}/tx", seg(site)),
             Some(req),
+            resend,
         )
         .await
     }
@@ -339,43 +415,333 @@ impl Http {
         }
     }
 
-    /// Sends a request and decodes a JSON answer; any non-2xx status becomes an error.
+    /// Sends a request and decodes a JSON answer; any non-2xx status becomes an error. A
+    /// read (`GET`) is sent again wherever it may help; anything else only where it
+    /// certainly was not applied.
     pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        let resend = if method == Method::GET || method == Method::HEAD {
+            Resend::Idempotent
+        } else {
+            Resend::IfNotApplied
+        };
+        self.send(method, path, body, resend).await
+    }
+
+    /// Tries the nodes in turn, from the preferred one, until one answers or the rounds
+    /// run out (see the module documentation).
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        resend: Resend,
+    ) -> Result<T, ClientError> {
+        let count = self.nodes.len();
+        let first = self.preferred.load(Ordering::Relaxed) % count;
+        // One node: nowhere else to go, but for a leader it names.
+        let rounds = if count == 1 { 1 } else { RETRY_ROUNDS_MAX };
+        let mut pause = Duration::from_millis(RETRY_PAUSE_MS_MIN);
+        let mut last = None;
+        for round in 0..rounds {
+            if round > 0 {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            let mut step = 0;
+            let mut hinted: Option<String> = None;
+            // Leaders named per round, so two nodes naming each other cannot loop.
+            let mut hops = 0;
+            while step < count || hinted.is_some() {
+                // A leader named by the previous answer goes before the next node in turn.
+                let (url, index) = match hinted.take() {
+                    Some(url) => {
+                        hops += 1;
+                        let index = self.nodes.iter().position(|n| *n == url);
+                        (url, index)
+                    }
+                    None => {
+                        let i = (first + step) % count;
+                        step += 1;
+                        (self.nodes[i].clone(), Some(i))
+                    }
+                };
+                match self.attempt(&url, method.clone(), path, body, resend).await {
+                    Ok(answer) => {
+                        if let Some(i) = index {
+                            self.preferred.store(i, Ordering::Relaxed);
+                        }
+                        return Ok(answer);
+                    }
+                    Err(failure) if !failure.retry => return Err(failure.error),
+                    Err(failure) => {
+                        hinted = failure
+                            .leader
+                            .filter(|leader| *leader != url && hops < count);
+                        last = Some(failure.error);
+                    }
+                }
+            }
+        }
+        Err(last.expect("every round tries at least one node"))
+    }
+
+    /// One try of a request at one node.
+    async fn attempt<B: Serialize, T: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        resend: Resend,
+    ) -> Result<T, Failure> {
+        let mut req = self.client.request(method, format!("{base}{path}"));
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await?;
+        // Not connected: nothing was sent. Broken later: it may have been applied.
+        let transport = |e: reqwest::Error| Failure {
+            retry: e.is_connect() || resend == Resend::Idempotent,
+            error: ClientError::Transport(e),
+            leader: None,
+        };
+        let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await?;
+        let bytes = resp.bytes().await.map_err(transport)?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected {
-                status: status.as_u16(),
-                body: format!("{e}: {}", String::from_utf8_lossy(&bytes)),
+            return serde_json::from_slice(&bytes).map_err(|e| Failure {
+                error: ClientError::Unexpected {
+                    status: status.as_u16(),
+                    body: format!("{e}: {}", String::from_utf8_lossy(&bytes)),
+                },
+                retry: false,
+                leader: None,
             });
         }
-        Err(api_error(status, &bytes))
+        let (error, leader) = api_error(status, &bytes);
+        let retry = status == StatusCode::SERVICE_UNAVAILABLE
+            && match error.code() {
+                Some("not_leader" | "unavailable") => true,
+                Some("outcome_unknown") => resend == Resend::Idempotent,
+                _ => false,
+            };
+        Err(Failure {
+            error,
+            retry,
+            leader,
+        })
     }
 }
 
-fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+/// The error an answer's body describes, and the leader's URL if it names one.
+fn api_error(status: StatusCode, bytes: &[u8]) -> (ClientError, Option<String>) {
     match serde_json::from_slice::<ErrorBody>(bytes) {
-        Ok(body) => ClientError::Api {
-            status: status.as_u16(),
-            code: body.error.code,
-            message: body.error.message,
-        },
-        Err(_) => ClientError::Unexpected {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(bytes).into(),
-        },
+        Ok(body) => (
+            ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+            },
+            body.error
+                .leader
+                .map(|l| l.trim_end_matches('/').to_string())
+                .filter(|l| l.starts_with("http://") || l.starts_with("https://")),
+        ),
+        Err(_) => (
+            ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(bytes).into(),
+            },
+            None,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use serde_json::json;
+    use sesame_proto::api::TxRequest;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A node stand-in that gives every request the same answer, and counts them.
+    struct Fake {
+        url: String,
+        hits: Arc<AtomicUsize>,
+    }
+
+    impl Fake {
+        async fn answering(status: u16, body: serde_json::Value) -> Fake {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Fake::on(listener, status, body)
+        }
+
+        fn on(listener: tokio::net::TcpListener, status: u16, body: serde_json::Value) -> Fake {
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let hits = Arc::new(AtomicUsize::new(0));
+            let counter = hits.clone();
+            let body = body.to_string();
+            tokio::spawn(async move {
+                loop {
+                    let (mut conn, _) = listener.accept().await.unwrap();
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        read_request(&mut conn).await;
+                        let answer = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        conn.write_all(answer.as_bytes()).await.unwrap();
+                    });
+                }
+            });
+            Fake { url, hits }
+        }
+
+        fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Reads a request's head and its `content-length` body.
+    async fn read_request(conn: &mut tokio::net::TcpStream) {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before sending a request");
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                if raw.len() >= end + 4 + length {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A URL nothing listens at: connecting is refused.
+    fn dead_url() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    fn error(code: &str, leader: Option<&str>) -> serde_json::Value {
+        json!({ "error": { "code": code, "message": "m", "leader": leader } })
+    }
+
+    fn tx(client_id: Option<&str>, seq: Option<u64>) -> TxRequest {
+        TxRequest {
+            ops: Vec::new(),
+            client_id: client_id.map(str::to_string),
+            seq,
+        }
+    }
+
+    const SITES: &str = r#"{"sites": []}"#;
+
+    #[tokio::test]
+    async fn a_dead_node_first_in_the_list_is_passed_over_and_the_next_one_kept() {
+        let live = Fake::answering(200, serde_json::from_str(SITES).unwrap()).await;
+        let client = Http::with_nodes([dead_url(), live.url.clone()], None);
+        client.list_sites().await.unwrap();
+        assert_eq!(client.base(), live.url);
+        // A write that was never sent anywhere is safe to send to the next node too.
+        let ok = Fake::answering(200, json!({"index": 3, "duplicate": false})).await;
+        let writer = Http::with_nodes([dead_url(), ok.url.clone()], None);
+        assert_eq!(writer.tx("s", &tx(None, None)).await.unwrap().index, 3);
+        assert_eq!(ok.hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn not_leader_moves_on_and_a_named_leader_is_asked_first() {
+        let leader = Fake::answering(200, serde_json::from_str(SITES).unwrap()).await;
+        let follower = Fake::answering(503, error("not_leader", Some(&leader.url))).await;
+        let other = Fake::answering(200, serde_json::from_str(SITES).unwrap()).await;
+        let client = Http::with_nodes([&follower.url, &other.url, &leader.url], None);
+        client.list_sites().await.unwrap();
+        assert_eq!((follower.hits(), other.hits(), leader.hits()), (1, 0, 1));
+        assert_eq!(client.base(), leader.url);
+        // A client of one node follows a named leader too.
+        let single = Http::new(&follower.url, None);
+        single.list_sites().await.unwrap();
+        assert_eq!(leader.hits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_may_have_been_applied_is_resent_only_with_client_id_and_seq() {
+        let unknown = Fake::answering(503, error("outcome_unknown", None)).await;
+        let next = Fake::answering(200, json!({"index": 5, "duplicate": true})).await;
+        let client = Http::with_nodes([&unknown.url, &next.url], None);
+        let err = client.tx("s", &tx(None, None)).await.unwrap_err();
+        assert_eq!(err.code(), Some("outcome_unknown"));
+        assert_eq!(next.hits(), 0);
+        let err = client.tx("s", &tx(Some("c"), None)).await.unwrap_err();
+        assert_eq!(err.code(), Some("outcome_unknown"));
+        assert_eq!(next.hits(), 0);
+        let resp = client.tx("s", &tx(Some("c"), Some(1))).await.unwrap();
+        assert_eq!((resp.index, resp.duplicate), (5, true));
+        assert_eq!(next.hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_that_another_node_would_repeat_are_returned_at_once() {
+        let conflict = Fake::answering(409, error("conflict", None)).await;
+        let next = Fake::answering(200, serde_json::from_str(SITES).unwrap()).await;
+        let client = Http::with_nodes([&conflict.url, &next.url], None);
+        let err = client.tx("s", &tx(Some("c"), Some(1))).await.unwrap_err();
+        assert_eq!(err.code(), Some("conflict"));
+        assert_eq!((conflict.hits(), next.hits()), (1, 0));
+        // One node, not leading and naming no leader: asked once.
+        let busy = Fake::answering(503, error("not_leader", None)).await;
+        let err = Http::new(&busy.url, None).list_sites().await.unwrap_err();
+        assert_eq!(err.code(), Some("not_leader"));
+        assert_eq!(busy.hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn nodes_that_cannot_help_are_tried_a_bounded_number_of_rounds() {
+        let busy = Fake::answering(503, error("unavailable", None)).await;
+        let client = Http::with_nodes([dead_url(), busy.url.clone()], None);
+        let started = std::time::Instant::now();
+        let err = client.list_sites().await.unwrap_err();
+        assert_eq!(err.code(), Some("unavailable"));
+        assert_eq!(busy.hits(), RETRY_ROUNDS_MAX as usize);
+        assert!(started.elapsed() < Duration::from_secs(5), "{started:?}");
+    }
+
+    #[tokio::test]
+    async fn two_nodes_naming_each_other_do_not_loop() {
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let (la, lb) = (bind().await.unwrap(), bind().await.unwrap());
+        let url = |l: &tokio::net::TcpListener| format!("http://{}", l.local_addr().unwrap());
+        let (ua, ub) = (url(&la), url(&lb));
+        let a = Fake::on(la, 503, error("not_leader", Some(&ub)));
+        let b = Fake::on(lb, 503, error("not_leader", Some(&ua)));
+        let client = Http::with_nodes([&ua, &ub], None);
+        assert_eq!(
+            client.list_sites().await.unwrap_err().code(),
+            Some("not_leader")
+        );
+        // Per round: each node in turn, and at most one named leader per node.
+        let most = 2 * 2 * RETRY_ROUNDS_MAX as usize;
+        assert!(a.hits() + b.hits() <= most, "{} + {}", a.hits(), b.hits());
     }
 }

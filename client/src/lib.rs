@@ -6,4 +6,4 @@
 
 mod http;
 
-pub use http::{ClientError, Http};
+pub use http::{ClientError, Http, NODES_MAX, RETRY_ROUNDS_MAX};

@@ -119,6 +119,10 @@ pub enum ClusterCommand {
         /// Node ids, comma-separated: `--nodes 1,2,3`.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u64>,
+        /// Keep the certificates of ids that have them (checked, not remade) instead of
+        /// refusing: for a step that runs at every start, like docker-compose.yml's.
+        #[arg(long)]
+        skip_existing: bool,
     },
     /// Who leads, and every member's progress (`GET /v1/cluster`).
     Status,
@@ -315,6 +319,8 @@ pub enum TokenCommand {
 /// Which node to talk to and as whom.
 #[derive(Debug, Args)]
 pub struct Remote {
+    /// The node's URL, or several nodes of one cluster, comma-separated: a node that cannot
+    /// be reached, or cannot help now, is passed over for the next.
     #[arg(
         long,
         global = true,
@@ -328,13 +334,26 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn client(&self) -> Http {
+    fn client(&self) -> anyhow::Result<Http> {
         let token = self.token.clone().or_else(|| {
             std::fs::read_to_string(PathBuf::from(DEV_DATA_DIR).join(ADMIN_TOKEN_FILE))
                 .ok()
                 .map(|t| t.trim().to_string())
         });
-        Http::new(&self.node, token)
+        let nodes: Vec<&str> = self
+            .node
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        anyhow::ensure!(!nodes.is_empty(), "--node names no node URL");
+        anyhow::ensure!(
+            nodes.len() <= sesame_client::NODES_MAX,
+            "--node names {} URLs; at most {} are taken",
+            nodes.len(),
+            sesame_client::NODES_MAX
+        );
+        Ok(Http::with_nodes(nodes, token))
     }
 }
 
@@ -379,18 +398,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev(args).await,
         Command::Node(args) => node(args).await,
         Command::Site { command } => match command {
-            SiteCommand::Create { name } => print_json(&remote.client().create_site(&name).await?),
-            SiteCommand::List => print_json(&remote.client().list_sites().await?),
-            SiteCommand::Deploy { site, dir } => deploy(&remote.client(), &site, &dir).await,
-            SiteCommand::Status { site } => print_json(&remote.client().status(&site).await?),
+            SiteCommand::Create { name } => print_json(&remote.client()?.create_site(&name).await?),
+            SiteCommand::List => print_json(&remote.client()?.list_sites().await?),
+            SiteCommand::Deploy { site, dir } => deploy(&remote.client()?, &site, &dir).await,
+            SiteCommand::Status { site } => print_json(&remote.client()?.status(&site).await?),
             SiteCommand::Versions { site, limit } => {
-                print_json(&remote.client().versions(&site, limit).await?)
+                print_json(&remote.client()?.versions(&site, limit).await?)
             }
             SiteCommand::Rollback { site, index } => {
-                print_json(&remote.client().rollback(&site, index).await?)
+                print_json(&remote.client()?.rollback(&site, index).await?)
             }
-            SiteCommand::Rebuild { site } => print_json(&remote.client().rebuild(&site).await?),
-            SiteCommand::Delete { site } => print_json(&remote.client().delete_site(&site).await?),
+            SiteCommand::Rebuild { site } => print_json(&remote.client()?.rebuild(&site).await?),
+            SiteCommand::Delete { site } => print_json(&remote.client()?.delete_site(&site).await?),
         },
         Command::Put {
             site,
@@ -411,13 +430,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 client_id: None,
                 seq: None,
             };
-            print_json(&remote.client().tx(&site, &req).await?)
+            print_json(&remote.client()?.tx(&site, &req).await?)
         }
         Command::Get {
             site,
             collection,
             key,
-        } => print_json(&remote.client().get(&site, &collection, &key).await?),
+        } => print_json(&remote.client()?.get(&site, &collection, &key).await?),
         Command::Del {
             site,
             collection,
@@ -425,7 +444,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if_version,
         } => print_json(
             &remote
-                .client()
+                .client()?
                 .delete(&site, &collection, &key, if_version)
                 .await?,
         ),
@@ -437,12 +456,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after,
         } => print_json(
             &remote
-                .client()
+                .client()?
                 .scan(&site, &collection, &prefix, after.as_deref(), limit)
                 .await?,
         ),
         Command::Changes { site, since, limit } => {
-            print_json(&remote.client().changes(&site, since, limit).await?)
+            print_json(&remote.client()?.changes(&site, since, limit).await?)
         }
         Command::Token { command } => match command {
             TokenCommand::Create { site, role, ttl } => {
@@ -452,21 +471,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "reader" => Role::Reader,
                     other => anyhow::bail!("unknown role {other:?}: use owner, editor or reader"),
                 };
-                print_json(&remote.client().create_token_for(&site, role, ttl).await?)
+                print_json(&remote.client()?.create_token_for(&site, role, ttl).await?)
             }
-            TokenCommand::List { site } => print_json(&remote.client().list_tokens(&site).await?),
+            TokenCommand::List { site } => print_json(&remote.client()?.list_tokens(&site).await?),
             TokenCommand::Revoke { site, id } => {
-                print_json(&remote.client().revoke_token(&site, id).await?)
+                print_json(&remote.client()?.revoke_token(&site, id).await?)
             }
         },
         Command::Cluster { command } => match command {
-            ClusterCommand::Certs { out, nodes } => cluster_certs(&out, &nodes),
-            ClusterCommand::Status => print_json(&remote.client().cluster_status().await?),
+            ClusterCommand::Certs {
+                out,
+                nodes,
+                skip_existing,
+            } => cluster_certs(&out, &nodes, skip_existing),
+            ClusterCommand::Status => print_json(&remote.client()?.cluster_status().await?),
             ClusterCommand::AddLearner { id, raft, http } => {
-                print_json(&remote.client().add_learner(id, &raft, &http).await?)
+                print_json(&remote.client()?.add_learner(id, &raft, &http).await?)
             }
-            ClusterCommand::Promote { id } => print_json(&remote.client().promote(id).await?),
-            ClusterCommand::Remove { id } => print_json(&remote.client().remove_member(id).await?),
+            ClusterCommand::Promote { id } => print_json(&remote.client()?.promote(id).await?),
+            ClusterCommand::Remove { id } => print_json(&remote.client()?.remove_member(id).await?),
         },
         Command::RenderWorker => {
             anyhow::bail!("{RENDER_WORKER_COMMAND} runs from main, outside the async runtime")
@@ -474,8 +497,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn cluster_certs(out: &std::path::Path, nodes: &[u64]) -> anyhow::Result<()> {
-    let written = crate::peer::tls::write_cluster_certs(out, nodes)
+fn cluster_certs(out: &std::path::Path, nodes: &[u64], skip_existing: bool) -> anyhow::Result<()> {
+    use crate::peer::tls::{CA_CERT_FILE, NODE_CERT_FILE};
+    let mut nodes = nodes.to_vec();
+    if skip_existing {
+        let mut kept = Vec::new();
+        nodes.retain(|id| {
+            let has = out.join(id.to_string()).join(NODE_CERT_FILE).exists();
+            if has {
+                kept.push(*id);
+            }
+            !has
+        });
+        let ca = std::fs::read(out.join(CA_CERT_FILE));
+        for id in kept {
+            let dir = out.join(id.to_string());
+            // A folder that no longer loads, or is another CA's, is a problem to show now,
+            // not when the node starts.
+            let certs = crate::peer::NodeCerts::load(&dir)
+                .with_context(|| format!("check the certificates of node {id}"))?;
+            anyhow::ensure!(
+                certs.node_id() == id,
+                "{} holds node {}'s certificate",
+                dir.display(),
+                certs.node_id()
+            );
+            let own_ca = std::fs::read(dir.join(CA_CERT_FILE))
+                .with_context(|| format!("read {}", dir.join(CA_CERT_FILE).display()))?;
+            anyhow::ensure!(
+                ca.as_ref().is_ok_and(|ca| *ca == own_ca),
+                "{} is not signed by the CA in {}",
+                dir.display(),
+                out.display()
+            );
+            self::out(format_args!("node {id}: --certs {} (kept)", dir.display()))?;
+        }
+        if nodes.is_empty() {
+            return Ok(());
+        }
+    }
+    let written = crate::peer::tls::write_cluster_certs(out, &nodes)
         .with_context(|| format!("make cluster certificates in {}", out.display()))?;
     let ca = if written.new_ca { "made" } else { "used" };
     self::out(format_args!(

@@ -13,6 +13,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for a `Retry-After` header (429, 503).
     pub retry_after: Option<u64>,
+    /// The leader's HTTP URL, for a request another node should be asked.
+    pub leader: Option<String>,
 }
 
 impl ApiError {
@@ -22,6 +24,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            leader: None,
         }
     }
 
@@ -80,6 +83,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message,
+                leader: self.leader,
             },
         };
         let mut resp = (self.status, Json(body)).into_response();

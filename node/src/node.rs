@@ -211,7 +211,17 @@ impl Node {
 impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> ApiError {
         let mut api = match &e {
-            WriteError::NotLeader { .. } | WriteError::NoLeader => ApiError::new(
+            WriteError::NotLeader { addr, .. } => {
+                let mut api = ApiError::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "not_leader",
+                    e.to_string(),
+                );
+                // Members learn each other's HTTP URLs after joining: it may be unknown.
+                api.leader = (!addr.is_empty()).then(|| addr.clone());
+                api
+            }
+            WriteError::NoLeader => ApiError::new(
                 http::StatusCode::SERVICE_UNAVAILABLE,
                 "not_leader",
                 e.to_string(),

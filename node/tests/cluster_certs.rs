@@ -49,3 +49,35 @@ fn makes_a_ca_and_node_folders_then_adds_a_node() -> anyhow::Result<()> {
     assert!(String::from_utf8(again.stderr)?.contains("already has a certificate"));
     Ok(())
 }
+
+#[test]
+fn skip_existing_keeps_what_is_there_and_makes_the_rest() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let out = dir.path().join("certs");
+    let run = |nodes: &str| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_sesame"))
+            .args(["cluster", "certs", "--skip-existing", "--out"])
+            .arg(&out)
+            .args(["--nodes", nodes])
+            .output()?)
+    };
+    let first = run("1,2")?;
+    assert!(first.status.success(), "{first:?}");
+    let key = std::fs::read(out.join("1").join(NODE_KEY_FILE))?;
+    // Again, as at every `docker compose up`: nothing is remade; a new id is added.
+    let again = run("1,2,3")?;
+    assert!(again.status.success(), "{again:?}");
+    let said = String::from_utf8(again.stdout)?;
+    assert!(
+        said.contains("node 1: --certs") && said.contains("(kept)"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(out.join("1").join(NODE_KEY_FILE))?, key);
+    assert_eq!(NodeCerts::load(&out.join("3"))?.node_id(), 3);
+    // A kept folder that does not load is an error now, not at the node's start.
+    std::fs::write(out.join("2").join(NODE_KEY_FILE), "not a key")?;
+    let broken = run("1,2,3")?;
+    assert!(!broken.status.success());
+    assert!(String::from_utf8(broken.stderr)?.contains("node 2"));
+    Ok(())
+}

@@ -7,7 +7,8 @@ use crate::tuple::Op;
 use crate::value::Value;
 use crate::LogIndex;
 
-/// Every error body: `{ "error": { "code": "...", "message": "..." } }`.
+/// Every error body: `{ "error": { "code": "...", "message": "..." } }`, with `"leader"`
+/// beside them when the answer names the leader's HTTP URL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
@@ -19,6 +20,10 @@ pub struct ErrorDetail {
     pub code: String,
     /// For people: what is wrong and which limit applies.
     pub message: String,
+    /// The leader's HTTP base URL, when the answering node knows another node leads and the
+    /// request may be sent there instead (clients follow it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// `POST /v1/sites`.

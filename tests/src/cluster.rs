@@ -60,13 +60,13 @@ pub struct TestCluster {
 }
 
 /// A UDP port on 127.0.0.1 that nothing listens on now.
-fn free_udp_port() -> anyhow::Result<u16> {
+pub fn free_udp_port() -> anyhow::Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a UDP port")?;
     Ok(socket.local_addr()?.port())
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on now.
-fn free_tcp_port() -> anyhow::Result<u16> {
+pub fn free_tcp_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind a TCP port")?;
     Ok(listener.local_addr()?.port())
 }

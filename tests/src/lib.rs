@@ -1,5 +1,6 @@
 //! Shared helpers for Sesame's integration tests and benchmark harness: start a real node on
-//! a loopback port in a temporary directory and talk to it.
+//! a loopback port in a temporary directory and talk to it, or find the `sesame` binary to
+//! run nodes as processes.
 //!
 //! A node renders pages in worker processes that run the `sesame` binary. A test process is
 //! not `sesame`, so every node started here is given the built binary ([`sesame_binary`]).
@@ -7,9 +8,13 @@
 pub mod cluster;
 pub mod disk;
 pub mod linearizable;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
 
 use sesame_client::Http;
 use sesame_node::{NodeConfig, RunningNode};
@@ -114,85 +119,10 @@ pub fn render_worker() -> WorkerCommand {
     WorkerCommand::new(sesame_binary()).arg(sesame_node::cli::RENDER_WORKER_COMMAND)
 }
 
-/// The `sesame` binary of this build: `target/<profile>/sesame`, next to the running test
-/// or benchmark executable (which lives in `target/<profile>/` or its `deps/`), built with
-/// `cargo build -p sesame-node --bin sesame` first if it is missing or older than this
-/// executable. Panics when it cannot be had: no node test can run without it.
+/// The `sesame` binary of this build ([`sesame_bin`]). Panics when it cannot be had: no node
+/// test can run without it.
 pub fn sesame_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(find_or_build_sesame).clone()
-}
-
-fn find_or_build_sesame() -> PathBuf {
-    let exe = std::env::current_exe().expect("find the running executable");
-    let mut dir = exe
-        .parent()
-        .expect("an executable lives in a folder")
-        .to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let binary = dir.join(format!("sesame{}", std::env::consts::EXE_SUFFIX));
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = match (modified(&binary), modified(&exe)) {
-        (Some(binary), Some(exe)) => binary >= exe,
-        _ => false,
-    };
-    if fresh {
-        return binary;
-    }
-    // `dir` is `<target>/<profile>`: build into the same target folder and profile.
-    let profile = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("the profile folder has a name")
-        .to_string();
-    let target = dir.parent().expect("the profile folder lives in target/");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build
-        .args(["build", "--quiet", "-p", "sesame-node", "--bin", "sesame"])
-        .env("CARGO_TARGET_DIR", target);
-    // Cargo sets these for the running test; build scripts that watch them (ring watches
-    // CARGO_MANIFEST_DIR) would see a change and rebuild half the tree, here and again in
-    // the next `cargo test`.
-    for (name, _) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        let set_for_tests = ["CARGO_PKG_", "CARGO_BIN_EXE_"]
-            .iter()
-            .any(|prefix| name.starts_with(prefix))
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "OUT_DIR",
-            ]
-            .contains(&name);
-        if set_for_tests {
-            build.env_remove(name);
-        }
-    }
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            build.arg("--release");
-        }
-        other => {
-            build.args(["--profile", other]);
-        }
-    }
-    let status = build
-        .status()
-        .unwrap_or_else(|e| panic!("run cargo to build the sesame binary: {e}"));
-    assert!(
-        status.success() && binary.is_file(),
-        "building the sesame binary ({}) failed: {status}",
-        binary.display()
-    );
-    binary
+    sesame_bin().unwrap_or_else(|e| panic!("the sesame binary: {e:#}"))
 }
 
 /// An HTTP/1.1 answer read off a raw connection.
@@ -234,4 +164,118 @@ pub async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> RawResponse
         head: head.to_string(),
         body: body.to_string(),
     }
+}
+
+/// Names the `sesame` binary to run instead of finding (and building) it.
+pub const SESAME_BIN_ENV: &str = "SESAME_BIN";
+
+/// The path of a built `sesame` binary, for tests that run real node processes.
+///
+/// `SESAME_BIN` names one outright. Otherwise it is `<target>/<profile>/sesame` beside the
+/// running test executable (which cargo puts in `<target>/<profile>/deps/`), the way
+/// assert_cmd's `cargo_bin` finds it. Cargo builds a package's binaries only for that
+/// package's own tests, never for a dependent's like this crate, so the binary is built here
+/// (`cargo build -p sesame-node --bin sesame`, same target directory and profile, the
+/// environment passed on) when it is missing, or older than the test executable: the test
+/// is rebuilt whenever `sesame-node` changes, so an older binary may be stale (cargo then
+/// has nothing to do if it is not). Once per test process; later calls return the first
+/// answer.
+pub fn sesame_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| find_or_build_sesame().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Prefixes of the variables cargo sets for the package whose test runs, not for a build.
+const TEST_ONLY_CARGO_VARS: [&str; 8] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
+fn find_or_build_sesame() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(SESAME_BIN_ENV) {
+        let bin = PathBuf::from(bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "{SESAME_BIN_ENV}={} is not a file",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    let exe = std::env::current_exe().context("find the test executable")?;
+    let mut profile_dir = exe.parent().context("the test executable has no folder")?;
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().context("deps/ has no parent folder")?;
+    }
+    let bin = profile_dir.join(format!("sesame{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let test_built = modified(&exe).unwrap_or(SystemTime::UNIX_EPOCH);
+    if modified(&bin).is_some_and(|built| built >= test_built) {
+        return Ok(bin);
+    }
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the profile folder has no name")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the profile folder has no parent")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(&cargo);
+    build
+        .current_dir(workspace)
+        .args(["build", "--quiet", "-p", "sesame-node", "--bin", "sesame"])
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    // Cargo runs a test with the package's own variables set (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Build scripts ask to rerun when such a variable changes (ring's
+    // does), so passing them on would rebuild half the tree here, and again in the next
+    // `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if TEST_ONLY_CARGO_VARS.iter().any(|p| name.starts_with(p)) {
+            build.env_remove(name);
+        }
+    }
+    match profile {
+        "debug" => {}
+        "release" => {
+            build.arg("--release");
+        }
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    let what = format!(
+        "cargo build -p sesame-node --bin sesame (profile folder {profile}, target {})",
+        target_dir.display()
+    );
+    eprintln!("building {} with {what}", bin.display());
+    let output = build
+        .output()
+        .with_context(|| format!("run {}", Path::new(&cargo).display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{what} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    anyhow::ensure!(
+        bin.is_file(),
+        "{what} succeeded but left no {}; set {SESAME_BIN_ENV} to the binary",
+        bin.display()
+    );
+    Ok(bin)
 }

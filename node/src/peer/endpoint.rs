@@ -177,6 +177,23 @@ fn transport_config(config: &PeerConfig) -> Result<Arc<quinn::TransportConfig>, 
     Ok(Arc::new(t))
 }
 
+/// Connection ids and stateless-reset tokens made from keys that every run of this node
+/// shares (derived from its private key), not from random ones per run. A peer that still
+/// sends on a connection to a run that was killed then hears from the next run at once, in
+/// a stateless reset (RFC 9000, 10.3), and re-dials, instead of sending into the void until
+/// its idle timeout: the restarted node is reached within a heartbeat, before its election
+/// timer runs out and its higher term deposes a healthy leader.
+fn restartable_endpoint_config(certs: &NodeCerts) -> quinn::EndpointConfig {
+    let reset = certs.derived_key("sesame 2025 peer QUIC stateless reset key");
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset);
+    let cid = certs.derived_key("sesame 2025 peer QUIC connection id key");
+    let (cid, _) = cid.split_first_chunk::<8>().expect("32 bytes hold 8");
+    let cid = u64::from_le_bytes(*cid);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    config
+}
+
 impl PeerEndpoint {
     /// Binds the endpoint on `config.listen` with the node's certificates. Call inside a
     /// tokio runtime. It dials at once; it answers peers once [`PeerEndpoint::serve`] runs.
@@ -190,12 +207,18 @@ impl PeerEndpoint {
             .map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
-            EndpointError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_error = |source| EndpointError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            restartable_endpoint_config(certs),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         Ok(PeerEndpoint {
             inner: Arc::new(Inner {
                 node_id: certs.node_id(),

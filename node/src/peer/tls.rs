@@ -225,6 +225,12 @@ impl NodeCerts {
     }
 
     /// The node id the certificate names.
+    /// A secret for `context` derived from this node's private key: the same in every run
+    /// of the node, and unrelated to the key itself and to other contexts.
+    pub fn derived_key(&self, context: &'static str) -> [u8; 32] {
+        blake3::derive_key(context, self.key.secret_der())
+    }
+
     pub fn node_id(&self) -> NodeId {
         self.node_id
     }
