@@ -11,7 +11,7 @@ use sesame_client::Http;
 use sesame_proto::api::TxRequest;
 use sesame_proto::{Op, Role, Value};
 
-use crate::node::{NodeConfig, ADMIN_TOKEN_FILE};
+use crate::app::{NodeConfig, ADMIN_TOKEN_FILE};
 
 /// Where `sesame dev` keeps its data unless told otherwise.
 pub const DEV_DATA_DIR: &str = "./sesame-data";
@@ -166,13 +166,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub public_url: Option<String>,
     /// Shortest time between two projection rounds of one site, in milliseconds (0: none).
-    #[arg(long, default_value_t = crate::projection::DEBOUNCE_MS_DEFAULT)]
+    #[arg(long, default_value_t = crate::pages::projection::DEBOUNCE_MS_DEFAULT)]
     pub debounce_ms: u64,
     /// Sustained transactions per second each site may write (0: unlimited).
-    #[arg(long, default_value_t = crate::limits::WRITE_RATE_PER_SECOND_DEFAULT)]
+    #[arg(long, default_value_t = crate::http::limits::WRITE_RATE_PER_SECOND_DEFAULT)]
     pub write_rate: f64,
     /// Transactions a site may write in a burst.
-    #[arg(long, default_value_t = crate::limits::WRITE_BURST_DEFAULT)]
+    #[arg(long, default_value_t = crate::http::limits::WRITE_BURST_DEFAULT)]
     pub write_burst: f64,
 }
 
@@ -185,7 +185,7 @@ impl ServeArgs {
         config.debounce = std::time::Duration::from_millis(self.debounce_ms);
         config.write_rate = match (self.write_rate, self.write_burst) {
             (0.0, _) => None,
-            (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::limits::RateLimit {
+            (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::http::limits::RateLimit {
                 per_second: rate,
                 burst,
             }),
@@ -550,14 +550,14 @@ fn cluster_certs(out: &std::path::Path, nodes: &[u64], skip_existing: bool) -> a
 }
 
 async fn deploy(client: &Http, site: &str, dir: &std::path::Path) -> anyhow::Result<()> {
-    let bundle = crate::bundle::load_dir(dir)?;
+    let bundle = crate::pages::bundle::load_dir(dir)?;
     let mut existing = Vec::new();
-    for collection in crate::bundle::PAGE_COLLECTIONS {
+    for collection in crate::pages::bundle::PAGE_COLLECTIONS {
         for key in client.keys(site, collection).await? {
             existing.push((collection.to_string(), key));
         }
     }
-    let ops = crate::bundle::deploy_ops(&bundle, &existing);
+    let ops = crate::pages::bundle::deploy_ops(&bundle, &existing);
     let deleted = ops
         .iter()
         .filter(|op| matches!(op, Op::Delete { .. }))
@@ -581,7 +581,7 @@ pub const DEMO_SITE: &str = "demo";
 
 /// Creates the demo site from the built-in bundle, unless the site exists. Returns whether
 /// it seeded.
-pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
+pub async fn seed_demo(node: &crate::app::Node) -> anyhow::Result<bool> {
     let exists = node
         .read(|v| v.site(DEMO_SITE))
         .await
@@ -592,10 +592,10 @@ pub async fn seed_demo(node: &crate::node::Node) -> anyhow::Result<bool> {
     }
     let create = sesame_proto::Command::CreateSite {
         name: DEMO_SITE.into(),
-        created_at_ms: crate::node::now_ms(),
+        created_at_ms: crate::app::now_ms(),
     };
     node.propose(create).await.context("create the demo site")?;
-    let ops = crate::bundle::deploy_ops(&crate::bundle::demo(), &[]);
+    let ops = crate::pages::bundle::deploy_ops(&crate::pages::bundle::demo(), &[]);
     let tx = sesame_proto::Transaction {
         site: DEMO_SITE.into(),
         ops,
@@ -630,14 +630,14 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(parse_initial_cluster)
         .transpose()?;
-    config.cluster = Some(crate::node::ClusterConfig {
+    config.cluster = Some(crate::app::ClusterConfig {
         raft_addr: args.raft.clone(),
         raft_listen,
         certs: args.certs,
         initial,
         faults: None,
     });
-    let running = crate::node::start(config).await?;
+    let running = crate::app::start(config).await?;
     println!(
         "Sesame node {} listening on {} (HTTP) and {} (cluster)",
         args.id,
@@ -655,7 +655,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&args.data, args.http);
     args.serve.apply(&mut config)?;
-    let running = crate::node::start(config).await?;
+    let running = crate::app::start(config).await?;
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();
     let demo = format!("{url}/{DEMO_SITE}");

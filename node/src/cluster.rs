@@ -13,16 +13,16 @@ use sesame_proto::api::{ClusterStatus, MemberStatus};
 use sesame_proto::LogIndex;
 use thiserror::Error;
 
+use crate::pages::projection::Projections;
+use crate::pages::serve::Pages;
 use crate::peer::link::{Link, LinkError};
 use crate::peer::{
     MembershipChange, NodeStatus, ObjectKind, PeerError, PeerHandler, PeerRequest, PeerResponse,
     SnapshotChunks, SnapshotOffer,
 };
-use crate::projection::Projections;
 use crate::raft::network::RaftHandler;
 use crate::raft::{Member, NodeId, RaftHandle};
 use crate::reads::{leader_read_index, Reads};
-use crate::serve::Pages;
 use crate::write::propose_local;
 
 /// Longest a peer's `WaitProjected` is held.

@@ -1,27 +1,25 @@
 //! The Sesame server: openraft replication, the HTTP API and the `sesame` command line.
 //!
-//! Where to start reading: [`node::start`] wires storage, Raft and HTTP together;
-//! [`api`] is where every request enters; [`node::Node::write_tx`] is where a write is
-//! ordered; [`raft::state_machine`] is where it is applied; [`projection`] turns commits
-//! into published pages and [`serve`] serves them.
+//! Where to start reading, in the order a write travels: [`http::api`] is where every request
+//! enters; [`write::Writer`] is where a write is batched and sent to the leader;
+//! [`raft`] orders and replicates it and [`raft::state_machine`] applies it; [`pages`] turns
+//! commits into published pages (on the leader) and serves them (on every node);
+//! [`cluster`] is what a node answers its peers over [`peer`]. [`app::start`] wires the
+//! parts together.
+//!
+//! Rooms: `http/` (the API, auth, errors, rate limits, the edge layer), `pages/` (projection,
+//! following committed roots, serving), `raft/` (storage, network, the supervised instance),
+//! `peer/` (QUIC with mutual TLS), and the write and read paths at the top.
 
-pub mod api;
-pub mod api_cluster;
-pub mod auth;
-pub mod bundle;
+pub mod app;
 pub mod cli;
 pub mod cluster;
-pub mod edge;
-pub mod error;
-pub mod follow;
-pub mod limits;
-pub mod node;
+pub mod http;
+pub mod pages;
 pub mod peer;
 pub mod private;
-pub mod projection;
 pub mod raft;
 pub mod reads;
-pub mod serve;
 pub mod write;
 
-pub use node::{start, ClusterConfig, NodeConfig, RunningNode};
+pub use app::{start, ClusterConfig, NodeConfig, RunningNode};

@@ -10,9 +10,9 @@
 use axum::http::{header, HeaderMap, HeaderValue};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
-use sesame_node::api::{self, check_index, check_new_site, token_expiry, transaction_from};
-use sesame_node::error::ApiError;
-use sesame_node::serve::{normalize_path, site_and_path, ServeConfig, PATH_BYTES_MAX};
+use sesame_node::http::api::{self, check_index, check_new_site, token_expiry, transaction_from};
+use sesame_node::http::error::ApiError;
+use sesame_node::pages::serve::{normalize_path, site_and_path, ServeConfig, PATH_BYTES_MAX};
 use sesame_proto::api::{CreateSite, CreateToken, Rollback, TxRequest};
 
 fn config() -> ProptestConfig {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 use sesame_client::{ClientError, Http};
-use sesame_node::bundle;
+use sesame_node::pages::bundle;
 use sesame_proto::api::TxRequest;
 use sesame_proto::{Op, Value};
 use sesame_tests::cluster::{ClusterOptions, TestCluster};

@@ -463,7 +463,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         );
     }
     // A body over the HTTP limit.
-    let huge = "x".repeat(sesame_node::api::BODY_BYTES_MAX + 1);
+    let huge = "x".repeat(sesame_node::http::api::BODY_BYTES_MAX + 1);
     let (status, resp) = raw(&node, "POST", "/v1/sites/demo/tx", t, Some(&huge)).await;
     assert_eq!((status.as_u16(), error_of(&resp).0), (413, "too_large"));
 
@@ -628,7 +628,7 @@ async fn tokens_are_listed_revoked_and_expire() {
     .to_string();
     for secret in [&owner.token, &editor.token, &short.token] {
         assert!(!raw_list.contains(secret.as_str()), "{raw_list}");
-        let hash = sesame_node::auth::hash_token(secret);
+        let hash = sesame_node::http::auth::hash_token(secret);
         assert!(!raw_list.contains(&hash[..16]), "{raw_list}");
     }
     assert_eq!(admin.list_tokens("demo").await.unwrap().tokens.len(), 3);
@@ -770,18 +770,21 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
     assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
 
     // 414: a request target over our limit, under hyper's.
-    let long = format!("/demo/{}", "a".repeat(sesame_node::edge::URI_BYTES_MAX));
+    let long = format!(
+        "/demo/{}",
+        "a".repeat(sesame_node::http::edge::URI_BYTES_MAX)
+    );
     let resp = raw_http(addr, &request("GET", &long, "")).await;
     assert_eq!(resp.status, 414, "{}", resp.head);
     let (code, message) = json_error(&resp);
     assert_eq!(code, "uri_too_long");
     assert!(
-        message.contains(&sesame_node::edge::URI_BYTES_MAX.to_string()),
+        message.contains(&sesame_node::http::edge::URI_BYTES_MAX.to_string()),
         "{message}"
     );
 
     // 431: too many headers, and headers too large.
-    let many: String = (0..sesame_node::edge::HEADERS_MAX + 1)
+    let many: String = (0..sesame_node::http::edge::HEADERS_MAX + 1)
         .map(|i| format!("X-H{i}: v\r\n"))
         .collect();
     let resp = raw_http(addr, &request("GET", "/healthz", &many)).await;
@@ -789,7 +792,7 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
     assert_eq!(json_error(&resp).0, "headers_too_large");
     let big = format!(
         "X-Big: {}\r\n",
-        "b".repeat(sesame_node::edge::HEADER_BYTES_MAX)
+        "b".repeat(sesame_node::http::edge::HEADER_BYTES_MAX)
     );
     let resp = raw_http(addr, &request("GET", "/v1/sites", &big)).await;
     assert_eq!(resp.status, 431, "{}", resp.head);

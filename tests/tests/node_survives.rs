@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sesame_node::bundle;
+use sesame_node::pages::bundle;
 use sesame_proto::api::TxRequest;
 use sesame_tests::disk::{fill, SmallDisk};
 use sesame_tests::TestNode;
@@ -144,7 +144,7 @@ async fn held_requests_are_bounded_and_never_starve_other_visitors() {
         }
     }
     assert!(
-        held <= sesame_node::serve::HELD_REQUESTS_PER_SITE_MAX,
+        held <= sesame_node::pages::serve::HELD_REQUESTS_PER_SITE_MAX,
         "{held} held"
     );
     assert_eq!(held + refused, 400);

@@ -8,7 +8,7 @@ use reqwest::header::{HeaderMap, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::json;
 use sesame_client::{ClientError, Http};
-use sesame_node::bundle;
+use sesame_node::pages::bundle;
 use sesame_proto::api::TxRequest;
 use sesame_proto::Op;
 use sesame_tests::{raw_http, TestNode};
@@ -742,7 +742,7 @@ async fn a_deleted_site_stops_being_served_and_comes_back_empty() {
 async fn write_rate_limit_answers_429_and_spares_other_sites() {
     let node = TestNode::start_with(|c| {
         fast(c);
-        c.write_rate = Some(sesame_node::limits::RateLimit {
+        c.write_rate = Some(sesame_node::http::limits::RateLimit {
             per_second: 0.5,
             burst: 2.0,
         });

@@ -42,7 +42,7 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     let hugo = hugo_builds(base, n, runs).await;
 
     let debounce = args.debounce().unwrap_or(Duration::from_millis(
-        sesame_node::projection::DEBOUNCE_MS_DEFAULT,
+        sesame_node::pages::projection::DEBOUNCE_MS_DEFAULT,
     ));
     let (peer, hugo_median) = match &hugo {
         Ok(h) => (

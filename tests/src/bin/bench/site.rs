@@ -1,4 +1,4 @@
-//! The benchmark site: the demo microsite's templates and routes (`sesame_node::bundle`)
+//! The benchmark site: the demo microsite's templates and routes (`sesame_node::pages::bundle`)
 //! over generated profiles, and the helpers that start a node, load a site into it and wait
 //! for its pages to be published.
 //!
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{json, Value as Json};
 use sesame_client::Http;
-use sesame_node::bundle;
+use sesame_node::pages::bundle;
 use sesame_proto::api::{SiteStatus, TxRequest};
 use sesame_proto::{LogIndex, Op, Value};
 use sesame_tests::TestNode;

@@ -9,11 +9,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sesame_proto::api::{AddLearner, ClusterStatus, MemberId, MembershipChanged};
 
-use crate::api::JsonBody;
-use crate::auth::Caller;
+use crate::app::Node;
 use crate::cluster::MembershipError;
-use crate::error::ApiError;
-use crate::node::Node;
+use crate::http::api::JsonBody;
+use crate::http::auth::Caller;
+use crate::http::error::ApiError;
 use crate::peer::{MemberWire, MembershipChange};
 
 pub fn routes() -> Router<Arc<Node>> {

@@ -4,7 +4,7 @@
 //! The hot path touches no database and no object store: each site's current manifest is
 //! held in memory (swapped whole on publish, so a reader never sees half a version) and
 //! recently served files sit in a byte-bounded cache keyed by content hash. The projector
-//! installs the versions it publishes; [`crate::follow`] installs every committed root (on
+//! installs the versions it publishes; [`crate::pages::follow`] installs every committed root (on
 //! followers, after a rollback, at start-up).
 
 use std::collections::{HashMap, VecDeque};
@@ -20,8 +20,8 @@ use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
 use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
 
-use crate::error::ApiError;
-use crate::node::Node;
+use crate::app::Node;
+use crate::http::error::ApiError;
 
 /// Longest request path we look up, in bytes.
 pub const PATH_BYTES_MAX: usize = 2_048;

@@ -199,25 +199,32 @@ pub fn deploy_ops(bundle: &[Entry], existing: &[(String, String)]) -> Vec<Op> {
 /// The demo microsite `sesame dev` seeds: profiles, a page listing them and a page each.
 pub fn demo() -> Vec<Entry> {
     let mut entries = vec![
-        template("layout.html", include_str!("../demo/templates/layout.html")),
-        template("index.html", include_str!("../demo/templates/index.html")),
+        template(
+            "layout.html",
+            include_str!("../../demo/templates/layout.html"),
+        ),
+        template(
+            "index.html",
+            include_str!("../../demo/templates/index.html"),
+        ),
         template(
             "profile.html",
-            include_str!("../demo/templates/profile.html"),
+            include_str!("../../demo/templates/profile.html"),
         ),
-        template("404.html", include_str!("../demo/templates/404.html")),
+        template("404.html", include_str!("../../demo/templates/404.html")),
         asset(
             "style.css",
-            include_bytes!("../demo/assets/style.css").to_vec(),
+            include_bytes!("../../demo/assets/style.css").to_vec(),
         ),
     ];
     entries.extend(
-        parse_routes(include_str!("../demo/routes.toml")).expect("the built-in demo routes parse"),
+        parse_routes(include_str!("../../demo/routes.toml"))
+            .expect("the built-in demo routes parse"),
     );
     for (key, json) in [
-        ("alice", include_str!("../demo/data/profiles/alice.json")),
-        ("bob", include_str!("../demo/data/profiles/bob.json")),
-        ("carol", include_str!("../demo/data/profiles/carol.json")),
+        ("alice", include_str!("../../demo/data/profiles/alice.json")),
+        ("bob", include_str!("../../demo/data/profiles/bob.json")),
+        ("carol", include_str!("../../demo/data/profiles/carol.json")),
     ] {
         let json = serde_json::from_str(json).expect("the built-in demo profiles are JSON");
         let value = Value::from_json(json).expect("the built-in demo profiles are valid values");

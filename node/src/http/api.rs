@@ -28,9 +28,9 @@ use sesame_proto::{
 };
 use sesame_sync::{SiteRecord, CHANGES_LIMIT_MAX, SCAN_LIMIT_MAX};
 
-use crate::auth::{self, Caller};
-use crate::error::ApiError;
-use crate::node::{now_ms, Node, HTTP_CONCURRENCY_MAX};
+use crate::app::{now_ms, Node, HTTP_CONCURRENCY_MAX};
+use crate::http::auth::{self, Caller};
+use crate::http::error::ApiError;
 use crate::reads::Consistency;
 
 /// Largest request body. JSON spells bytes in base64 and escapes strings, so it allows more
@@ -61,16 +61,16 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/rebuild", post(rebuild))
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
-        .merge(crate::api_cluster::routes())
+        .merge(crate::http::cluster::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
         // Everything else is a page of a site.
-        .fallback(crate::serve::serve)
+        .fallback(crate::pages::serve::serve)
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             HTTP_CONCURRENCY_MAX,
         ))
         // Outermost: cheap limits before waiting for a slot, headers on every answer.
-        .layer(axum::middleware::from_fn(crate::edge::edge))
+        .layer(axum::middleware::from_fn(crate::http::edge::edge))
         .with_state(node)
 }
 

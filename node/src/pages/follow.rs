@@ -19,10 +19,10 @@ use sesame_proto::LogIndex;
 use sesame_sync::RootRecord;
 use tokio_util::sync::CancellationToken;
 
+use crate::pages::serve::Pages;
 use crate::peer::link::Link;
 use crate::peer::{ObjectKind, PeerRequest, PeerResponse};
 use crate::reads::Reads;
-use crate::serve::Pages;
 
 /// Wait after a version could not be installed before trying again.
 const RETRY_MS: u64 = 500;

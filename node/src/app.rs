@@ -4,7 +4,7 @@
 //! builds the parts every request path uses, each knowing only what it needs:
 //! [`Reads`] and [`ReadGate`] (consistent reads), [`Writer`] (the write path),
 //! [`Pages`] (what is served), [`Projections`] (the leader's projector),
-//! [`crate::follow`] (every node installs committed versions), [`Cluster`] (peers and
+//! [`crate::pages::follow`] (every node installs committed versions), [`Cluster`] (peers and
 //! membership). [`Node`] holds them for the HTTP handlers.
 
 use std::collections::BTreeMap;
@@ -24,19 +24,19 @@ use sesame_projector::sandbox::{
 };
 use sesame_projector::Publisher;
 
-use crate::auth;
 use crate::cluster::{Cluster, NodeService};
-use crate::error::ApiError;
-use crate::follow::Follower;
-use crate::limits::{RateLimit, SiteLimiter};
+use crate::http::auth;
+use crate::http::error::ApiError;
+use crate::http::limits::{RateLimit, SiteLimiter};
+use crate::pages::follow::Follower;
+use crate::pages::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
+use crate::pages::serve::{Pages, ServeConfig};
 use crate::peer::link::Link;
 use crate::peer::{
     Faults, FaultyTransport, NoPeers, NodeCerts, PeerConfig, PeerEndpoint, PeerTransport,
 };
-use crate::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
 use crate::raft::{Member, Network, NodeId, RaftHandle, RaftParts, RaftTuning};
 use crate::reads::{ReadGate, Reads};
-use crate::serve::{Pages, ServeConfig};
 use crate::write::{WriteError, Writer, Written};
 
 /// Name of the file under the data directory that holds the admin token.
@@ -485,7 +485,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         publisher,
         admin_hash: auth::hash_token(&admin_token),
     });
-    let app = crate::api::router(node.clone());
+    let app = crate::http::api::router(node.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -565,7 +565,7 @@ fn secure_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Checks `--domain`: a host name, without scheme, port or path.
 fn check_domain(domain: &str) -> anyhow::Result<()> {
-    let d = crate::serve::normalize_domain(domain);
+    let d = crate::pages::serve::normalize_domain(domain);
     let ok = !d.is_empty()
         && d.split('.').all(|label| {
             !label.is_empty()

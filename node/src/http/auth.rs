@@ -12,8 +12,8 @@ use axum::http::request::Parts;
 use sesame_proto::Role;
 use sesame_sync::TokenRow;
 
-use crate::error::ApiError;
-use crate::node::{now_ms, Node};
+use crate::app::{now_ms, Node};
+use crate::http::error::ApiError;
 
 const TOKEN_PREFIX: &str = "ssm_";
 const TOKEN_SECRET_BYTES: usize = 32;

@@ -40,9 +40,9 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::now_ms;
+use crate::app::now_ms;
+use crate::pages::serve::Pages;
 use crate::reads::Reads;
-use crate::serve::Pages;
 use crate::write::Writer;
 
 /// Default shortest time between the starts of two rounds of one site: 0, no timer.
@@ -84,7 +84,7 @@ impl ProjectionConfig {
         let public = self.public_url.trim_end_matches('/');
         match &self.domain {
             Some(domain) => {
-                let domain = crate::serve::normalize_domain(domain);
+                let domain = crate::pages::serve::normalize_domain(domain);
                 match url::Url::parse(public) {
                     Ok(u) => match u.port() {
                         Some(port) => format!("{}://{site}.{domain}:{port}", u.scheme()),
