@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub write_rate: Option<RateLimit>,
     /// Longest a `Sesame-Min-Index` request waits.
     pub min_index_wait: Duration,
+    /// How long a deleted site's published files stay in the object store.
+    pub deleted_site_retention: Duration,
     /// `None`: a single voter with no peers (`sesame dev`).
     pub cluster: Option<ClusterConfig>,
     pub raft_tuning: RaftTuning,
@@ -100,6 +102,9 @@ impl NodeConfig {
             debounce: Duration::from_millis(DEBOUNCE_MS_DEFAULT),
             write_rate: Some(RateLimit::default()),
             min_index_wait: ServeConfig::default().min_index_wait,
+            deleted_site_retention: Duration::from_secs(
+                crate::pages::janitor::RETENTION_HOURS_DEFAULT * 3600,
+            ),
             cluster: None,
             raft_tuning: RaftTuning::default(),
             render_worker: None,
@@ -461,6 +466,16 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         Err(_) => 0,
     };
     tasks.push(tokio::spawn(follower.run(seen, cancel.clone())));
+    tasks.push(tokio::spawn(
+        crate::pages::janitor::Janitor {
+            reads: reads.clone(),
+            publisher: publisher.clone(),
+            raft: raft.clone(),
+            shared_store: config.objects.is_some(),
+            retention: config.deleted_site_retention,
+        }
+        .run(cancel.clone()),
+    ));
     tasks.push(tokio::spawn(crate::raft::handle::supervise(
         raft.clone(),
         raft_parts,

@@ -174,6 +174,9 @@ pub struct ServeArgs {
     /// Transactions a site may write in a burst.
     #[arg(long, default_value_t = crate::http::limits::WRITE_BURST_DEFAULT)]
     pub write_burst: f64,
+    /// Hours a deleted site's published files stay in the object store.
+    #[arg(long, default_value_t = crate::pages::janitor::RETENTION_HOURS_DEFAULT)]
+    pub deleted_site_retention_hours: u64,
 }
 
 impl ServeArgs {
@@ -183,6 +186,8 @@ impl ServeArgs {
         config.domain = self.domain;
         config.public_url = self.public_url;
         config.debounce = std::time::Duration::from_millis(self.debounce_ms);
+        config.deleted_site_retention =
+            std::time::Duration::from_secs(self.deleted_site_retention_hours.saturating_mul(3600));
         config.write_rate = match (self.write_rate, self.write_burst) {
             (0.0, _) => None,
             (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::http::limits::RateLimit {

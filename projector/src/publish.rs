@@ -237,6 +237,29 @@ impl Publisher {
         Ok(bytes)
     }
 
+    /// Removes every object of `site` (blobs, manifests, the root mirror); returns how many.
+    /// Only for a site that is gone: its versions can never be served again.
+    pub async fn remove_site(&self, site: &str) -> Result<usize, PublishError> {
+        check_site(site)?;
+        let prefix = self.path(&format!("sites/{site}"));
+        let locations = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        let removed = self
+            .store
+            .delete_stream(locations)
+            .try_fold(0usize, |n, _| futures::future::ready(Ok(n + 1)))
+            .await?;
+        // Blobs of the site known to exist are gone now.
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(removed)
+    }
+
     /// Whether the store holds the blob `hash` of `site`.
     pub async fn has_blob(&self, site: &str, hash: &str) -> Result<bool, PublishError> {
         check_site(site)?;

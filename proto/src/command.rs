@@ -88,8 +88,10 @@ pub enum Command {
     },
     /// Delete a site and everything the store holds for it: tuples, tokens, versions, the
     /// root and its clients' sequence numbers. A site created later under the same name
-    /// starts empty.
-    DeleteSite { name: String },
+    /// starts empty. The site's published files stay in the object store until
+    /// `deleted_at_ms` (the proposer's clock) plus the node's retention has passed, unless
+    /// the name is taken again first.
+    DeleteSite { name: String, deleted_at_ms: u64 },
 }
 
 /// A site's new root. Publishing through the log means every node agrees on the current

@@ -144,6 +144,7 @@ fn samples() -> Vec<Vec<u8>> {
         },
         Command::DeleteSite {
             name: "demo".into(),
+            deleted_at_ms: 8,
         },
     ];
     let results = [

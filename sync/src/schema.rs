@@ -4,7 +4,7 @@ use rusqlite::Connection;
 
 /// Bumped whenever the schema changes incompatibly; checked on open. 2: token ids, times and
 /// revocation; the window of applied client sequence numbers.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a connection waits on a lock held by another before giving up.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
@@ -23,6 +23,14 @@ CREATE TABLE IF NOT EXISTS sites (
 
 -- Site tokens: only the hash of the secret. `created_index` (the log index that stored the
 -- token) is its id. Revoked and expired rows are kept, bounded, to say why a token fails.
+-- Sites deleted and not created again, with when: their published files are removed from
+-- the object store once the retention period after `deleted_at_ms` has passed.
+CREATE TABLE IF NOT EXISTS deleted_sites (
+    name          TEXT PRIMARY KEY,
+    deleted_index INTEGER NOT NULL,
+    deleted_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS tokens (
     hash          TEXT PRIMARY KEY,
     site          TEXT NOT NULL,

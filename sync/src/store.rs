@@ -161,6 +161,7 @@ impl Store {
                 "client_txs",
                 "roots",
                 "versions",
+                "deleted_sites",
             ] {
                 tx.execute_batch(&format!(
                     "DELETE FROM main.{table}; INSERT INTO main.{table} SELECT * FROM snap.{table};"
@@ -190,6 +191,12 @@ fn apply_command(
                  ON CONFLICT (name) DO NOTHING",
                 )?
                 .execute(params![name, index as i64, *created_at_ms as i64])?;
+            if inserted == 1 {
+                // The name is taken again: the old site's files are no longer the deleted
+                // site's to remove (the new site may publish the same blobs).
+                tx.prepare_cached("DELETE FROM deleted_sites WHERE name = ?1")?
+                    .execute(params![name])?;
+            }
             Ok(if inserted == 1 {
                 CommandResult::SiteCreated
             } else {
@@ -202,7 +209,10 @@ fn apply_command(
             id,
             revoked_at_ms,
         } => revoke_token(tx, site, *id, *revoked_at_ms),
-        Command::DeleteSite { name } => delete_site(tx, name),
+        Command::DeleteSite {
+            name,
+            deleted_at_ms,
+        } => delete_site(tx, index, name, *deleted_at_ms),
         Command::Txs(txs) => Ok(CommandResult::Txs(
             txs.iter()
                 .map(|t| apply_tx(tx, index, t))
@@ -295,7 +305,12 @@ fn forget_dead_tokens(tx: &SqlTx<'_>, site: &str, now_ms: i64) -> Result<(), Sto
     Ok(())
 }
 
-fn delete_site(tx: &SqlTx<'_>, name: &str) -> Result<CommandResult, StoreError> {
+fn delete_site(
+    tx: &SqlTx<'_>,
+    index: LogIndex,
+    name: &str,
+    deleted_at_ms: u64,
+) -> Result<CommandResult, StoreError> {
     if !site_exists(tx, name)? {
         return Ok(CommandResult::UnknownSite {
             site: name.to_string(),
@@ -314,6 +329,10 @@ fn delete_site(tx: &SqlTx<'_>, name: &str) -> Result<CommandResult, StoreError> 
     }
     tx.prepare_cached("DELETE FROM sites WHERE name = ?1")?
         .execute(params![name])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO deleted_sites (name, deleted_index, deleted_at_ms) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![name, sql_int(index), sql_int(deleted_at_ms)])?;
     Ok(CommandResult::SiteDeleted)
 }
 

@@ -266,6 +266,23 @@ impl<'c> View<'c> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Sites deleted at or before `deleted_before_ms` (the deleter's clock) and not created
+    /// again: their published files may be removed.
+    /// Each with the log index of its deletion.
+    pub fn deleted_sites(
+        &self,
+        deleted_before_ms: u64,
+    ) -> Result<Vec<(String, LogIndex)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, deleted_index FROM deleted_sites WHERE deleted_at_ms <= ?1 ORDER BY name",
+        )?;
+        let before = i64::try_from(deleted_before_ms).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![before], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as LogIndex))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
         let mut stmt = self
             .conn

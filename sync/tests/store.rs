@@ -466,6 +466,7 @@ fn deleting_a_site_removes_everything_and_a_new_one_starts_empty() {
 
     let delete = || Command::DeleteSite {
         name: "demo".into(),
+        deleted_at_ms: 1_000,
     };
     assert_eq!(f.apply(delete()), CommandResult::SiteDeleted);
     assert!(matches!(
@@ -483,8 +484,17 @@ fn deleting_a_site_removes_everything_and_a_new_one_starts_empty() {
         v.get("blog", "p", "b").unwrap().is_some(),
         "other sites stay"
     );
+    // Its files may go once the retention after the deletion has passed.
+    assert!(v.deleted_sites(999).unwrap().is_empty());
+    let deleted = v.deleted_sites(1_000).unwrap();
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].0, "demo");
 
     assert_eq!(f.apply(site("demo")), CommandResult::SiteCreated);
+    assert!(
+        f.store.view().deleted_sites(u64::MAX).unwrap().is_empty(),
+        "a site created again under the name keeps its files"
+    );
     assert!(
         matches!(f.apply(with_seq(1)), CommandResult::Committed { .. }),
         "a new site under the old name forgot the old clients' seqs"

@@ -739,6 +739,68 @@ async fn a_deleted_site_stops_being_served_and_comes_back_empty() {
 }
 
 #[tokio::test]
+async fn a_deleted_sites_files_go_after_its_retention_unless_the_name_is_taken_again() {
+    // Retention 0: files go at the janitor's next look.
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.deleted_site_retention = Duration::ZERO;
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    get(&node, "/demo/alice", Some(index)).await;
+    admin.create_site("kept").await.unwrap();
+    let w = admin
+        .put("kept", "profiles", "x", json!({"name": "X"}), None)
+        .await
+        .unwrap();
+    let demo = node.data_dir().join("objects/sites/demo/blobs");
+    let kept = node.data_dir().join("objects/sites/kept");
+    let files = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    assert!(files(&demo) > 0);
+    let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+    while files(&kept) == 0 {
+        assert!(std::time::Instant::now() < deadline, "kept never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = w;
+    admin.delete_site(SITE).await.unwrap();
+    let deadline = std::time::Instant::now() + PUBLISH_WAIT;
+    while files(&demo) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted site's blobs were never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(files(&kept) > 0, "other sites keep their files");
+    node.stop().await.unwrap();
+
+    // A name taken again within the retention cancels the removal.
+    let node = TestNode::start_with(|c| {
+        fast(c);
+        c.deleted_site_retention = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    get(&node, "/demo/alice", Some(index)).await;
+    let blobs = node.data_dir().join("objects/sites/demo/blobs");
+    let before = files(&blobs);
+    admin.delete_site(SITE).await.unwrap();
+    admin.create_site(SITE).await.unwrap();
+    // Past the retention, and several looks of the janitor later.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert!(
+        files(&blobs) >= before,
+        "the files of a name taken again stay"
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn write_rate_limit_answers_429_and_spares_other_sites() {
     let node = TestNode::start_with(|c| {
         fast(c);

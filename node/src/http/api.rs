@@ -236,7 +236,10 @@ async fn delete_site(
     check_site(&site)?;
     caller.require_admin()?;
     let (index, result) = node
-        .propose(Command::DeleteSite { name: site.clone() })
+        .propose(Command::DeleteSite {
+            name: site.clone(),
+            deleted_at_ms: now_ms(),
+        })
         .await?;
     match result {
         CommandResult::SiteDeleted => {}

@@ -1,8 +1,10 @@
 //! Pages: the leader's projector turns commits into published site versions
 //! ([`projection`]), every node installs the versions its log commits ([`follow`]) and
-//! serves them ([`serve`]); [`bundle`] loads a folder of templates into a site.
+//! serves them ([`serve`]); [`janitor`] removes deleted sites' files after their retention;
+//! [`bundle`] loads a folder of templates into a site.
 
 pub mod bundle;
 pub mod follow;
+pub mod janitor;
 pub mod projection;
 pub mod serve;
