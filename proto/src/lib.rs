@@ -8,6 +8,7 @@ pub mod api;
 pub mod codec;
 pub mod command;
 pub mod names;
+pub mod sync;
 pub mod tuple;
 pub mod value;
 
