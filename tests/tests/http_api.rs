@@ -772,19 +772,19 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
     // 414: a request target over our limit, under hyper's.
     let long = format!(
         "/demo/{}",
-        "a".repeat(sesame_node::http::edge::URI_BYTES_MAX)
+        "a".repeat(sesame_node::http::answer::URI_BYTES_MAX)
     );
     let resp = raw_http(addr, &request("GET", &long, "")).await;
     assert_eq!(resp.status, 414, "{}", resp.head);
     let (code, message) = json_error(&resp);
     assert_eq!(code, "uri_too_long");
     assert!(
-        message.contains(&sesame_node::http::edge::URI_BYTES_MAX.to_string()),
+        message.contains(&sesame_node::http::answer::URI_BYTES_MAX.to_string()),
         "{message}"
     );
 
     // 431: too many headers, and headers too large.
-    let many: String = (0..sesame_node::http::edge::HEADERS_MAX + 1)
+    let many: String = (0..sesame_node::http::answer::HEADERS_MAX + 1)
         .map(|i| format!("X-H{i}: v\r\n"))
         .collect();
     let resp = raw_http(addr, &request("GET", "/healthz", &many)).await;
@@ -792,7 +792,7 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
     assert_eq!(json_error(&resp).0, "headers_too_large");
     let big = format!(
         "X-Big: {}\r\n",
-        "b".repeat(sesame_node::http::edge::HEADER_BYTES_MAX)
+        "b".repeat(sesame_node::http::answer::HEADER_BYTES_MAX)
     );
     let resp = raw_http(addr, &request("GET", "/v1/sites", &big)).await;
     assert_eq!(resp.status, 431, "{}", resp.head);

@@ -70,7 +70,7 @@ pub fn router(node: Arc<Node>) -> Router {
             HTTP_CONCURRENCY_MAX,
         ))
         // Outermost: cheap limits before waiting for a slot, headers on every answer.
-        .layer(axum::middleware::from_fn(crate::http::edge::edge))
+        .layer(axum::middleware::from_fn(crate::http::answer::every_answer))
         .with_state(node)
 }
 

@@ -23,7 +23,7 @@ pub const HEADERS_MAX: usize = 64;
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 
 /// The middleware: see the module documentation.
-pub async fn edge(req: Request, next: Next) -> Response {
+pub async fn every_answer(req: Request, next: Next) -> Response {
     let mut resp = match check_head(&req) {
         Err(e) => e.into_response(),
         Ok(()) => {
