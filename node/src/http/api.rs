@@ -261,7 +261,10 @@ async fn delete_site(
 async fn list_sites(
     State(node): State<Arc<Node>>,
     caller: Caller,
+    q: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Json<SiteList>, ApiError> {
+    let params = query(q)?;
+    ready(&node, params.consistency, params.min_index).await?;
     let sites = node.read(|v| v.sites()).await?;
     let sites = sites
         .into_iter()
@@ -335,10 +338,13 @@ async fn list_tokens(
     State(node): State<Arc<Node>>,
     caller: Caller,
     p: Result<Path<String>, PathRejection>,
+    q: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Json<TokenList>, ApiError> {
     let site = path(p)?;
+    let params = query(q)?;
     check_site(&site)?;
     caller.require(&site, Role::Owner)?;
+    ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let rows = node.read(move |v| v.tokens(&site)).await?;
     let now = now_ms();
@@ -720,6 +726,8 @@ const VERSIONS_LIMIT_MAX: usize = 10_000;
 #[serde(deny_unknown_fields)]
 struct VersionsParams {
     limit: Option<usize>,
+    consistency: Option<Consistency>,
+    min_index: Option<u64>,
 }
 
 async fn versions(
@@ -733,6 +741,7 @@ async fn versions(
     check_site(&site)?;
     caller.require(&site, Role::Reader)?;
     let limit = check_limit(params.limit, VERSIONS_LIMIT_DEFAULT, VERSIONS_LIMIT_MAX)?;
+    ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let (current, list) = node
         .read(move |v| Ok((v.root(&site)?, v.versions(&site, limit)?)))
