@@ -2,6 +2,7 @@
 //! a loopback port in a temporary directory and talk to it.
 
 pub mod cluster;
+pub mod faults;
 pub mod linearizable;
 
 use std::path::{Path, PathBuf};
