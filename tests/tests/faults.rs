@@ -37,12 +37,12 @@ const SITE: &str = "f";
 const COLLECTION: &str = "reg";
 /// Few keys, so that operations on one key overlap and conflict.
 const KEYS: usize = 5;
-const CLIENTS: usize = 4;
+const CLIENTS: usize = 5;
 /// Runs when `SESAME_FAULT_RUNS` is not set: enough for CI on a small machine.
 const RUNS_DEFAULT: u64 = 2;
 const SAFETY_MS_DEFAULT: u64 = 5_000;
 /// Longest a client waits for one answer; past it, a write's outcome is unknown.
-const OP_TIMEOUT_MS: u64 = 3_000;
+const OP_TIMEOUT_MS: u64 = 1_500;
 /// Longest a client pauses between two operations.
 const THINK_MS_MAX: u64 = 20;
 /// Attempts of a write that carries `(client_id, seq)` and is retried while its outcome is
@@ -125,15 +125,21 @@ async fn run(seed: u64, safety: Duration) -> anyhow::Result<String> {
     let mut options = ClusterOptions::default();
     options.tuning.snapshot_every = shape.snapshot_every;
     options.faults = Some(faults.clone());
+    let started = Instant::now();
     let mut cluster = TestCluster::start(shape.voters, options)
         .await
         .context("start the cluster")?;
+    let start_s = started.elapsed().as_secs_f64();
     let result = phases(seed, &mut cluster, &faults, plan).await;
     faults.heal();
+    let stopping = Instant::now();
     let stopped = cluster.stop().await;
     let summary = result?;
     stopped.context("stop the cluster")?;
-    Ok(summary)
+    Ok(format!(
+        "{summary}; start {start_s:.1} s, stop {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    ))
 }
 
 async fn phases(
@@ -170,12 +176,15 @@ async fn phases(
         };
         clients.spawn(client.run(stop.clone()));
     }
+    let safety = Instant::now();
     let played = play(seed, cluster, faults, &plan, clock).await;
     stop.store(true, Ordering::SeqCst);
     while let Some(done) = clients.join_next().await {
         done.context("join a client")?;
     }
     played?;
+    let safety_s = safety.elapsed().as_secs_f64();
+    let liveness = Instant::now();
 
     // Liveness: no more faults, every node back.
     faults.heal();
@@ -199,6 +208,7 @@ async fn phases(
         last = last.max(index);
     }
     let finals = converge(&nodes, &history, clock, last, deadline).await?;
+    let liveness_s = liveness.elapsed().as_secs_f64();
 
     // Every read saw a write that was not refused, and the final values with them.
     let records = history.take();
@@ -233,7 +243,10 @@ async fn phases(
             detail.join("\n")
         );
     }
-    Ok(summarize(&records, leader))
+    Ok(format!(
+        "{}; safety {safety_s:.1} s, liveness {liveness_s:.1} s",
+        summarize(&records, leader)
+    ))
 }
 
 /// Plays the plan: each period sets the weather (with "the leader" resolved to whoever
@@ -600,7 +613,7 @@ impl Client {
                 n += 1;
                 let value = format!("c{}-{n}", self.id);
                 let exactly_once = self.rng.random_bool(0.5);
-                self.write(&node, &key, &value, exactly_once).await
+                self.write(&node, &key, &value, exactly_once, &stop).await
             } else {
                 let lease = self.rng.random_bool(0.2);
                 self.read(&node, &key, lease).await
@@ -622,6 +635,7 @@ impl Client {
         key: &str,
         value: &str,
         exactly_once: bool,
+        stop: &AtomicBool,
     ) -> bool {
         let seq = exactly_once.then(|| {
             self.seq += 1;
@@ -641,7 +655,7 @@ impl Client {
             if outcome == Outcome::Unknown {
                 written_maybe = true;
             }
-            if outcome == Outcome::Acknowledged {
+            if outcome == Outcome::Acknowledged || stop.load(Ordering::SeqCst) {
                 break;
             }
         }
