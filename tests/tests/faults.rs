@@ -286,6 +286,8 @@ async fn play(
                 }
             }
         }
+        // "The leader" of the weather is whoever leads after the crash, if anyone does yet.
+        let leader = current_leader(cluster);
         faults.set(period, &all, leader);
         println!(
             "[seed {seed}] {:>6} ms leader {leader:?} down {stopped:?}: {period}; cut {:?}",
