@@ -45,6 +45,8 @@ const SAFETY_MS_DEFAULT: u64 = 5_000;
 const OP_TIMEOUT_MS: u64 = 1_500;
 /// Longest a client pauses between two operations.
 const THINK_MS_MAX: u64 = 20;
+/// How long a client pauses after an operation failed, as a real one would back off.
+const FAILED_PAUSE_MS: u64 = 50;
 /// Attempts of a write that carries `(client_id, seq)` and is retried while its outcome is
 /// unknown (each retry is the same write: it applies at most once).
 const WRITE_ATTEMPTS_MAX: u32 = 3;
@@ -611,7 +613,7 @@ impl Client {
             let node = self.nodes[self.rng.random_range(0..self.nodes.len())].clone();
             let key = key_name(self.rng.random_range(0..KEYS));
             let think = self.rng.random_range(0..=THINK_MS_MAX);
-            let reached = if self.rng.random_bool(0.5) {
+            let (reached, failed) = if self.rng.random_bool(0.5) {
                 n += 1;
                 let value = format!("c{}-{n}", self.id);
                 let exactly_once = self.rng.random_bool(0.5);
@@ -622,7 +624,8 @@ impl Client {
             };
             // A stopped node refuses at once: go to another without pausing.
             if reached {
-                tokio::time::sleep(Duration::from_millis(think)).await;
+                let pause = think + if failed { FAILED_PAUSE_MS } else { 0 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }
@@ -630,7 +633,7 @@ impl Client {
     /// A put of a unique value. With `exactly_once` it carries `(client_id, seq)` and is
     /// retried while its outcome is unknown: one write, from its first call to its last
     /// return.
-    /// Whether the node was reached.
+    /// Whether the node was reached, and whether the write failed.
     async fn write(
         &mut self,
         (id, node): &(u64, Http),
@@ -638,7 +641,7 @@ impl Client {
         value: &str,
         exactly_once: bool,
         stop: &AtomicBool,
-    ) -> bool {
+    ) -> (bool, bool) {
         let seq = exactly_once.then(|| {
             self.seq += 1;
             (format!("client-{}", self.id), self.seq)
@@ -677,11 +680,11 @@ impl Client {
             outcome,
             error,
         });
-        reached
+        (reached, outcome != Outcome::Acknowledged)
     }
 
-    /// Whether the node was reached.
-    async fn read(&mut self, (id, node): &(u64, Http), key: &str, lease: bool) -> bool {
+    /// Whether the node was reached, and whether the read failed.
+    async fn read(&mut self, (id, node): &(u64, Http), key: &str, lease: bool) -> (bool, bool) {
         let consistency = if lease { "lease" } else { "linearizable" };
         let call = self.clock.now();
         let answer = tokio::time::timeout(
@@ -714,7 +717,7 @@ impl Client {
             outcome,
             error,
         });
-        reached
+        (reached, outcome != Outcome::Acknowledged)
     }
 }
 
