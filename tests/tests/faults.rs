@@ -17,6 +17,8 @@
 //! choices (thread timing still varies, so which message a loss hits may differ). Run a
 //! campaign with `SESAME_FAULT_RUNS=N` (seeds `seed`, `seed+1`, ...) and a longer safety
 //! phase with `SESAME_FAULT_SAFETY_MS`.
+//!
+//! Beside it, fixed schedules for what the random one found or is unlikely to hit.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -750,4 +752,60 @@ fn summarize(records: &[Record], leader: u64) -> String {
         count(false, Outcome::Acknowledged),
         count(false, Outcome::Failed),
     )
+}
+
+/// The path by which a write could apply twice: a leader cut off from its peers appends a
+/// write, a new leader is elected without it and truncates it from the old leader's log when
+/// the cut heals. Raft answers the old leader's client "forward to the leader", as it does
+/// for a write it turned away at once; taken for "nothing was written", the write used to be
+/// retried on the new leader. With three voters the truncated entry is gone for good, but
+/// with five a copy on another node can still be committed by a later leader, and the retry
+/// would apply a second time. So the client must hear that the outcome is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_truncated_from_a_deposed_leader_is_not_reported_as_refused() {
+    let partitions = Arc::new(sesame_node::peer::Partitions::new());
+    let options = ClusterOptions {
+        faults: Some(partitions.clone()),
+        ..ClusterOptions::default()
+    };
+    let cluster = TestCluster::start(3, options).await.unwrap();
+    let old = cluster.wait_leader(LIVENESS).await.unwrap();
+    cluster.admin(old).create_site(SITE).await.unwrap();
+    let all = cluster.running();
+
+    partitions.isolate(old, &all);
+    let appended = cluster.node(old).node.raft.view().last_log_index + 1;
+    let client = cluster.admin(old);
+    let write =
+        tokio::spawn(async move { client.tx(SITE, &put_request("x", "cut-off", None)).await });
+    // The old leader appends the write but cannot commit it; the others elect a new leader.
+    let deadline = Instant::now() + LIVENESS;
+    while cluster.node(old).node.raft.view().last_log_index < appended {
+        assert!(Instant::now() < deadline, "the old leader never appended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let others: Vec<u64> = all.iter().copied().filter(|id| *id != old).collect();
+    while !others
+        .iter()
+        .any(|id| cluster.node(*id).node.raft.view().is_leader())
+    {
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    partitions.heal();
+
+    let answer = write.await.unwrap();
+    assert!(
+        matches!(&answer, Err(ClientError::Api { code, .. }) if code == "outcome_unknown"),
+        "a write truncated from the old leader's log was answered {answer:?}"
+    );
+    // With three voters the truncated entry is gone: the write did not happen.
+    let new = cluster.wait_leader(LIVENESS).await.unwrap();
+    assert_ne!(new, old);
+    let read = cluster
+        .admin(old)
+        .get_with(SITE, COLLECTION, "x", "linearizable", None)
+        .await;
+    assert_eq!(read_value(read), Some(None));
+    cluster.stop().await.unwrap();
 }
