@@ -172,7 +172,7 @@ async fn phases(
     for c in 0..CLIENTS {
         let client = Client {
             id: c,
-            rng: ChaCha8Rng::seed_from_u64(seed.wrapping_add(1 + c as u64) ^ 0xc11e_47),
+            rng: ChaCha8Rng::seed_from_u64(seed.wrapping_add(1 + c as u64) ^ 0x00c1_1e47),
             nodes: nodes.clone(),
             history: history.clone(),
             clock,
@@ -247,8 +247,19 @@ async fn phases(
             detail.join("\n")
         );
     }
+    // Which nodes took (or installed) a snapshot: with a small `snapshot_every`, a node that
+    // fell behind the purged log catches up from one.
+    let snapshots: BTreeMap<u64, u64> = cluster
+        .running()
+        .into_iter()
+        .filter_map(|id| {
+            let raft = cluster.node(id).node.raft.get();
+            let snapshot = raft.metrics().borrow().snapshot.map(|l| l.index);
+            Some((id, snapshot?))
+        })
+        .collect();
     Ok(format!(
-        "{}; safety {safety_s:.1} s, liveness {liveness_s:.1} s",
+        "{}; snapshots at {snapshots:?}; safety {safety_s:.1} s, liveness {liveness_s:.1} s",
         summarize(&records, leader)
     ))
 }
