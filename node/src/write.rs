@@ -35,6 +35,10 @@ const ENTRY_BYTES_MAX: usize = 16 << 20;
 const LEADER_WAIT_MS: u64 = 5_000;
 /// Longest a forwarded write waits for this node to apply it before answering anyway.
 const FORWARD_APPLY_WAIT_MS: u64 = 5_000;
+/// Longest the leader waits for a proposed entry to commit and apply. A leader cut off from
+/// its followers still leads in its own eyes and would wait until the cut heals; past this
+/// the outcome is unknown. As long as a forwarded write waits for the leader's answer.
+pub const COMMIT_WAIT_MS: u64 = crate::peer::link::LINK_TIMEOUT_MS;
 
 /// Why a write did not commit. Callers branch on it: only `OutcomeUnknown` may have been
 /// applied, and a retry with the same `(client_id, seq)` settles it.
@@ -209,7 +213,14 @@ pub async fn propose_local(raft: &Raft, command: Command) -> Written {
             _ => WriteError::NoLeader,
         });
     }
-    match raft.client_write(command).await {
+    let commit_wait = Duration::from_millis(COMMIT_WAIT_MS);
+    let Ok(written) = tokio::time::timeout(commit_wait, raft.client_write(command)).await else {
+        return Err(WriteError::OutcomeUnknown(format!(
+            "the entry did not commit within {commit_wait:?}: this node may be cut off from \
+             its followers"
+        )));
+    };
+    match written {
         Ok(resp) => Ok((resp.log_id.index, resp.data)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             let to = f.leader_id.map_or_else(

@@ -820,3 +820,41 @@ async fn a_write_truncated_from_a_deposed_leader_is_not_reported_as_refused() {
     assert_eq!(read_value(read), Some(None));
     cluster.stop().await.unwrap();
 }
+
+/// Found by the seeded test: a leader cut off from its followers still leads in its own
+/// eyes, so a write to it waited for a commit that could not come, and stopping the node
+/// (which lets in-flight requests finish) waited with it, for as long as the cut lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_gives_up_its_writes_and_stops() {
+    let partitions = Arc::new(sesame_node::peer::Partitions::new());
+    let options = ClusterOptions {
+        faults: Some(partitions.clone()),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = TestCluster::start(3, options).await.unwrap();
+    let leader = cluster.wait_leader(LIVENESS).await.unwrap();
+    cluster.admin(leader).create_site(SITE).await.unwrap();
+    partitions.isolate(leader, &cluster.running());
+    let client = cluster.admin(leader);
+    let write =
+        tokio::spawn(async move { client.tx(SITE, &put_request("x", "cut-off", None)).await });
+    let appended = cluster.node(leader).node.raft.view().last_log_index + 1;
+    let deadline = Instant::now() + LIVENESS;
+    while cluster.node(leader).node.raft.view().last_log_index < appended {
+        assert!(Instant::now() < deadline, "the leader never appended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let bound = Duration::from_millis(sesame_node::write::COMMIT_WAIT_MS) + Duration::from_secs(5);
+    tokio::time::timeout(bound, cluster.stop_node(leader))
+        .await
+        .unwrap_or_else(|_| panic!("the cut-off leader did not stop within {bound:?}"))
+        .unwrap();
+    let answer = write.await.unwrap();
+    assert!(
+        matches!(&answer, Err(ClientError::Api { code, .. }) if code == "outcome_unknown"),
+        "a write the cut-off leader could not commit was answered {answer:?}"
+    );
+    partitions.heal();
+    cluster.stop().await.unwrap();
+}
