@@ -54,6 +54,8 @@ const FAILED_PAUSE_MS: u64 = 50;
 const WRITE_ATTEMPTS_MAX: u32 = 3;
 /// How long the liveness phase may take to agree, take writes and converge.
 const LIVENESS: Duration = Duration::from_secs(60);
+/// How much longer than twice its safety phase one run may take: start, liveness, stop.
+const RUN_SLACK: Duration = Duration::from_secs(180);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_faults_keep_the_cluster_linearizable_and_it_recovers() {
@@ -66,7 +68,13 @@ async fn seeded_faults_keep_the_cluster_linearizable_and_it_recovers() {
     for i in 0..runs {
         let seed = base.wrapping_add(i);
         let started = Instant::now();
-        match run(seed, safety).await {
+        // A run that hangs (a node that never stops, a phase that never ends) fails, with
+        // its seed, instead of holding the test forever.
+        let bound = safety * 2 + RUN_SLACK;
+        let finished = tokio::time::timeout(bound, run(seed, safety))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the run did not finish within {bound:?}")));
+        match finished {
             Ok(summary) => println!(
                 "[seed {seed}] passed in {:.1} s: {summary}",
                 started.elapsed().as_secs_f64()
