@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
 use sesame_proto::{codec, Command, CommandResult, LogIndex, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +35,10 @@ const ENTRY_BYTES_MAX: usize = 16 << 20;
 const LEADER_WAIT_MS: u64 = 5_000;
 /// Longest a forwarded write waits for this node to apply it before answering anyway.
 const FORWARD_APPLY_WAIT_MS: u64 = 5_000;
+/// Longest the leader waits for a proposed entry to commit and apply. A leader cut off from
+/// its followers still leads in its own eyes and would wait until the cut heals; past this
+/// the outcome is unknown. As long as a forwarded write waits for the leader's answer.
+pub const COMMIT_WAIT_MS: u64 = crate::peer::link::LINK_TIMEOUT_MS;
 
 /// Why a write did not commit. Callers branch on it: only `OutcomeUnknown` may have been
 /// applied, and a retry with the same `(client_id, seq)` settles it.
@@ -179,17 +184,52 @@ impl Router {
 
 /// On the leader: orders `command` through the local Raft and returns its log index and
 /// what applying it did, once the entry is committed (durable on a quorum) and applied.
+///
+/// `NotLeader` and `NoLeader` mean nothing was written, and callers retry on them: they are
+/// answered only when this node does not lead, before Raft sees the command. Raft's own
+/// "forward to leader" comes back both when it turns a write away and when a newer leader
+/// truncated the entry after it was appended here, and a truncated entry may still commit
+/// from a copy on another node (with five voters or more: a majority that elects the newer
+/// leader need not include every node that holds the copy, and a later leader may be one of
+/// those). Openraft does not say which it was, so that answer is `OutcomeUnknown`.
 pub async fn propose_local(raft: &Raft, command: Command) -> Written {
-    if let Err(e) = &raft.metrics().borrow().running_state {
-        return Err(WriteError::Unavailable(format!("raft has stopped: {e}")));
+    let (me, state, leader) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        if let Err(e) = &m.running_state {
+            return Err(WriteError::Unavailable(format!("raft has stopped: {e}")));
+        }
+        let leader = m
+            .current_leader
+            .and_then(|id| Some((id, m.membership_config.membership().get_node(&id)?.clone())));
+        (m.id, m.state, leader)
+    };
+    if state != ServerState::Leader {
+        return Err(match leader {
+            Some((id, member)) if id != me => WriteError::NotLeader {
+                id,
+                addr: member.http,
+            },
+            _ => WriteError::NoLeader,
+        });
     }
-    match raft.client_write(command).await {
+    let commit_wait = Duration::from_millis(COMMIT_WAIT_MS);
+    let Ok(written) = tokio::time::timeout(commit_wait, raft.client_write(command)).await else {
+        return Err(WriteError::OutcomeUnknown(format!(
+            "the entry did not commit within {commit_wait:?}: this node may be cut off from \
+             its followers"
+        )));
+    };
+    match written {
         Ok(resp) => Ok((resp.log_id.index, resp.data)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Err(match (f.leader_id, f.leader_node) {
-                (Some(id), Some(n)) => WriteError::NotLeader { id, addr: n.http },
-                _ => WriteError::NoLeader,
-            })
+            let to = f.leader_id.map_or_else(
+                || "no leader known yet".to_string(),
+                |id| format!("node {id}"),
+            );
+            Err(WriteError::OutcomeUnknown(format!(
+                "leadership moved ({to}) while the write was in flight"
+            )))
         }
         Err(RaftError::APIError(e)) => Err(WriteError::Unavailable(format!("cannot write: {e}"))),
         Err(RaftError::Fatal(e)) => {

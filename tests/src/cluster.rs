@@ -59,6 +59,18 @@ pub struct TestCluster {
     options: ClusterOptions,
 }
 
+/// Longest [`TestCluster::restart_node`] waits for a stopped node's port to be free again.
+pub const REBIND_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether starting a node failed because its address is still taken.
+fn address_in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    })
+}
+
 /// A UDP port on 127.0.0.1 that nothing listens on now.
 pub fn free_udp_port() -> anyhow::Result<u16> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a UDP port")?;
@@ -227,11 +239,27 @@ impl TestCluster {
     }
 
     /// Starts node `id` again on its data.
+    ///
+    /// A stopped node's last requests to its peers can outlive it for a while (a message
+    /// the fault-injecting transport drops waits out its timeout, up to the link's), and
+    /// they hold its endpoint and so its UDP port: a start that finds the port taken is
+    /// retried for up to [`REBIND_WAIT`].
     pub async fn restart_node(&mut self, id: u64) -> anyhow::Result<()> {
         let member = self.members.get_mut(&id).context("no such member")?;
         anyhow::ensure!(member.running.is_none(), "node {id} is running");
-        member.running = Some(sesame_node::start(member.config.clone()).await?);
-        Ok(())
+        let deadline = Instant::now() + REBIND_WAIT;
+        loop {
+            match sesame_node::start(member.config.clone()).await {
+                Ok(running) => {
+                    member.running = Some(running);
+                    return Ok(());
+                }
+                Err(e) if address_in_use(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Waits until every running node has applied `index`.
@@ -247,10 +275,15 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Stops every node.
+    /// Stops every node, all at once (each waits for its in-flight requests to finish).
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        for id in self.running() {
-            self.stop_node(id).await?;
+        let stopping = self
+            .members
+            .values_mut()
+            .filter_map(|m| m.running.take())
+            .map(RunningNode::shutdown);
+        for stopped in futures::future::join_all(stopping).await {
+            stopped?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod disk;
+pub mod faults;
 pub mod linearizable;
 pub mod process;
 

@@ -174,11 +174,18 @@ impl RaftHandle {
     /// Waits until Raft's metrics change (a new leader, a new term, progress), at most
     /// `timeout`.
     pub async fn changed(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // `Raft::metrics` clones a receiver that has never marked anything seen, so without
+        // this `changed` would return at once, every time, and its callers would spin.
         let mut metrics = self.get().metrics();
-        // A fresh receiver has not seen the current value, and `changed` would return at
-        // once: mark it seen, then wait for the next.
         metrics.borrow_and_update();
-        let _ = tokio::time::timeout(timeout, metrics.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+            // A stopped instance's metrics never change again, and `changed` fails at once:
+            // wait out the timeout instead, or callers that loop on this (waiting for a
+            // leader, watching one) spin until the supervisor replaces the instance, or, on
+            // shutdown, until their own deadline.
+            tokio::time::sleep_until(deadline).await;
+        }
     }
 }
 
@@ -297,4 +304,60 @@ async fn probe_disk(dir: &std::path::Path) -> anyhow::Result<()> {
     })
     .await
     .context("join the disk probe")?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A single voter that leads, on storage in `dir`.
+    async fn leader(dir: &std::path::Path) -> RaftHandle {
+        let timing = RaftTuning::default();
+        let parts = RaftParts {
+            dir: dir.to_path_buf(),
+            node_id: 1,
+            timing,
+            network: Network::unconnected(1),
+            applied: Arc::new(watch::channel(0).0),
+            landmarks: Arc::new(watch::channel(crate::raft::Landmarks::default()).0),
+        };
+        let (raft, _reads) = parts.open().await.expect("open raft");
+        raft.initialize(BTreeMap::from([(1, Member::new("", ""))]))
+            .await
+            .expect("initialise");
+        raft.wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "lead")
+            .await
+            .expect("lead");
+        RaftHandle::new(1, timing, raft)
+    }
+
+    #[tokio::test]
+    async fn changed_waits_for_a_change_and_a_stopped_raft_does_not_spin() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let handle = leader(dir.path()).await;
+        // An idle leader's metrics change only on its own ticks and heartbeats: a waiter
+        // wakes a few times in half a second, not thousands.
+        let watching = Duration::from_millis(500);
+        let started = tokio::time::Instant::now();
+        let mut wakeups = 0;
+        while started.elapsed() < watching {
+            handle.changed(Duration::from_millis(200)).await;
+            wakeups += 1;
+        }
+        assert!(
+            wakeups < 100,
+            "{wakeups} wakeups in {watching:?}: changed() spins"
+        );
+
+        handle.get().shutdown().await.expect("shut down");
+        let started = tokio::time::Instant::now();
+        handle.changed(Duration::from_millis(100)).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "a stopped raft's changed() returned at once"
+        );
+    }
 }
