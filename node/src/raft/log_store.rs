@@ -8,13 +8,19 @@
 //! [`Command`]: sesame_proto::Command
 //!
 //! Durability: the file is in WAL mode with `synchronous=FULL`, so a COMMIT returns only after
-//! the WAL is fsynced. Each `append` call is one transaction (openraft hands over batches, and
-//! one fsync per batch is what keeps many concurrent writers fast), and the flush callback runs
-//! after that commit. The one write that skips the fsync is `save_committed`; see there why.
+//! the WAL is fsynced. The flush callback of an `append` runs after the commit that holds its
+//! entries. The one write that skips the fsync is `save_committed`; see there why.
 //!
-//! SQLite calls block, so they run on tokio's blocking pool, one hop per call. Replication
-//! tasks read through [`LogReader`]s that share a second, read-only connection: WAL readers
-//! never wait for the writer, so replication does not queue behind an fsync.
+//! Every write goes, in order, through one writer thread ([`Writer`]). `append` does not wait
+//! for it: the entries go into an in-memory cache of entries not yet durable, readers see
+//! them at once, and the writer commits them (appends queued meanwhile share one transaction,
+//! and one fsync) and then runs their callbacks. So a leader replicates an entry to its
+//! followers while its own fsync of it is still under way, and a commit costs one fsync on
+//! the leader in parallel with one on the followers, not one after the other.
+//!
+//! Reads (the core's and the replication tasks' [`LogReader`]s) take the cache's entries and
+//! read the rest through a second, read-only connection: WAL readers never wait for the
+//! writer.
 
 use std::fmt::Debug;
 use std::io;
@@ -101,6 +107,8 @@ pub enum LogStoreError {
     CreateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    #[error("cannot start the log's writer thread: {0}")]
+    Thread(io::Error),
     #[error("{path} is not a Sesame Raft log (application_id {found:#x})")]
     NotALog { path: PathBuf, found: i32 },
     #[error(
@@ -150,10 +158,109 @@ fn write_logs_error(e: LogStoreError) -> StorageError {
 /// The Raft log of one node. Openraft owns it and calls it from its core task only.
 pub struct LogStore {
     path: PathBuf,
-    /// Every write, and the core's own reads.
-    conn: Arc<Mutex<Connection>>,
-    /// Shared by the [`LogReader`]s handed to replication tasks.
+    /// Every write, in order.
+    writer: Writer,
+    /// Entries appended and not yet known durable, by index; readers see them.
+    pending: Pending,
+    /// The reads (the core's and the [`LogReader`]s').
     reader_conn: Arc<Mutex<Connection>>,
+}
+
+/// Entries appended whose transaction may not have committed yet.
+type Pending = Arc<Mutex<std::collections::BTreeMap<u64, Entry>>>;
+
+/// One write for the writer thread, with where to answer.
+enum WriteOp {
+    Append {
+        entries: Vec<Entry>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// The writer thread's queue. Ops run in the order they were sent.
+struct Writer {
+    ops: std::sync::mpsc::Sender<WriteOp>,
+}
+
+impl Writer {
+    fn start(mut conn: Connection, pending: Pending) -> io::Result<Writer> {
+        let (ops, queue) = std::sync::mpsc::channel::<WriteOp>();
+        std::thread::Builder::new()
+            .name("sesame-raft-log".into())
+            .spawn(move || writer_loop(&mut conn, &queue, &pending))?;
+        Ok(Writer { ops })
+    }
+
+    /// Runs `work` on the writer's connection after every write queued before it; its answer.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> T {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let op = WriteOp::Run(Box::new(move |conn| {
+            // The asker may be gone (its task was dropped); nothing to do then.
+            let _ = reply.send(work(conn));
+        }));
+        self.ops
+            .send(op)
+            .expect("the raft log writer thread ends only when the log store is dropped");
+        answer
+            .await
+            .expect("the raft log writer thread answers every op it takes")
+    }
+}
+
+/// The writer thread: ops in order; appends that queued up together share one transaction.
+fn writer_loop(
+    conn: &mut Connection,
+    queue: &std::sync::mpsc::Receiver<WriteOp>,
+    pending: &Pending,
+) {
+    let mut next = queue.recv().ok();
+    while let Some(op) = next.take() {
+        match op {
+            WriteOp::Run(work) => work(conn),
+            WriteOp::Append { entries, callback } => {
+                let mut batch = vec![(entries, callback)];
+                // Take every append already waiting, up to the first other op (which must
+                // run after them).
+                loop {
+                    match queue.try_recv() {
+                        Ok(WriteOp::Append { entries, callback }) => {
+                            batch.push((entries, callback))
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let written = append_batch(conn, batch.iter().map(|(e, _)| e.as_slice()));
+                if written.is_ok() {
+                    let mut cached = pending.lock().expect("pending log entries lock poisoned");
+                    for (entries, _) in &batch {
+                        for e in entries {
+                            // A truncation and a new append may have replaced it meanwhile.
+                            if cached.get(&e.log_id.index).map(|c| c.log_id) == Some(e.log_id) {
+                                cached.remove(&e.log_id.index);
+                            }
+                        }
+                    }
+                }
+                for (_, callback) in batch {
+                    callback.log_io_completed(match &written {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::other(e.to_string())),
+                    });
+                }
+            }
+        }
+        if next.is_none() {
+            next = queue.recv().ok();
+        }
+    }
 }
 
 impl LogStore {
@@ -183,9 +290,12 @@ impl LogStore {
         reader_conn.busy_timeout(BUSY_TIMEOUT)?;
         reader_conn.pragma_update(None, "query_only", true)?;
 
+        let pending: Pending = Arc::default();
+        let writer = Writer::start(conn, pending.clone()).map_err(LogStoreError::Thread)?;
         Ok(LogStore {
             path,
-            conn: Arc::new(Mutex::new(conn)),
+            writer,
+            pending,
             reader_conn: Arc::new(Mutex::new(reader_conn)),
         })
     }
@@ -320,16 +430,11 @@ fn decode_payload(
     }
 }
 
-/// Writes `entries` in one transaction; one fsync when it commits.
-fn append_entries(conn: &mut Connection, entries: &[Entry]) -> Result<(), LogStoreError> {
-    // Openraft hands over consecutive entries; anything else is a bug upstream of us.
-    for pair in entries.windows(2) {
-        assert_eq!(
-            pair[0].log_id.index + 1,
-            pair[1].log_id.index,
-            "append got non-consecutive entries"
-        );
-    }
+/// Writes the entries of several appends in one transaction; one fsync when it commits.
+fn append_batch<'a>(
+    conn: &mut Connection,
+    appends: impl Iterator<Item = &'a [Entry]>,
+) -> Result<(), LogStoreError> {
     let tx = conn.transaction()?;
     {
         // REPLACE, not INSERT: openraft truncates conflicting entries before appending, so an
@@ -337,7 +442,7 @@ fn append_entries(conn: &mut Connection, entries: &[Entry]) -> Result<(), LogSto
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO log (idx, term, leader_node_id, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for entry in entries {
+        for entry in appends.flatten() {
             let (kind, payload) = encode_payload(entry)?;
             let leader = &entry.log_id.leader_id;
             insert.execute(params![
@@ -481,15 +586,48 @@ fn save_committed(conn: &mut Connection, committed: &Option<LogId>) -> Result<()
     written
 }
 
-/// Reads `range` through `conn` on the blocking pool.
+/// Reads `range`: the entries not yet durable from `pending`, the rest through `conn` on the
+/// blocking pool.
 async fn get_entries(
     conn: &Arc<Mutex<Connection>>,
+    pending: &Pending,
     (start, end): (u64, u64),
     limit: Option<ReadLimit>,
 ) -> Result<Vec<Entry>, StorageError> {
-    blocking::run(conn, move |conn| read_entries(conn, start, end, limit))
-        .await
-        .map_err(read_logs_error)
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    // The cache first: an entry the writer commits after this is then in the file when it is
+    // read below; one it committed before is in the file already. Either way, none is missed.
+    let cached: Vec<Entry> = pending
+        .lock()
+        .expect("pending log entries lock poisoned")
+        .range(start..end)
+        .map(|(_, e)| e.clone())
+        .collect();
+    // Entries in the cache are newer than what the file may still hold at those indexes.
+    let file_end = cached.first().map_or(end, |e| e.log_id.index);
+    let mut entries = if start < file_end {
+        blocking::run(conn, move |conn| read_entries(conn, start, file_end, limit))
+            .await
+            .map_err(read_logs_error)?
+    } else {
+        Vec::new()
+    };
+    let complete = entries.last().map_or(start, |e| e.log_id.index + 1) == file_end;
+    if complete {
+        let room = limit.map_or(usize::MAX, |l| {
+            (l.entries_max as usize).saturating_sub(entries.len())
+        });
+        // At least one entry per read, so replication always makes progress.
+        let room = if entries.is_empty() {
+            room.max(1)
+        } else {
+            room
+        };
+        entries.extend(cached.into_iter().take(room));
+    }
+    Ok(entries)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -497,7 +635,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        get_entries(&self.conn, half_open(&range), None).await
+        get_entries(&self.reader_conn, &self.pending, half_open(&range), None).await
     }
 
     async fn limited_get_log_entries(
@@ -506,7 +644,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
         get_entries(
-            &self.conn,
+            &self.reader_conn,
+            &self.pending,
             half_open(&(start..end)),
             Some(REPLICATION_READ_LIMIT),
         )
@@ -518,6 +657,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
 #[derive(Clone)]
 pub struct LogReader {
     conn: Arc<Mutex<Connection>>,
+    pending: Pending,
 }
 
 impl RaftLogReader<TypeConfig> for LogReader {
@@ -525,7 +665,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        get_entries(&self.conn, half_open(&range), None).await
+        get_entries(&self.conn, &self.pending, half_open(&range), None).await
     }
 
     async fn limited_get_log_entries(
@@ -535,6 +675,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
     ) -> Result<Vec<Entry>, StorageError> {
         get_entries(
             &self.conn,
+            &self.pending,
             half_open(&(start..end)),
             Some(REPLICATION_READ_LIMIT),
         )
@@ -546,45 +687,65 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        blocking::run(&self.conn, |conn| log_state(conn))
+        let mut state = self
+            .writer
+            .run(|conn| log_state(conn))
             .await
-            .map_err(read_logs_error)
+            .map_err(read_logs_error)?;
+        // Entries appended and not yet committed to the file are part of the log too.
+        let cached = self
+            .pending
+            .lock()
+            .expect("pending log entries lock poisoned")
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
+        if cached > state.last_log_id {
+            state.last_log_id = cached;
+        }
+        Ok(state)
     }
 
     async fn get_log_reader(&mut self) -> LogReader {
         LogReader {
             conn: Arc::clone(&self.reader_conn),
+            pending: Arc::clone(&self.pending),
         }
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let vote = *vote;
-        blocking::run(&self.conn, move |conn| write_meta(conn, META_VOTE, &vote))
+        self.writer
+            .run(move |conn| write_meta(conn, META_VOTE, &vote))
             .await
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        blocking::run(&self.conn, |conn| read_meta(conn, META_VOTE))
+        self.writer
+            .run(|conn| read_meta(conn, META_VOTE))
             .await
             .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        blocking::run(&self.conn, move |conn| save_committed(conn, &committed))
+        self.writer
+            .run(move |conn| save_committed(conn, &committed))
             .await
             .map_err(write_logs_error)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         // Stored as JSON `null` once openraft saved "nothing committed".
-        let stored: Option<Option<LogId>> =
-            blocking::run(&self.conn, |conn| read_meta(conn, META_COMMITTED))
-                .await
-                .map_err(read_logs_error)?;
+        let stored: Option<Option<LogId>> = self
+            .writer
+            .run(|conn| read_meta(conn, META_COMMITTED))
+            .await
+            .map_err(read_logs_error)?;
         Ok(stored.flatten())
     }
 
+    /// Queues the entries for the writer and returns: readers see them at once, and the
+    /// callback runs once they are durable.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -595,25 +756,53 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let written = blocking::run(&self.conn, move |conn| append_entries(conn, &entries))
-            .await
-            .map_err(write_logs_error);
-        // The commit fsynced the WAL (synchronous=FULL): the entries are durable now.
-        match &written {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(io::Error::other(e.to_string()))),
+        // Openraft hands over consecutive entries; anything else is a bug upstream of us.
+        for pair in entries.windows(2) {
+            assert_eq!(
+                pair[0].log_id.index + 1,
+                pair[1].log_id.index,
+                "append got non-consecutive entries"
+            );
         }
-        written
+        {
+            let mut cached = self
+                .pending
+                .lock()
+                .expect("pending log entries lock poisoned");
+            for e in &entries {
+                cached.insert(e.log_id.index, e.clone());
+            }
+        }
+        self.writer
+            .ops
+            .send(WriteOp::Append { entries, callback })
+            .expect("the raft log writer thread ends only when the log store is dropped");
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        blocking::run(&self.conn, move |conn| truncate(conn, &log_id))
+        // Readers must not see the removed entries from here on.
+        self.pending
+            .lock()
+            .expect("pending log entries lock poisoned")
+            .split_off(&log_id.index);
+        self.writer
+            .run(move |conn| truncate(conn, &log_id))
             .await
             .map_err(write_logs_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        blocking::run(&self.conn, move |conn| purge(conn, &log_id))
+        {
+            let mut cached = self
+                .pending
+                .lock()
+                .expect("pending log entries lock poisoned");
+            let keep = cached.split_off(&(log_id.index + 1));
+            *cached = keep;
+        }
+        self.writer
+            .run(move |conn| purge(conn, &log_id))
             .await
             .map_err(write_logs_error)
     }
