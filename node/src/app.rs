@@ -87,6 +87,9 @@ pub struct NodeConfig {
     pub render_memory_bytes_max: u64,
     /// Longest one page may take to render before its worker is killed.
     pub render_page_time_max: Duration,
+    /// Where app clients connect over QUIC (UDP); `None`: the HTTP address's IP and port
+    /// (any free port if that one is taken).
+    pub quic_addr: Option<SocketAddr>,
 }
 
 impl NodeConfig {
@@ -111,6 +114,7 @@ impl NodeConfig {
             render_workers: 0,
             render_memory_bytes_max: WORKER_MEMORY_BYTES_DEFAULT,
             render_page_time_max: Duration::from_millis(PAGE_TIME_MS_DEFAULT),
+            quic_addr: None,
         }
     }
 
@@ -169,6 +173,9 @@ pub struct Node {
     pub cluster: Arc<Cluster>,
     pub limiter: SiteLimiter,
     pub publisher: Arc<Publisher>,
+    /// Where clients reach the QUIC sync endpoint (`GET /v1/sync`).
+    pub sync_info: crate::clients::SyncInfo,
+    pub feed: Arc<crate::clients::feed::Feed>,
     admin_hash: String,
 }
 
@@ -256,6 +263,7 @@ pub struct RunningNode {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     endpoint: Option<PeerEndpoint>,
+    clients: crate::clients::ClientEndpoint,
 }
 
 impl RunningNode {
@@ -284,6 +292,7 @@ impl RunningNode {
         if let Some(endpoint) = self.endpoint {
             endpoint.close().await;
         }
+        self.clients.close().await;
         Ok(())
     }
 
@@ -305,7 +314,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let admin_token = load_admin_token(&config.data_dir, config.admin_token.clone())?;
     let id = config.node_id;
 
-    // The peer transport: QUIC with mutual TLS in a cluster, none for a single voter.
+    // The peer transport: QUIC with mutual TLS in a cluster, none for a single voter. The
+    // client endpoint presents the node certificate, or a single node's self-signed one.
+    let mut identity = None;
     let (endpoint, transport): (Option<PeerEndpoint>, Arc<dyn PeerTransport>) =
         match &config.cluster {
             None => (None, Arc::new(NoPeers)),
@@ -320,6 +331,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
                 );
                 let endpoint = PeerEndpoint::bind(PeerConfig::new(c.raft_listen), &certs)
                     .context("start the peer endpoint")?;
+                identity = Some(crate::clients::Identity::from_node_certs(&certs));
                 let transport: Arc<dyn PeerTransport> = match &c.faults {
                     Some(f) => Arc::new(FaultyTransport::new(
                         id,
@@ -487,6 +499,44 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         cancel.clone(),
     )));
 
+    // App clients over QUIC, fed from the change feed.
+    let feed = crate::clients::feed::Feed::new(reads.applied_index());
+    tasks.push(tokio::spawn(
+        feed.clone().run(reads.clone(), cancel.clone()),
+    ));
+    let identity = match identity {
+        Some(identity) => identity,
+        None => crate::clients::Identity::self_signed(&config.data_dir)?,
+    };
+    let client_ctx = Arc::new(crate::clients::ClientContext {
+        node_id: id,
+        reads: reads.clone(),
+        writer: writer.clone(),
+        raft: raft.clone(),
+        feed: feed.clone(),
+        admin_hash: auth::hash_token(&admin_token),
+        connections: Default::default(),
+    });
+    let quic_addr = config.quic_addr.unwrap_or(addr);
+    let clients = match crate::clients::ClientEndpoint::start(
+        quic_addr,
+        &identity,
+        client_ctx.clone(),
+        cancel.clone(),
+    ) {
+        Ok(e) => e,
+        Err(e) if config.quic_addr.is_none() => {
+            tracing::warn!("{e:#}; taking any free UDP port");
+            crate::clients::ClientEndpoint::start(
+                SocketAddr::new(addr.ip(), 0),
+                &identity,
+                client_ctx,
+                cancel.clone(),
+            )?
+        }
+        Err(e) => return Err(e),
+    };
+
     let node = Arc::new(Node {
         id,
         raft,
@@ -498,6 +548,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         cluster,
         limiter: SiteLimiter::new(config.write_rate),
         publisher,
+        sync_info: clients.info.clone(),
+        feed,
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());
@@ -516,6 +568,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         server,
         tasks,
         endpoint,
+        clients,
     })
 }
 

@@ -13,6 +13,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod clients;
 pub mod cluster;
 pub mod http;
 pub mod pages;

@@ -75,6 +75,11 @@ impl Reads {
             .map_err(ReadError::from)
     }
 
+    /// The pool of store readers (for a long streamed read on a reader of its own).
+    pub fn pool(&self) -> Arc<ReadPool> {
+        self.pool.clone()
+    }
+
     /// Follows the applied index of the state machine.
     pub fn applied(&self) -> watch::Receiver<LogIndex> {
         self.applied.clone()

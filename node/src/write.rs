@@ -26,7 +26,7 @@ use crate::reads::Reads;
 /// Transactions waiting for the next log entry; past this, writers wait (backpressure).
 const TX_QUEUE_MAX: usize = 4_096;
 /// Most transactions grouped into one log entry.
-const TXS_PER_ENTRY_MAX: usize = 512;
+pub const TXS_PER_ENTRY_MAX: usize = 512;
 /// Encoded bytes after which no more transactions join an entry. One transaction may
 /// overshoot it by at most its own size (itself at most `TX_BYTES_MAX`), well inside the
 /// codec's and the peer link's frame limits.
@@ -61,16 +61,17 @@ pub enum WriteError {
 /// A log index and what applying the entry there did.
 pub type Written = Result<(LogIndex, CommandResult), WriteError>;
 
-/// A transaction waiting for group commit to put it in a log entry.
-struct PendingTx {
-    tx: Transaction,
+/// Transactions waiting for group commit to put them in a log entry: one, or several that
+/// must share an entry (see [`Writer::write_txs`]).
+struct PendingTxs {
+    txs: Vec<Transaction>,
     bytes: usize,
-    reply: oneshot::Sender<Written>,
+    reply: oneshot::Sender<Result<(LogIndex, Vec<CommandResult>), WriteError>>,
 }
 
 /// Orders commands through the Raft log, from this node.
 pub struct Writer {
-    queue: mpsc::Sender<PendingTx>,
+    queue: mpsc::Sender<PendingTxs>,
     router: Arc<Router>,
 }
 
@@ -94,10 +95,25 @@ impl Writer {
     /// duplicate, conflict, unknown site). Returns once the transaction is durable on a
     /// quorum and applied on this node.
     pub async fn write_tx(&self, tx: Transaction) -> Written {
+        let (index, mut results) = self.write_txs(vec![tx]).await?;
+        match results.pop() {
+            Some(result) if results.is_empty() => Ok((index, result)),
+            _ => Err(WriteError::Unexpected("one result per transaction".into())),
+        }
+    }
+
+    /// Commits transactions in one log entry, in this order (each atomic on its own, with
+    /// its own result): either the entry commits, or none of them does. A client session
+    /// pushing its queue uses it so that a later transaction never commits without an
+    /// earlier one. Keep them within a log entry's limits ([`TXS_PER_ENTRY_MAX`]).
+    pub async fn write_txs(
+        &self,
+        txs: Vec<Transaction>,
+    ) -> Result<(LogIndex, Vec<CommandResult>), WriteError> {
         let (reply, answer) = oneshot::channel();
-        let bytes = codec::encoded_len(&tx);
+        let bytes = txs.iter().map(codec::encoded_len).sum();
         self.queue
-            .send(PendingTx { tx, bytes, reply })
+            .send(PendingTxs { txs, bytes, reply })
             .await
             .map_err(|_| WriteError::Unavailable("the node is shutting down".into()))?;
         answer
@@ -245,35 +261,56 @@ pub async fn propose_local(raft: &Raft, command: Command) -> Written {
 /// to the entry limits) and commits them as one [`Command::Txs`]. A lone writer gets an
 /// entry of its own at once; many writers share entries, and fsyncs. Ends when the writer
 /// is dropped.
-async fn group_commit(router: Arc<Router>, mut queue: mpsc::Receiver<PendingTx>) {
-    while let Some(first) = queue.recv().await {
+async fn group_commit(router: Arc<Router>, mut queue: mpsc::Receiver<PendingTxs>) {
+    let mut next: Option<PendingTxs> = None;
+    loop {
+        let first = match next.take() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         let mut bytes = first.bytes;
+        let mut count = first.txs.len();
         let mut batch = vec![first];
-        while batch.len() < TXS_PER_ENTRY_MAX && bytes < ENTRY_BYTES_MAX {
+        while count < TXS_PER_ENTRY_MAX && bytes < ENTRY_BYTES_MAX {
             match queue.try_recv() {
-                Ok(next) => {
-                    bytes += next.bytes;
-                    batch.push(next);
+                // A group joins whole, or waits for the next entry.
+                Ok(more) if count + more.txs.len() > TXS_PER_ENTRY_MAX => {
+                    next = Some(more);
+                    break;
+                }
+                Ok(more) => {
+                    bytes += more.bytes;
+                    count += more.txs.len();
+                    batch.push(more);
                 }
                 Err(_) => break,
             }
         }
-        let (txs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.tx, p.reply)).unzip();
+        let mut txs = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(batch.len());
+        for p in batch {
+            replies.push((p.txs.len(), p.reply));
+            txs.extend(p.txs);
+        }
         match router.commit(Command::Txs(txs)).await {
-            Ok((index, CommandResult::Txs(results))) if results.len() == replies.len() => {
-                for (reply, result) in replies.into_iter().zip(results) {
+            Ok((index, CommandResult::Txs(results))) if results.len() == count => {
+                let mut results = results.into_iter();
+                for (n, reply) in replies {
                     // A requester that went away (client disconnected) needs no answer.
-                    let _ = reply.send(Ok((index, result)));
+                    let _ = reply.send(Ok((index, results.by_ref().take(n).collect())));
                 }
             }
             Ok((_, other)) => {
                 let e = WriteError::Unexpected(format!("{other:?}"));
-                for reply in replies {
+                for (_, reply) in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
             Err(e) => {
-                for reply in replies {
+                for (_, reply) in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
             }

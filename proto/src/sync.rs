@@ -143,7 +143,9 @@ pub enum ServerMsg {
         last: bool,
     },
     /// Changes of the subscription, in commit order: after this message the subscription has
-    /// every change up to `through`. `tuples` may be empty (the subscription moved on
+    /// every change up to `through`. `through: 0` means more tuples of the same step follow
+    /// (a step larger than one message): the client holds its previous index until a
+    /// message with a `through` arrives. `tuples` may be empty (the subscription moved on
     /// without a change it follows).
     Changes {
         sub: u32,

@@ -71,24 +71,51 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         if_version: Option<LogIndex>,
     },
+    /// A put whose home is client `to`'s mailbox: the cluster stores it and delivers it to
+    /// that client when it connects (see `proto::sync`). It replaces what the key held.
+    Send {
+        to: String,
+        collection: String,
+        key: String,
+        value: Value,
+    },
 }
 
 impl Op {
     pub fn collection(&self) -> &str {
         match self {
-            Op::Put { collection, .. } | Op::Delete { collection, .. } => collection,
+            Op::Put { collection, .. }
+            | Op::Delete { collection, .. }
+            | Op::Send { collection, .. } => collection,
         }
     }
 
     pub fn key(&self) -> &str {
         match self {
-            Op::Put { key, .. } | Op::Delete { key, .. } => key,
+            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Send { key, .. } => key,
+        }
+    }
+
+    /// The value a put or send writes (`None` for a delete).
+    pub fn value(&self) -> Option<&Value> {
+        match self {
+            Op::Put { value, .. } | Op::Send { value, .. } => Some(value),
+            Op::Delete { .. } => None,
+        }
+    }
+
+    /// The mailbox a send goes to.
+    pub fn home(&self) -> Home {
+        match self {
+            Op::Send { to, .. } => Home::Mailbox(to.clone()),
+            Op::Put { .. } | Op::Delete { .. } => Home::Site,
         }
     }
 
     pub fn if_version(&self) -> Option<LogIndex> {
         match self {
             Op::Put { if_version, .. } | Op::Delete { if_version, .. } => *if_version,
+            Op::Send { .. } => None,
         }
     }
 }
@@ -133,6 +160,8 @@ pub enum TxError {
     Site(NameError),
     #[error("invalid client_id: {0}")]
     ClientId(String),
+    #[error("op {op}: invalid mailbox (send.to): {message}")]
+    Mailbox { op: usize, message: String },
     #[error("seq {0} is over the maximum of {INDEX_MAX}")]
     SeqTooLarge(u64),
     #[error("op {op}: if_version {version} is over the maximum of {INDEX_MAX}")]
@@ -166,13 +195,11 @@ impl Transaction {
             if let Some(version) = op.if_version().filter(|v| *v > INDEX_MAX) {
                 return Err(TxError::IfVersionTooLarge { op: i, version });
             }
-            if let Op::Put {
-                value,
-                collection,
-                key,
-                ..
-            } = op
-            {
+            if let Op::Send { to, .. } = op {
+                validate_client_id(to).map_err(|e| TxError::Mailbox { op: i, message: e })?;
+            }
+            if let Some(value) = op.value() {
+                let (collection, key) = (op.collection(), op.key());
                 let depth = value.depth();
                 if depth > VALUE_DEPTH_MAX {
                     return Err(TxError::ValueTooDeep {
@@ -185,8 +212,8 @@ impl Transaction {
                 if bytes > VALUE_BYTES_MAX {
                     return Err(TxError::ValueTooLarge {
                         op: i,
-                        collection: collection.clone(),
-                        key: key.clone(),
+                        collection: collection.to_string(),
+                        key: key.to_string(),
                         bytes,
                         max: VALUE_BYTES_MAX,
                     });

@@ -1,4 +1,6 @@
-//! The Sesame tuple store on SQLite, used by nodes and clients alike.
+//! The Sesame tuple store on SQLite, used by nodes and clients alike, and the two sides of the
+//! client sync protocol, sans I/O: [`server::ServerSession`] (a node's) and
+//! [`client::ClientSession`] (a client's, over its [`Replica`]).
 //!
 //! A [`Store`] is the single writer: it applies Raft commands (site creation, tokens,
 //! transactions) at their log index, atomically per batch, together with whatever metadata
@@ -9,10 +11,14 @@
 //! The change feed is compacted: each key keeps only its latest change (a delete leaves a
 //! tombstone row), so "what changed since index N" is one indexed range scan.
 
+pub mod client;
+pub mod replica;
 mod schema;
+pub mod server;
 mod store;
 mod view;
 
+pub use replica::Replica;
 pub use store::{Store, StoreError};
 pub use view::{
     Change, ChangesPage, ReadPool, Reader, RootRecord, SiteRecord, Snapshot, TokenRow, View,

@@ -449,14 +449,24 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
                 key,
                 value,
                 ..
+            }
+            | Op::Send {
+                collection,
+                key,
+                value,
+                ..
             } => {
                 let bytes = codec::encode(value);
+                let home = match op {
+                    Op::Send { to, .. } => Some(to.as_str()),
+                    _ => None,
+                };
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO tuples
                        (site, collection, key, value, version, origin_client, origin_seq, home_mailbox)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?
-                .execute(params![t.site, collection, key, bytes, index as i64, origin_client, origin_seq])?;
+                .execute(params![t.site, collection, key, bytes, index as i64, origin_client, origin_seq, home])?;
             }
             Op::Delete {
                 collection, key, ..

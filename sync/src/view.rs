@@ -55,6 +55,10 @@ pub struct Change {
     pub collection: String,
     pub key: String,
     pub value: Option<Value>,
+    /// The client (and its sequence number) whose transaction made the change.
+    pub origin: Option<Origin>,
+    /// Where the tuple lives: the site, or one client's mailbox.
+    pub home: Home,
 }
 
 /// A page of the change feed.
@@ -167,6 +171,53 @@ impl<'c> View<'c> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Live tuples of `site` in `collection` (every collection when `None`) whose key starts
+    /// with `prefix`, living in `mailbox` (the site's own tuples when `None`), that sort after
+    /// `after` (a `(collection, key)`), in `(collection, key)` order, at most `limit`: how a
+    /// subscription's snapshot is read, page by page.
+    pub fn scan_tuples(
+        &self,
+        site: &str,
+        collection: Option<&str>,
+        prefix: &str,
+        mailbox: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Tuple>, StoreError> {
+        let upper = prefix_successor(prefix);
+        let (after_coll, after_key) = after.unwrap_or(("", ""));
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
+             FROM tuples
+             WHERE site = ?1 AND (?2 IS NULL OR collection = ?2)
+               AND key >= ?3 AND (?4 IS NULL OR key < ?4)
+               AND home_mailbox IS ?5
+               AND (NOT ?6 OR (collection, key) > (?7, ?8))
+               AND value IS NOT NULL
+             ORDER BY collection, key LIMIT ?9",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(
+            params![
+                site,
+                collection,
+                prefix,
+                upper,
+                mailbox,
+                after.is_some(),
+                after_coll,
+                after_key,
+                limit
+            ],
+            RawTuple::from_row,
+        )?;
+        let mut out = Vec::new();
+        for raw in rows {
+            out.push(raw?.decode()?);
+        }
+        Ok(out)
+    }
+
     /// Changes after index `since`, oldest first: one entry per key, its latest change. With
     /// `site: None`, changes of every site. A page holds at most `limit` changes (capped at
     /// [`CHANGES_LIMIT_MAX`]) unless a single index holds more: a page never splits the
@@ -241,12 +292,15 @@ impl<'c> View<'c> {
             let raw = raw?;
             let index = raw.version as u64;
             let value = raw.value.as_deref().map(decode_value).transpose()?;
+            let origin = raw.origin();
             out.push(Change {
                 site: raw.site,
                 index,
                 collection: raw.collection,
                 key: raw.key,
                 value,
+                origin,
+                home: raw.home_mailbox.map(Home::Mailbox).unwrap_or(Home::Site),
             });
         }
         Ok(out)
@@ -441,7 +495,7 @@ fn root_from_row(r: &Row<'_>) -> rusqlite::Result<RootRecord> {
 
 /// The smallest string greater than every string starting with `prefix`, or `None` when
 /// there is none (empty prefix, or only U+10FFFF characters).
-fn prefix_successor(prefix: &str) -> Option<String> {
+pub(crate) fn prefix_successor(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         let next = match last {
@@ -485,17 +539,21 @@ impl RawTuple {
         })
     }
 
-    fn decode(self) -> Result<Tuple, StoreError> {
-        let bytes = self
-            .value
-            .ok_or_else(|| StoreError::Corrupt("live tuple without a value".into()))?;
-        let origin = match (self.origin_client, self.origin_seq) {
+    fn origin(&self) -> Option<Origin> {
+        match (&self.origin_client, self.origin_seq) {
             (Some(client_id), Some(seq)) => Some(Origin {
-                client_id,
+                client_id: client_id.clone(),
                 seq: seq as u64,
             }),
             _ => None,
-        };
+        }
+    }
+
+    fn decode(self) -> Result<Tuple, StoreError> {
+        let origin = self.origin();
+        let bytes = self
+            .value
+            .ok_or_else(|| StoreError::Corrupt("live tuple without a value".into()))?;
         Ok(Tuple {
             site: self.site,
             collection: self.collection,
@@ -573,6 +631,11 @@ impl ReadPool {
             idle: Mutex::new(vec![first]),
             idle_max,
         })
+    }
+
+    /// A reader of its own, for a long read (a client's catch-up streams from one snapshot).
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Reader::open(&self.path)
     }
 
     /// Runs `f` on a consistent snapshot. Blocking: call from a blocking context.

@@ -43,6 +43,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/sync", get(sync_info))
         .route("/v1/sites", post(create_site).get(list_sites))
         .route("/v1/sites/{site}", delete(delete_site))
         .route("/v1/sites/{site}/tx", post(write_tx))
@@ -87,6 +88,38 @@ async fn healthz(State(node): State<Arc<Node>>) -> Response {
         None => (StatusCode::OK, "ok\n").into_response(),
         Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response(),
     }
+}
+
+/// Where and how app clients reach this node's QUIC sync endpoint, and which node leads (a
+/// client follows the leader). Public: it holds no secret.
+async fn sync_info(State(node): State<Arc<Node>>, headers: http::HeaderMap) -> Response {
+    let mut info = serde_json::to_value(&node.sync_info).unwrap_or_default();
+    if node.sync_info.quic.is_none() {
+        // Bound to every address: the client reaches it at the host it used for HTTP.
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|a| {
+                a.host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            });
+        if let Some(host) = host {
+            let quic = match host.parse::<std::net::Ipv6Addr>() {
+                Ok(_) => format!("[{host}]:{}", node.sync_info.port),
+                Err(_) => format!("{host}:{}", node.sync_info.port),
+            };
+            info["quic"] = serde_json::Value::String(quic);
+        }
+    }
+    let view = node.raft.view();
+    info["leader_http"] = match view.leader_member {
+        Some(m) if !m.http.is_empty() => serde_json::Value::String(m.http),
+        _ => serde_json::Value::Null,
+    };
+    Json(info).into_response()
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {

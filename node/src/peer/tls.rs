@@ -224,7 +224,18 @@ impl NodeCerts {
         Ok(certs)
     }
 
-    /// The node id the certificate names.
+    /// The node's certificate chain and key, for the client-facing endpoint (which presents
+    /// the same identity but asks clients for no certificate), and the CA as PEM.
+    pub fn identity(
+        &self,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        CertificateDer<'static>,
+    ) {
+        (self.chain.clone(), self.key.clone_key(), self.ca.clone())
+    }
+
     /// A secret for `context` derived from this node's private key: the same in every run
     /// of the node, and unrelated to the key itself and to other contexts.
     pub fn derived_key(&self, context: &'static str) -> [u8; 32] {
