@@ -11,4 +11,4 @@ mod sync;
 pub use http::{ClientError, Http, NODES_MAX, RETRY_ROUNDS_MAX};
 pub use sesame_sync::client::Event;
 pub use sesame_sync::replica::Entry;
-pub use sync::{Change, Client, Options, Queued, SyncError};
+pub use sync::{tls_config as sync_tls_config, Change, Client, Options, Queued, SyncError};

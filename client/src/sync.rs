@@ -240,8 +240,18 @@ impl Client {
         &self,
         target: Target,
     ) -> Result<impl Stream<Item = Change> + Unpin, SyncError> {
+        self.subscribe_from(target, 0)
+    }
+
+    /// Like [`Client::subscribe`] for a new subscription that starts after index `since`
+    /// (changes only, no snapshot), as if the replica had everything up to it.
+    pub fn subscribe_from(
+        &self,
+        target: Target,
+        since: LogIndex,
+    ) -> Result<impl Stream<Item = Change> + Unpin, SyncError> {
         let events = self.inner.events.subscribe();
-        let sub = self.lock().subscribe(target)?;
+        let sub = self.lock().subscribe_from(target, since)?;
         self.inner.outgoing.notify_one();
         let stream = futures::stream::unfold(
             (events, Vec::<Change>::new()),
@@ -261,6 +271,14 @@ impl Client {
             },
         );
         Ok(Box::pin(stream))
+    }
+
+    /// Subscribes without a stream: follow it through [`Client::events`] (`Changed` with
+    /// this id).
+    pub fn subscribe_id(&self, target: Target) -> Result<u32, SyncError> {
+        let sub = self.lock().subscribe(target)?;
+        self.inner.outgoing.notify_one();
+        Ok(sub.id)
     }
 
     /// Queues a transaction: it is in the replica's pending view at once and pushed when
@@ -544,7 +562,7 @@ fn drain_events(inner: &Inner, s: &mut ClientSession) {
 }
 
 /// The TLS configuration: verify against the cluster CA, or pin the certificate.
-fn tls_config(ca_pem: Option<&str>, pin: &str) -> Result<rustls::ClientConfig, String> {
+pub fn tls_config(ca_pem: Option<&str>, pin: &str) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -52,6 +52,48 @@ pub enum Command {
         /// Only if the tuple is at this version (0: only if it does not exist).
         #[arg(long)]
         if_version: Option<u64>,
+        /// `http` (the API) or `quic` (the sync client: queued, pushed, at most once).
+        #[arg(long, value_enum, default_value_t = Via::Http)]
+        via: Via,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+    /// Follow a site's changes over QUIC, one JSON line per change as it commits (from the
+    /// current content unless --since is given), until interrupted.
+    Watch {
+        site: String,
+        /// Only this collection.
+        collection: Option<String>,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Only changes after this index (without it: every tuple first, then changes).
+        #[arg(long)]
+        since: Option<u64>,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+    /// Put a tuple into a client's mailbox (over QUIC): `sesame send --to CLIENT_ID SITE
+    /// COLLECTION KEY JSON`. The recipient gets it when it connects.
+    Send {
+        /// The recipient's client id.
+        #[arg(long)]
+        to: String,
+        site: String,
+        collection: String,
+        key: String,
+        json: String,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+    /// Connect as a client and print its mailbox tuples as JSON lines (each is marked
+    /// delivered, and its sender gets a receipt); with --follow, keep printing new ones.
+    Inbox {
+        site: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        sync: SyncArgs,
     },
     /// Get one tuple.
     Get {
@@ -101,6 +143,29 @@ pub enum Command {
     /// protocol on stdin and stdout). `main` runs it before any runtime starts.
     #[command(hide = true, name = RENDER_WORKER_COMMAND)]
     RenderWorker,
+}
+
+/// How `sesame put` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    Http,
+    Quic,
+}
+
+/// Options of the commands that connect as a sync client (over QUIC).
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// The client id to connect as (default: the replica's own, or a new one).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// A replica file to keep (the offline queue and what was received survive); default: in
+    /// memory.
+    #[arg(long)]
+    pub replica: Option<PathBuf>,
+    /// The cluster CA (PEM) to verify the node with; default: pin the certificate the node
+    /// names over HTTP.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
 }
 
 /// The hidden subcommand that makes `sesame` a render worker.
@@ -339,12 +404,46 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn client(&self) -> anyhow::Result<Http> {
-        let token = self.token.clone().or_else(|| {
+    fn token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
             std::fs::read_to_string(PathBuf::from(DEV_DATA_DIR).join(ADMIN_TOKEN_FILE))
                 .ok()
                 .map(|t| t.trim().to_string())
-        });
+        })
+    }
+
+    /// A sync client (over QUIC), connected: an error if the node refuses the token.
+    async fn sync_client(&self, args: &SyncArgs) -> anyhow::Result<sesame_client::Client> {
+        let token = self
+            .token()
+            .context("no token: give --token (or SESAME_TOKEN)")?;
+        let mut options = sesame_client::Options::new(self.nodes()?, &token);
+        options.client_id = args.client_id.clone();
+        options.replica = args.replica.clone();
+        if let Some(ca) = &args.ca {
+            options.ca_pem = Some(
+                std::fs::read_to_string(ca).with_context(|| format!("read {}", ca.display()))?,
+            );
+        }
+        sesame_client::Client::connect(options)
+            .await
+            .context("connect to the node over QUIC")
+    }
+
+    fn nodes(&self) -> anyhow::Result<Vec<String>> {
+        let nodes: Vec<String> = self
+            .node
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        anyhow::ensure!(!nodes.is_empty(), "--node names no node URL");
+        Ok(nodes)
+    }
+
+    fn client(&self) -> anyhow::Result<Http> {
+        let token = self.token();
         let nodes: Vec<&str> = self
             .node
             .split(',')
@@ -396,6 +495,72 @@ fn parse_value(json: &str) -> anyhow::Result<Value> {
     Value::from_json(parsed).map_err(|m| anyhow::anyhow!("invalid value: {m}"))
 }
 
+/// Prints changes as JSON lines until the stream ends or the process is interrupted.
+async fn print_changes(
+    mut changes: impl futures::Stream<Item = sesame_client::Change> + Unpin,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    loop {
+        tokio::select! {
+            change = changes.next() => match change {
+                Some(c) => out(change_line(&c))?,
+                None => return Ok(()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn change_line(c: &sesame_client::Change) -> serde_json::Value {
+    serde_json::json!({
+        "index": c.index,
+        "collection": c.collection,
+        "key": c.key,
+        "value": c.value.as_ref().map(Value::to_json),
+    })
+}
+
+/// `sesame inbox`: the client's mailbox tuples, each marked delivered as it arrives.
+async fn inbox(remote: &Remote, site: &str, follow: bool, sync: &SyncArgs) -> anyhow::Result<()> {
+    use sesame_client::Event;
+    let client = remote.sync_client(sync).await?;
+    let mut events = client.events();
+    let target = sesame_proto::sync::Target::Mailbox { site: site.into() };
+    let sub = client.subscribe_id(target)?;
+    let mut caught_up = false;
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            // Once caught up, give the delivery marks a moment to leave, then stop.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(300)), if caught_up && !follow => {
+                return Ok(());
+            }
+        };
+        match event {
+            Ok(Event::Changed {
+                sub: s,
+                tuples,
+                through,
+                ..
+            }) if s == sub => {
+                for t in tuples.into_iter().filter(|t| t.value.is_some()) {
+                    out(change_line(&sesame_client::Change::from(t)))?;
+                }
+                caught_up |= through.is_some();
+            }
+            Ok(Event::Disconnected { code, message })
+                if matches!(code.as_str(), "unauthorized" | "forbidden") =>
+            {
+                anyhow::bail!("the node refused the session: {code}: {message}")
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
 /// Runs a command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let remote = cli.remote;
@@ -422,6 +587,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             json,
             if_version,
+            via,
+            sync,
         } => {
             let value = parse_value(&json)?;
             let op = Op::Put {
@@ -430,6 +597,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 value,
                 if_version,
             };
+            if via == Via::Quic {
+                let client = remote.sync_client(&sync).await?;
+                let index = client.transact_wait(&site, vec![op]).await?;
+                return print_json(&serde_json::json!({ "index": index }));
+            }
             let req = TxRequest {
                 ops: vec![op],
                 client_id: None,
@@ -437,6 +609,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print_json(&remote.client()?.tx(&site, &req).await?)
         }
+        Command::Watch {
+            site,
+            collection,
+            prefix,
+            since,
+            sync,
+        } => {
+            let client = remote.sync_client(&sync).await?;
+            let target = sesame_proto::sync::Target::Site {
+                site,
+                collection,
+                prefix,
+            };
+            let changes = client.subscribe_from(target, since.unwrap_or(0))?;
+            print_changes(changes).await
+        }
+        Command::Send {
+            to,
+            site,
+            collection,
+            key,
+            json,
+            sync,
+        } => {
+            let value = parse_value(&json)?;
+            let client = remote.sync_client(&sync).await?;
+            let op = Op::Send {
+                to,
+                collection,
+                key,
+                value,
+            };
+            let index = client.transact_wait(&site, vec![op]).await?;
+            print_json(&serde_json::json!({ "index": index, "from": client.client_id() }))
+        }
+        Command::Inbox { site, follow, sync } => inbox(&remote, &site, follow, &sync).await,
         Command::Get {
             site,
             collection,

@@ -156,7 +156,17 @@ impl ClientSession {
     /// Subscribes to `target` (kept in the replica: it is subscribed again on every
     /// connection, from where it has reached). Returns the subscription.
     pub fn subscribe(&mut self, target: Target) -> Result<ReplicaSub, ClientError> {
-        let sub = self.replica.subscribe(&target)?;
+        self.subscribe_from(target, 0)
+    }
+
+    /// Like [`ClientSession::subscribe`]; a new subscription starts after `since` (the
+    /// client asks for changes only).
+    pub fn subscribe_from(
+        &mut self,
+        target: Target,
+        since: LogIndex,
+    ) -> Result<ReplicaSub, ClientError> {
+        let sub = self.replica.subscribe(&target, since)?;
         if self.state == State::Open {
             self.send_subscribe(&sub);
         }

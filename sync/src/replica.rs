@@ -157,12 +157,16 @@ impl Replica {
         Ok(out)
     }
 
-    /// The subscription for `target`, made if new (from nothing).
-    pub fn subscribe(&mut self, target: &Target) -> Result<ReplicaSub, StoreError> {
+    /// The subscription for `target`, made if new (from `since`: 0 for everything).
+    pub fn subscribe(
+        &mut self,
+        target: &Target,
+        since: LogIndex,
+    ) -> Result<ReplicaSub, StoreError> {
         let bytes = codec::encode(target);
         self.conn.execute(
-            "INSERT OR IGNORE INTO replica_subs (target, through) VALUES (?1, 0)",
-            params![bytes],
+            "INSERT OR IGNORE INTO replica_subs (target, through) VALUES (?1, ?2)",
+            params![bytes, since as i64],
         )?;
         let (id, through): (i64, i64) = self.conn.query_row(
             "SELECT id, through FROM replica_subs WHERE target = ?1",

@@ -163,3 +163,298 @@ async fn tokens_and_roles_are_enforced() {
     assert_eq!(refused, "forbidden");
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_writes_queue_survive_a_restart_and_apply_once() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    let url = node.node.url();
+    let addr = node.node.addr;
+    let token = node.node.admin_token.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica.db");
+    let options = || {
+        let mut o = Options::new([url.clone()], &token);
+        o.replica = Some(replica.clone());
+        o
+    };
+
+    // Online: subscribe, so the replica follows the collection.
+    let client = Client::connect(options()).await.unwrap();
+    let _changes = client.subscribe(profiles("demo")).unwrap();
+    client
+        .transact_wait("demo", vec![put("profiles", "a", serde_json::json!(1))])
+        .await
+        .unwrap();
+    let data = node.stop().await.unwrap().unwrap();
+
+    // Offline: writes queue and show in reads at once, pending.
+    for (k, v) in [("b", 2), ("c", 3), ("a", 10)] {
+        client
+            .transact("demo", vec![put("profiles", k, serde_json::json!(v))])
+            .unwrap();
+    }
+    assert_eq!(client.pending_count().unwrap(), 3);
+    let a = client.get("demo", "profiles", "a").unwrap().unwrap();
+    assert!(a.pending);
+    assert_eq!(a.value.to_json(), serde_json::json!(10));
+    assert_eq!(client.scan("demo", "profiles", "", 10).unwrap().len(), 3);
+    let client_id = client.client_id();
+    // The client's process ends with its queue on disk.
+    drop(client);
+
+    // The node comes back on the same address; the client's process starts again.
+    let node = TestNode::start_in_with(data.path(), |c| {
+        c.http_addr = addr;
+        c.write_rate = None;
+    })
+    .await
+    .unwrap();
+    let client = Client::connect(options()).await.unwrap();
+    assert_eq!(client.client_id(), client_id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.pending_count().unwrap() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the queue drains");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = node.admin();
+    for (k, v) in [("a", 10), ("b", 2), ("c", 3)] {
+        let t = admin.get("demo", "profiles", k).await.unwrap();
+        assert_eq!(t.value.to_json(), serde_json::json!(v), "{k}");
+        let mine = client.get("demo", "profiles", k).unwrap().unwrap();
+        assert!(!mine.pending);
+        assert_eq!(
+            mine.version, t.version,
+            "{k}: the replica has the committed version"
+        );
+    }
+    // Each queued write applied once: the change feed holds one commit per client seq.
+    let changes = admin.changes("demo", 0, 1000).await.unwrap();
+    assert_eq!(changes.changes.len(), 3);
+    node.stop().await.unwrap();
+    drop(data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_delivers_later_and_the_sender_sees_the_receipt() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("chat").await.unwrap();
+    let url = node.node.url();
+    let token = node.node.admin_token.clone();
+    let as_client = |id: &str| {
+        let mut o = Options::new([url.clone()], &token);
+        o.client_id = Some(id.into());
+        o
+    };
+    let mailbox = Target::Mailbox {
+        site: "chat".into(),
+    };
+
+    // Alice writes to Bob, who is not connected.
+    let alice = Client::connect(as_client("alice")).await.unwrap();
+    let mut alice_box = alice.subscribe(mailbox.clone()).unwrap();
+    alice
+        .transact_wait(
+            "chat",
+            vec![Op::Send {
+                to: "bob".into(),
+                collection: "messages".into(),
+                key: "m1".into(),
+                value: Value::from_json(serde_json::json!({"text": "hi bob"})).unwrap(),
+            }],
+        )
+        .await
+        .unwrap();
+    // It is not in anyone's site subscription.
+    let carol = Client::connect(as_client("carol")).await.unwrap();
+    let _site = carol
+        .subscribe(Target::Site {
+            site: "chat".into(),
+            collection: None,
+            prefix: String::new(),
+        })
+        .unwrap();
+    let mut carol_box = carol.subscribe(mailbox.clone()).unwrap();
+
+    // Bob connects later and gets it.
+    let bob = Client::connect(as_client("bob")).await.unwrap();
+    let mut bob_box = bob.subscribe(mailbox.clone()).unwrap();
+    let got = next_change(&mut bob_box).await;
+    assert_eq!(
+        (got.collection.as_str(), got.key.as_str()),
+        ("messages", "m1")
+    );
+    assert_eq!(got.value.unwrap().to_json()["text"], "hi bob");
+    assert_eq!(got.origin.unwrap().client_id, "alice");
+
+    // Alice sees the delivery: a receipt in her mailbox.
+    let receipt = next_change(&mut alice_box).await;
+    assert_eq!(receipt.collection, "_receipts");
+    assert_eq!(receipt.key, "messages/m1");
+    assert_eq!(receipt.value.unwrap().to_json()["to"], "bob");
+
+    // Carol saw neither.
+    assert!(carol.scan("chat", "messages", "", 10).unwrap().is_empty());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), carol_box.next())
+            .await
+            .is_err(),
+        "carol's mailbox stays empty"
+    );
+    node.stop().await.unwrap();
+}
+
+/// A raw QUIC session to a node's client endpoint, for hostile clients.
+async fn raw_session(node: &TestNode) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let info: serde_json::Value = reqwest::get(format!("{}/v1/sync", node.node.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = info["quic"].as_str().unwrap().parse().unwrap();
+    let tls = sesame_client::sync_tls_config(None, info["cert_blake3"].as_str().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    let conn = endpoint
+        .connect(addr, info["server_name"].as_str().unwrap())
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (conn, send, recv)
+}
+
+/// Reads frames until the node's error, and returns its code.
+async fn read_error(recv: &mut quinn::RecvStream) -> String {
+    let mut reader = sesame_proto::sync::FrameReader::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+            .await
+            .expect("the node answers")
+            .expect("read")
+            .expect("the node says why before closing");
+        reader.push(&buf[..n]);
+        while let Some(frame) = reader.next_frame().unwrap() {
+            if let sesame_proto::sync::ServerMsg::Error { code, .. } =
+                sesame_proto::sync::decode(&frame).unwrap()
+            {
+                return code;
+            }
+        }
+    }
+}
+
+fn hello(token: &str) -> Vec<u8> {
+    sesame_proto::sync::encode_prefixed(&sesame_proto::sync::ClientMsg::Hello {
+        version: sesame_proto::sync::SYNC_PROTOCOL_VERSION,
+        token: token.into(),
+        client_id: "raw".into(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_close_only_their_own_connection() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    node.admin().create_site("demo").await.unwrap();
+    let token = node.node.admin_token.clone();
+    // A well-behaved client, subscribed throughout.
+    let good = Client::connect(Options::new([node.node.url()], &token))
+        .await
+        .unwrap();
+    let mut changes = good.subscribe(profiles("demo")).unwrap();
+
+    // Garbage after a good hello.
+    let (_c1, mut send, mut recv) = raw_session(&node).await;
+    send.write_all(&hello(&token)).await.unwrap();
+    send.write_all(&[0, 0, 0, 5, 1, 2, 3, 4, 5]).await.unwrap();
+    assert_eq!(read_error(&mut recv).await, "bad_frame");
+
+    // A frame that says it is larger than the limit.
+    let (_c2, mut send, mut recv) = raw_session(&node).await;
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert_eq!(read_error(&mut recv).await, "too_large");
+
+    // No hello first; a wrong protocol version; a bad token.
+    let (_c3, mut send, mut recv) = raw_session(&node).await;
+    send.write_all(&sesame_proto::sync::encode_prefixed(
+        &sesame_proto::sync::ClientMsg::Ping { nonce: 1 },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read_error(&mut recv).await, "bad_request");
+    let (_c4, mut send, mut recv) = raw_session(&node).await;
+    send.write_all(&sesame_proto::sync::encode_prefixed(
+        &sesame_proto::sync::ClientMsg::Hello {
+            version: 999,
+            token: token.clone(),
+            client_id: "raw".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read_error(&mut recv).await, "version");
+    let (_c5, mut send, mut recv) = raw_session(&node).await;
+    send.write_all(&hello("ssm_wrong")).await.unwrap();
+    assert_eq!(read_error(&mut recv).await, "unauthorized");
+
+    // The good client never noticed.
+    good.transact_wait("demo", vec![put("profiles", "k", serde_json::json!(1))])
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut changes).await.key, "k");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_does_not_read_slows_nobody() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    let token = node.node.admin_token.clone();
+
+    // The slow one: subscribes, then never reads.
+    let (_slow, mut send, _recv) = raw_session(&node).await;
+    send.write_all(&hello(&token)).await.unwrap();
+    send.write_all(&sesame_proto::sync::encode_prefixed(
+        &sesame_proto::sync::ClientMsg::Subscribe(sesame_proto::sync::Subscription {
+            id: 1,
+            target: profiles("demo"),
+            since: 0,
+        }),
+    ))
+    .await
+    .unwrap();
+    // A fast one.
+    let fast = Client::connect(Options::new([node.node.url()], &token))
+        .await
+        .unwrap();
+    let mut changes = fast.subscribe(profiles("demo")).unwrap();
+
+    // 40 writes of 64 KiB: far more than the slow reader's flow-control window holds, so
+    // the node cannot send it everything; it must not wait for it either.
+    let big = "x".repeat(64 << 10);
+    for i in 0..40 {
+        admin
+            .put(
+                "demo",
+                "profiles",
+                &format!("k{i:02}"),
+                serde_json::json!(big),
+                None,
+            )
+            .await
+            .unwrap();
+        // The fast subscriber has each write before the next one is made: nothing queues
+        // behind the slow one.
+        let c = next_change(&mut changes).await;
+        assert_eq!(c.key, format!("k{i:02}"));
+    }
+    assert_eq!(node.node.node.feed.sessions(), 2);
+    node.stop().await.unwrap();
+}
