@@ -558,6 +558,94 @@ impl ServerSession {
     }
 }
 
+/// One page of a subscription's catch-up, read from one store snapshot at index `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatchUpPage {
+    pub at: LogIndex,
+    /// The target's whole content (from nothing), or its changes after `since`.
+    pub snapshot: bool,
+    pub tuples: Vec<SyncTuple>,
+    pub last: bool,
+}
+
+/// Tuples per store read of a catch-up (and per message).
+pub const CATCH_UP_PAGE: usize = TUPLES_PER_MESSAGE_MAX;
+
+/// Reads a subscription's catch-up from one snapshot (`view`), page by page into `emit`:
+/// every tuple of the target when `since` is 0 or older than the site (a site deleted and
+/// made again has no tombstones for what it held before: its change feed does not reach that
+/// far), else the target's changes after `since` (the compacted feed: each key's latest).
+/// Hand each page to [`ServerSession::catch_up`].
+pub fn read_catch_up<E: From<String>>(
+    view: crate::View<'_>,
+    target: &Target,
+    client_id: &str,
+    since: LogIndex,
+    mut emit: impl FnMut(CatchUpPage) -> Result<(), E>,
+) -> Result<(), E> {
+    let err = |e: crate::StoreError| E::from(e.to_string());
+    let at = view.applied_index().map_err(err)?;
+    let site = view
+        .site(target.site())
+        .map_err(err)?
+        .ok_or_else(|| E::from(format!("site {:?} does not exist", target.site())))?;
+    if since == 0 || since < site.created_index {
+        let (collection, prefix, mailbox) = match target {
+            Target::Site {
+                collection, prefix, ..
+            } => (collection.as_deref(), prefix.as_str(), None),
+            Target::Mailbox { .. } => (None, "", Some(client_id)),
+        };
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let tuples = view
+                .scan_tuples(
+                    target.site(),
+                    collection,
+                    prefix,
+                    mailbox,
+                    after.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+                    CATCH_UP_PAGE,
+                )
+                .map_err(err)?;
+            let last = tuples.len() < CATCH_UP_PAGE;
+            after = tuples.last().map(|t| (t.collection.clone(), t.key.clone()));
+            emit(CatchUpPage {
+                at,
+                snapshot: true,
+                tuples: tuples.into_iter().map(tuple_to_sync).collect(),
+                last,
+            })?;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+    let mut from = since;
+    loop {
+        let page = view
+            .changes(Some(target.site()), from, CATCH_UP_PAGE)
+            .map_err(err)?;
+        let last = page.next_since >= at || page.changes.is_empty();
+        let tuples = page
+            .changes
+            .iter()
+            .filter(|c| matches(target, client_id, c))
+            .map(sync_tuple)
+            .collect();
+        emit(CatchUpPage {
+            at,
+            snapshot: false,
+            tuples,
+            last,
+        })?;
+        if last {
+            return Ok(());
+        }
+        from = page.next_since;
+    }
+}
+
 /// Whether `change` belongs to `target` for client `client_id`.
 pub fn matches(target: &Target, client_id: &str, change: &Change) -> bool {
     match target {

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
-use sesame_proto::sync::{encode_prefixed, FrameReader, PushResult, SyncTuple, Target};
+use sesame_proto::sync::{encode_prefixed, FrameReader, PushResult, Target};
 use sesame_proto::{CommandResult, Home, LogIndex, Transaction};
-use sesame_sync::server::{self, Access, ServerSession, Task};
-use sesame_sync::View;
+use sesame_sync::server::{self, Access, CatchUpPage, ServerSession, Task};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,8 +22,6 @@ const HELLO_WAIT: Duration = Duration::from_secs(10);
 const WRITE_WAIT: Duration = Duration::from_secs(15);
 /// Longest a catch-up waits for this node to reach the index the client has seen.
 const BEHIND_WAIT: Duration = Duration::from_secs(5);
-/// Tuples per store read of a catch-up (and per message).
-const CATCH_UP_PAGE: usize = sesame_proto::sync::TUPLES_PER_MESSAGE_MAX;
 /// Frames read ahead of the session.
 const FRAMES_AHEAD: usize = 16;
 
@@ -224,7 +221,11 @@ impl Driver {
             let result = (|| -> Result<(), String> {
                 let mut reader = pool.reader().map_err(|e| e.to_string())?;
                 let snap = reader.snapshot().map_err(|e| e.to_string())?;
-                read_catch_up(snap.view(), &target, &client_id, since, &pages_tx)
+                server::read_catch_up(snap.view(), &target, &client_id, since, |page| {
+                    pages_tx
+                        .blocking_send(Ok(page))
+                        .map_err(|_| "the session ended".to_string())
+                })
             })();
             if let Err(e) = result {
                 let _ = pages_tx.blocking_send(Err(e));
@@ -250,90 +251,6 @@ impl Driver {
         drop(pages);
         let _ = reader.await;
         Ok(())
-    }
-}
-
-struct CatchUpPage {
-    at: LogIndex,
-    snapshot: bool,
-    tuples: Vec<SyncTuple>,
-    last: bool,
-}
-
-/// Reads a subscription's catch-up from one snapshot: every tuple of the target when
-/// `since` is 0 or older than the site (a site deleted and made again has no tombstones for
-/// what it held before), else the target's changes after `since`.
-fn read_catch_up(
-    view: View<'_>,
-    target: &Target,
-    client_id: &str,
-    since: LogIndex,
-    out: &mpsc::Sender<Result<CatchUpPage, String>>,
-) -> Result<(), String> {
-    let err = |e: sesame_sync::StoreError| e.to_string();
-    let at = view.applied_index().map_err(err)?;
-    let site = view
-        .site(target.site())
-        .map_err(err)?
-        .ok_or_else(|| format!("site {:?} does not exist", target.site()))?;
-    let send = |page: CatchUpPage| {
-        out.blocking_send(Ok(page))
-            .map_err(|_| "the session ended".to_string())
-    };
-    if since == 0 || since < site.created_index {
-        let (collection, prefix, mailbox) = match target {
-            Target::Site {
-                collection, prefix, ..
-            } => (collection.as_deref(), prefix.as_str(), None),
-            Target::Mailbox { .. } => (None, "", Some(client_id)),
-        };
-        let mut after: Option<(String, String)> = None;
-        loop {
-            let tuples = view
-                .scan_tuples(
-                    target.site(),
-                    collection,
-                    prefix,
-                    mailbox,
-                    after.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
-                    CATCH_UP_PAGE,
-                )
-                .map_err(err)?;
-            let last = tuples.len() < CATCH_UP_PAGE;
-            after = tuples.last().map(|t| (t.collection.clone(), t.key.clone()));
-            send(CatchUpPage {
-                at,
-                snapshot: true,
-                tuples: tuples.into_iter().map(server::tuple_to_sync).collect(),
-                last,
-            })?;
-            if last {
-                return Ok(());
-            }
-        }
-    }
-    let mut from = since;
-    loop {
-        let page = view
-            .changes(Some(target.site()), from, CATCH_UP_PAGE)
-            .map_err(err)?;
-        let last = page.next_since >= at || page.changes.is_empty();
-        let tuples = page
-            .changes
-            .iter()
-            .filter(|c| server::matches(target, client_id, c))
-            .map(server::sync_tuple)
-            .collect();
-        send(CatchUpPage {
-            at,
-            snapshot: false,
-            tuples,
-            last,
-        })?;
-        if last {
-            return Ok(());
-        }
-        from = page.next_since;
     }
 }
 
