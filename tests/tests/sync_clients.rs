@@ -458,3 +458,137 @@ async fn a_subscriber_that_does_not_read_slows_nobody() {
     assert_eq!(node.node.node.feed.sessions(), 2);
     node.stop().await.unwrap();
 }
+
+/// Runs `sesame ARGS --node URL --token TOKEN` and returns (success, stdout, stderr).
+async fn sesame(args: &[&str], url: &str, token: &str) -> (bool, String, String) {
+    let out = tokio::process::Command::new(sesame_tests::sesame_bin().unwrap())
+        .args(args)
+        .args(["--node", url, "--token", token])
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_watch_put_send_and_inbox() {
+    use tokio::io::AsyncBufReadExt as _;
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    node.admin().create_site("demo").await.unwrap();
+    let url = node.node.url();
+    let token = node.node.admin_token.clone();
+
+    // `sesame watch` prints each change as one JSON line as it commits.
+    let mut watch = tokio::process::Command::new(sesame_tests::sesame_bin().unwrap())
+        .args([
+            "watch", "demo", "profiles", "--node", &url, "--token", &token,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    // Wait until the watcher's session is open (it is the only one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node.node.node.feed.sessions() == 0 {
+        assert!(std::time::Instant::now() < deadline, "watch connects");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ok, out, err) = sesame(
+        &[
+            "put",
+            "demo",
+            "profiles",
+            "alice",
+            r#"{"name": "Alice"}"#,
+            "--via",
+            "quic",
+        ],
+        &url,
+        &token,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let put: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let change: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        change,
+        serde_json::json!({"index": put["index"], "collection": "profiles", "key": "alice",
+                           "value": {"name": "Alice"}})
+    );
+    // A delete shows as value null.
+    node.admin()
+        .delete("demo", "profiles", "alice", None)
+        .await
+        .unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let change: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(change["value"], serde_json::Value::Null);
+    assert_eq!(change["key"], "alice");
+    watch.kill().await.unwrap();
+
+    // Mail to a client that is not there; it reads its inbox later.
+    let (ok, _, err) = sesame(
+        &[
+            "send",
+            "--to",
+            "bob",
+            "demo",
+            "messages",
+            "m1",
+            r#""hi bob""#,
+            "--client-id",
+            "alice",
+        ],
+        &url,
+        &token,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = sesame(&["inbox", "demo", "--client-id", "bob"], &url, &token).await;
+    assert!(ok, "{err}");
+    let got: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(got["key"], "m1");
+    assert_eq!(got["value"], "hi bob");
+    // Alice's inbox has the receipt.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = sesame(&["inbox", "demo", "--client-id", "alice"], &url, &token).await;
+        assert!(ok, "{err}");
+        if out.contains("_receipts") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice gets the receipt"
+        );
+    }
+
+    // A bad token: a non-zero exit and a clear message.
+    for args in [
+        &["watch", "demo"][..],
+        &["put", "demo", "p", "k", "1", "--via", "quic"][..],
+        &["inbox", "demo", "--client-id", "x"][..],
+    ] {
+        let (ok, _, err) = sesame(args, &url, "ssm_bad").await;
+        assert!(!ok, "{args:?}");
+        assert!(
+            err.contains("unauthorized") && err.contains("unknown token"),
+            "{err}"
+        );
+    }
+    node.stop().await.unwrap();
+}
