@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,12 +31,13 @@ use sesame_proto::{Home, LogIndex, Op, Origin, Value};
 use sesame_sync::client::{ClientSession, Event};
 use sesame_sync::replica::Entry;
 use sesame_sync::Replica;
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, oneshot, watch, Notify};
 
 /// The application protocol of the node's client endpoint.
 const ALPN: &[u8] = b"sesame-sync/1";
-/// Events kept for slow listeners of [`Client::events`] and subscription streams.
-const EVENTS_MAX: usize = 65_536;
+/// Events kept for slow listeners of [`Client::events`] and subscription streams; one that
+/// falls further behind skips the oldest (the replica itself misses nothing).
+const EVENTS_MAX: usize = 4_096;
 /// How often an idle connection is pinged (the node closes one silent for 30 s).
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// Longest a dial, handshake or `GET /v1/sync` may take.
@@ -138,8 +140,14 @@ struct Inner {
     events: broadcast::Sender<Event>,
     /// Whether a session is open, and the last refusal.
     state: watch::Sender<Connection>,
+    /// [`Client::transact_wait`]s waiting for their transaction's outcome, by (site, seq).
+    waiters: Mutex<HashMap<(String, u64), oneshot::Sender<Outcome>>>,
+    /// Bytes received from nodes over all sessions (the sync stream's, above QUIC).
+    received: std::sync::atomic::AtomicU64,
     options: Options,
 }
+
+type Outcome = Result<LogIndex, (String, String)>;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Connection {
@@ -183,6 +191,8 @@ impl Client {
             outgoing: Notify::new(),
             events: broadcast::channel(EVENTS_MAX).0,
             state: watch::channel(Connection::Offline).0,
+            waiters: Mutex::new(HashMap::new()),
+            received: Default::default(),
             options,
         });
         let task = tokio::spawn(run(inner.clone()));
@@ -294,32 +304,51 @@ impl Client {
 
     /// Queues a transaction and waits for its outcome: the commit index, or the rejection.
     pub async fn transact_wait(&self, site: &str, ops: Vec<Op>) -> Result<LogIndex, SyncError> {
-        let mut events = self.inner.events.subscribe();
-        let q = self.transact(site, ops)?;
-        loop {
-            match events.recv().await {
-                Ok(Event::Committed { site, seq, index }) if site == q.site && seq == q.seq => {
-                    return Ok(index)
-                }
-                Ok(Event::Rejected {
-                    site,
-                    seq,
-                    code,
-                    message,
-                }) if site == q.site && seq == q.seq => {
-                    return Err(SyncError::Rejected { code, message })
-                }
-                Ok(Event::Disconnected { code, message })
-                    if matches!(code.as_str(), "unauthorized" | "forbidden" | "version") =>
-                {
-                    return Err(SyncError::Refused { code, message })
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(SyncError::Config("the client stopped".into()))
-                }
+        let mut state = self.inner.state.subscribe();
+        // Registered before the transaction exists, so its outcome cannot slip past.
+        let (tx, outcome) = oneshot::channel();
+        let q = {
+            // Lock order: the session, then the waiters (as where outcomes are handed out).
+            let mut session = self.lock();
+            let p = session.transact(site, ops)?;
+            let seq = p.tx.origin.map_or(0, |o| o.seq);
+            self.inner
+                .waiters
+                .lock()
+                .expect("waiters lock poisoned")
+                .insert((site.to_string(), seq), tx);
+            Queued {
+                site: site.to_string(),
+                seq,
             }
-        }
+        };
+        self.inner.outgoing.notify_one();
+        let refused = async {
+            let s = state
+                .wait_for(|s| matches!(s, Connection::Refused { .. }))
+                .await;
+            match s.as_deref() {
+                Ok(Connection::Refused { code, message }) => SyncError::Refused {
+                    code: code.clone(),
+                    message: message.clone(),
+                },
+                _ => SyncError::Config("the client stopped".into()),
+            }
+        };
+        let result = tokio::select! {
+            o = outcome => match o {
+                Ok(Ok(index)) => Ok(index),
+                Ok(Err((code, message))) => Err(SyncError::Rejected { code, message }),
+                Err(_) => Err(SyncError::Config("the client stopped".into())),
+            },
+            e = refused => Err(e),
+        };
+        self.inner
+            .waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .remove(&(q.site, q.seq));
+        result
     }
 
     /// A tuple as this client sees it (its pending write over the committed value).
@@ -344,6 +373,13 @@ impl Client {
     /// Transactions not yet acknowledged.
     pub fn pending_count(&self) -> Result<u64, SyncError> {
         Ok(self.lock().pending_count()?)
+    }
+
+    /// Bytes received from nodes so far (the sync stream's, above QUIC's own framing).
+    pub fn bytes_received(&self) -> u64 {
+        self.inner
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a session is open now.
@@ -492,6 +528,7 @@ async fn session(
         tokio::select! {
             read = recv.read(&mut buf) => match read {
                 Ok(Some(n)) => {
+                    inner.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                     reader.push(&buf[..n]);
                     let mut s = inner.session.lock().expect("client session lock poisoned");
                     let mut ended = None;
@@ -546,6 +583,26 @@ fn drain_events(inner: &Inner, s: &mut ClientSession) {
                 if t.home == me && t.value.is_some() && !receipt {
                     s.delivered(site, &t.collection, &t.key, t.version);
                 }
+            }
+        }
+        let settled = match &event {
+            Event::Committed { site, seq, index } => Some(((site.clone(), *seq), Ok(*index))),
+            Event::Rejected {
+                site,
+                seq,
+                code,
+                message,
+            } => Some(((site.clone(), *seq), Err((code.clone(), message.clone())))),
+            _ => None,
+        };
+        if let Some((key, outcome)) = settled {
+            let waiter = inner
+                .waiters
+                .lock()
+                .expect("waiters lock poisoned")
+                .remove(&key);
+            if let Some(w) = waiter {
+                let _ = w.send(outcome);
             }
         }
         if let Event::Disconnected { code, message } = &event {

@@ -185,30 +185,35 @@ impl<'c> View<'c> {
         limit: usize,
     ) -> Result<Vec<Tuple>, StoreError> {
         let upper = prefix_successor(prefix);
-        let (after_coll, after_key) = after.unwrap_or(("", ""));
-        let mut stmt = self.conn.prepare_cached(
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // One statement per shape, each a plain range over the primary key (site,
+        // collection, key): an OR of shapes would make SQLite scan from the start each page.
+        let home = if mailbox.is_some() {
+            "home_mailbox = ?5"
+        } else {
+            "home_mailbox IS NULL AND ?5 IS NULL"
+        };
+        let (coll_cond, after_cond) = match (collection.is_some(), after.is_some()) {
+            (true, false) => ("collection = ?2", "?6 IS NULL AND ?7 IS NULL"),
+            (true, true) => ("collection = ?2", "?6 = ?2 AND key > ?7"),
+            (false, false) => ("?2 IS NULL", "?6 IS NULL AND ?7 IS NULL"),
+            (false, true) => ("?2 IS NULL", "(collection, key) > (?6, ?7)"),
+        };
+        let sql = format!(
             "SELECT site, collection, key, value, version, origin_client, origin_seq, home_mailbox
              FROM tuples
-             WHERE site = ?1 AND (?2 IS NULL OR collection = ?2)
+             WHERE site = ?1 AND {coll_cond} AND {after_cond}
                AND key >= ?3 AND (?4 IS NULL OR key < ?4)
-               AND home_mailbox IS ?5
-               AND (NOT ?6 OR (collection, key) > (?7, ?8))
-               AND value IS NOT NULL
-             ORDER BY collection, key LIMIT ?9",
-        )?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+               AND {home} AND value IS NOT NULL
+             ORDER BY collection, key LIMIT ?8"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let (after_coll, after_key) = match after {
+            Some((c, k)) => (Some(c), Some(k)),
+            None => (None, None),
+        };
         let rows = stmt.query_map(
-            params![
-                site,
-                collection,
-                prefix,
-                upper,
-                mailbox,
-                after.is_some(),
-                after_coll,
-                after_key,
-                limit
-            ],
+            params![site, collection, prefix, upper, mailbox, after_coll, after_key, limit],
             RawTuple::from_row,
         )?;
         let mut out = Vec::new();

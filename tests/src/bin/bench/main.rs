@@ -10,7 +10,9 @@
 //! - `projection`: full projection of a generated site, side by side with Hugo
 //!   ([`projection`]);
 //! - `latency`: commit → new page served, by site size ([`latency`]);
-//! - `serving`: one page under wrk, side by side with nginx ([`serving`]).
+//! - `serving`: one page under wrk, side by side with nginx ([`serving`]);
+//! - `sync`: app clients over QUIC: commit → subscriber latency, initial sync of a large
+//!   collection, pushing an offline queue ([`sync`]).
 //!
 //! Missing peers (`hugo`, `wrk`, `nginx`, `etcd`) are installed with `apt-get`. Every request goes
 //! to 127.0.0.1, every loop is bounded, and every process started here is stopped here.
@@ -24,6 +26,7 @@ mod projection;
 mod report;
 mod serving;
 mod site;
+mod sync;
 mod tools;
 mod writes;
 
@@ -42,6 +45,7 @@ enum Section {
     Projection,
     Latency,
     Serving,
+    Sync,
 }
 
 #[derive(Debug, Parser)]
@@ -51,7 +55,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "writes,cluster,projection,latency,serving"
+        default_value = "writes,cluster,projection,latency,serving,sync"
     )]
     only: Vec<Section>,
     /// Small sizes everywhere, for a run of a minute or two; explicit size flags still win.
@@ -108,6 +112,20 @@ pub struct Args {
     /// serving: wrk connections (kept alive).
     #[arg(long, default_value_t = 64)]
     wrk_connections: usize,
+
+    /// sync: subscriber counts for the latency runs, comma-separated [default: 1,1000;
+    /// 1,100 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    sync_subscribers: Option<Vec<usize>>,
+    /// sync: writes per latency run [default: 200; 50 with --quick].
+    #[arg(long)]
+    sync_writes: Option<usize>,
+    /// sync: tuples for the initial sync [default: 1000000; 100000 with --quick].
+    #[arg(long)]
+    sync_tuples: Option<usize>,
+    /// sync: offline writes queued, then pushed [default: 100000; 10000 with --quick].
+    #[arg(long)]
+    sync_queue: Option<usize>,
 }
 
 impl Args {
@@ -142,6 +160,18 @@ impl Args {
     pub fn debounce(&self) -> Option<Duration> {
         self.debounce_ms.map(Duration::from_millis)
     }
+    pub fn sync_subscribers(&self) -> Vec<usize> {
+        self.pick(self.sync_subscribers.clone(), vec![1, 1_000], vec![1, 100])
+    }
+    pub fn sync_writes(&self) -> usize {
+        self.pick(self.sync_writes, 200, 50).max(1)
+    }
+    pub fn sync_tuples(&self) -> usize {
+        self.pick(self.sync_tuples, 1_000_000, 100_000).max(1)
+    }
+    pub fn sync_queue(&self) -> usize {
+        self.pick(self.sync_queue, 100_000, 10_000).max(1)
+    }
     pub fn wrk_seconds(&self) -> u64 {
         self.pick(self.wrk_seconds, 10, 3).max(1)
     }
@@ -166,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         Section::Projection,
         Section::Latency,
         Section::Serving,
+        Section::Sync,
     ] {
         if !args.only.contains(&section) {
             continue;
@@ -178,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
             Section::Projection => projection::run(&args, tmp.path(), &mut rows).await,
             Section::Latency => latency::run(&args, tmp.path(), &mut rows).await,
             Section::Serving => serving::run(&args, tmp.path(), &mut rows).await,
+            Section::Sync => sync::run(&args, tmp.path(), &mut rows).await,
         };
         if let Err(e) = result {
             // One broken section should not hide the others' numbers.
