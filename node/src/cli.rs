@@ -217,6 +217,9 @@ pub enum ClusterCommand {
 /// Serving settings shared by `sesame dev` and `sesame node`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Where app clients connect over QUIC (UDP) [default: the HTTP address and port].
+    #[arg(long)]
+    pub quic: Option<SocketAddr>,
     /// Use this admin token instead of the saved or a generated one.
     #[arg(long, env = "SESAME_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -246,6 +249,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     fn apply(self, config: &mut NodeConfig) -> anyhow::Result<()> {
+        config.quic_addr = self.quic;
         config.admin_token = self.admin_token;
         config.objects = self.objects;
         config.domain = self.domain;
@@ -881,7 +885,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          {demo}/alice  {demo}/bob  {demo}/carol\n  \
          edit:        sesame put demo profiles alice '{{\"name\": \"Alice\", \"bio\": \"Edited\"}}'\n  \
          status:      sesame site status demo\n  \
+         live:        sesame watch demo profiles   (QUIC, UDP port {quic_port})\n  \
          API:         curl -H 'Authorization: Bearer {token}' {url}/v1/sites",
+        quic_port = running.node.sync_info.port,
         data = args.data.display(),
         seeded = if seeded { "   (seeded just now)" } else { "" },
     );
