@@ -69,6 +69,8 @@ pub struct Entry {
 /// The local replica of a client.
 pub struct Replica {
     conn: Connection,
+    /// Rows of `replica_pending` (counted once at open, then kept).
+    pending: u64,
 }
 
 impl Replica {
@@ -88,7 +90,12 @@ impl Replica {
         tx.execute_batch(schema::CREATE)?;
         tx.execute_batch(REPLICA_TABLES)?;
         tx.commit()?;
-        Ok(Replica { conn })
+        let pending: i64 =
+            conn.query_row("SELECT COUNT(*) FROM replica_pending", [], |r| r.get(0))?;
+        Ok(Replica {
+            conn,
+            pending: pending as u64,
+        })
     }
 
     /// Reads through the same queries a node uses (committed tuples only).
@@ -239,13 +246,13 @@ impl Replica {
         site: &str,
         ops: Vec<Op>,
     ) -> Result<PendingTx, StoreError> {
-        let tx = self.conn.transaction()?;
-        let count: i64 = tx.query_row("SELECT COUNT(*) FROM replica_pending", [], |r| r.get(0))?;
-        if count as u64 >= PENDING_MAX {
+        if self.pending >= PENDING_MAX {
             return Err(StoreError::Corrupt(format!(
-                "{count} transactions already wait for the node; the limit is {PENDING_MAX}"
+                "{} transactions already wait for the node; the limit is {PENDING_MAX}",
+                self.pending
             )));
         }
+        let tx = self.conn.transaction()?;
         let key = format!("replica.seq.{site}");
         let last: Option<Vec<u8>> = tx
             .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
@@ -279,6 +286,7 @@ impl Replica {
         )?;
         let n = tx.last_insert_rowid() as u64;
         tx.commit()?;
+        self.pending += 1;
         Ok(PendingTx { n, tx: transaction })
     }
 
@@ -304,10 +312,7 @@ impl Replica {
 
     /// How many transactions wait for their acknowledgement.
     pub fn pending_count(&self) -> Result<u64, StoreError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM replica_pending", [], |r| r.get(0))?;
-        Ok(n as u64)
+        Ok(self.pending)
     }
 
     /// Removes pending transaction `n` (acknowledged or rejected). With `committed_at`, its
@@ -375,6 +380,7 @@ impl Replica {
             }
         }
         tx.commit()?;
+        self.pending = self.pending.saturating_sub(1);
         Ok(Some(transaction))
     }
 

@@ -111,8 +111,10 @@ async fn clients_converge_through_offline_writes_restarts_and_a_failover() {
     println!("sync convergence: seed {seed}, {steps} steps (replay: SESAME_SYNC_SEED={seed})");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
-    let mut options = ClusterOptions::default();
-    options.adjust = Some(std::sync::Arc::new(|_, c| c.write_rate = None));
+    let options = ClusterOptions {
+        adjust: Some(std::sync::Arc::new(|_, c| c.write_rate = None)),
+        ..Default::default()
+    };
     let mut cluster = TestCluster::start(3, options).await.unwrap();
     let leader = cluster.wait_leader(Duration::from_secs(20)).await.unwrap();
     cluster.admin(leader).create_site("demo").await.unwrap();
@@ -265,7 +267,7 @@ async fn clients_converge_through_offline_writes_restarts_and_a_failover() {
     }
 
     // Exactly once: every unguarded write is there, at the index its acknowledgement named.
-    let outcomes = outcomes.lock().unwrap();
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     for ((client, seq), key) in &unique {
         let (_, version) = truth
             .get(key)
@@ -291,7 +293,6 @@ async fn clients_converge_through_offline_writes_restarts_and_a_failover() {
         outcomes.rejected.len(),
         truth.len()
     );
-    drop(outcomes);
     for c in clients.iter_mut() {
         c.stop();
     }

@@ -85,16 +85,16 @@ async fn read_frames(mut recv: RecvStream, out: mpsc::Sender<Result<Vec<u8>, Str
     }
 }
 
+/// The outcome of one commit of pushes: (push id, result) in push order.
+type PushResults = Vec<(u64, PushResult)>;
+
 struct Driver {
     ctx: Arc<ClientContext>,
     session: ServerSession,
     send: SendStream,
     membership: Option<Membership>,
     /// Outcomes of the commit in flight (at most one).
-    commits: (
-        mpsc::Sender<Vec<(u64, PushResult)>>,
-        mpsc::Receiver<Vec<(u64, PushResult)>>,
-    ),
+    commits: (mpsc::Sender<PushResults>, mpsc::Receiver<PushResults>),
 }
 
 impl Driver {

@@ -43,12 +43,24 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     let token = node.node.admin_token.clone();
 
     for subscribers in args.sync_subscribers() {
-        latency(args, &admin, &url, &token, subscribers, rows).await?;
+        latency(args, &admin, &url, &token, subscribers, Kind::Client, rows).await?;
+        if subscribers > 1 {
+            latency(args, &admin, &url, &token, subscribers, Kind::Raw, rows).await?;
+        }
     }
     initial_sync(args, &admin, &url, &token, dir.path(), rows).await?;
     offline_queue(args, &admin, &url, &token, dir.path(), rows).await?;
     node.stop().await?;
     Ok(())
+}
+
+/// What follows the collection: full clients (each with its replica, all in this process,
+/// sharing its cores with the node), or bare QUIC sessions that only read frames (what a node
+/// sends, without the work of 1,000 replicas on the same two cores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Client,
+    Raw,
 }
 
 /// Writes one tuple at a time over HTTP while `subscribers` clients follow the collection;
@@ -59,26 +71,39 @@ async fn latency(
     url: &str,
     token: &str,
     subscribers: usize,
+    kind: Kind,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    let collection = format!("lat{subscribers}");
+    let collection = format!("lat{subscribers}{kind:?}");
     let started: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let seen: Arc<Mutex<Vec<Duration>>> = Default::default();
     let mut clients = Vec::with_capacity(subscribers);
     let mut readers = Vec::with_capacity(subscribers);
+    let raw = match kind {
+        Kind::Raw => Some(RawSubscribers::new(url).await?),
+        Kind::Client => None,
+    };
     for _ in 0..subscribers {
-        let client = Client::connect(Options::new([url], token)).await?;
-        let mut changes = client.subscribe(target(&collection))?;
         let (started, seen) = (started.clone(), seen.clone());
-        readers.push(tokio::spawn(async move {
-            while let Some(c) = changes.next().await {
-                let now = Instant::now();
-                if let Some(t) = started.lock().unwrap().get(&c.key) {
-                    seen.lock().unwrap().push(now - *t);
-                }
+        let record = move |key: &str| {
+            let now = Instant::now();
+            if let Some(t) = started.lock().unwrap().get(key) {
+                seen.lock().unwrap().push(now - *t);
             }
-        }));
-        clients.push(client);
+        };
+        match &raw {
+            Some(raw) => readers.push(raw.subscribe(token, target(&collection), record).await?),
+            None => {
+                let client = Client::connect(Options::new([url], token)).await?;
+                let mut changes = client.subscribe(target(&collection))?;
+                readers.push(tokio::spawn(async move {
+                    while let Some(c) = changes.next().await {
+                        record(&c.key);
+                    }
+                }));
+                clients.push(client);
+            }
+        }
     }
     // Every subscriber's snapshot (empty) is in before the first write.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -114,8 +139,12 @@ async fn latency(
     );
     let p50 = percentile(&lat, 50.0);
     let ack50 = percentile(&acks, 50.0);
+    let who = match kind {
+        Kind::Client => "client replica(s) in this process",
+        Kind::Raw => "bare QUIC sessions (frames read, nothing stored)",
+    };
     rows.push(Row::new(
-        format!("commit → subscriber, {subscribers} subscriber(s), p50 / p99 ({writes} writes)"),
+        format!("commit → subscriber, {subscribers} {who}, p50 / p99 ({writes} writes)"),
         format!("{} / {}", ms(p50), ms(percentile(&lat, 99.0))),
         format!(
             "the write's HTTP ack: {} / {}",
@@ -128,6 +157,74 @@ async fn latency(
         ),
     ));
     Ok(())
+}
+
+/// Bare subscriber sessions over one QUIC endpoint: hello, subscribe, then read frames.
+struct RawSubscribers {
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    server_name: String,
+}
+
+impl RawSubscribers {
+    async fn new(url: &str) -> anyhow::Result<RawSubscribers> {
+        let info: serde_json::Value = reqwest::get(format!("{url}/v1/sync")).await?.json().await?;
+        let addr = info["quic"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no QUIC address"))?
+            .parse()?;
+        let pin = info["cert_blake3"].as_str().unwrap_or_default();
+        let tls = sesame_client::sync_tls_config(None, pin).map_err(anyhow::Error::msg)?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        )));
+        Ok(RawSubscribers {
+            endpoint,
+            addr,
+            server_name: info["server_name"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    async fn subscribe(
+        &self,
+        token: &str,
+        target: Target,
+        record: impl Fn(&str) + Send + 'static,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        use sesame_proto::sync::{
+            decode, encode_prefixed, ClientMsg, FrameReader, ServerMsg, Subscription,
+            SYNC_PROTOCOL_VERSION,
+        };
+        let conn = self.endpoint.connect(self.addr, &self.server_name)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let mut hello = encode_prefixed(&ClientMsg::Hello {
+            version: SYNC_PROTOCOL_VERSION,
+            token: token.into(),
+            client_id: "bench".into(),
+        });
+        hello.extend(encode_prefixed(&ClientMsg::Subscribe(Subscription {
+            id: 1,
+            target,
+            since: 0,
+        })));
+        send.write_all(&hello).await?;
+        Ok(tokio::spawn(async move {
+            let _keep = (conn, send);
+            let mut reader = FrameReader::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                reader.push(&buf[..n]);
+                while let Ok(Some(frame)) = reader.next_frame() {
+                    if let Ok(ServerMsg::Changes { tuples, .. }) = decode::<ServerMsg>(&frame) {
+                        for t in tuples {
+                            record(&t.key);
+                        }
+                    }
+                }
+            }
+        }))
+    }
 }
 
 /// Loads `n` small tuples, then times an empty replica (a file) syncing them all, beside a
