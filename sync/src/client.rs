@@ -166,6 +166,15 @@ impl ClientSession {
         target: Target,
         since: LogIndex,
     ) -> Result<ReplicaSub, ClientError> {
+        if let Some(existing) = self
+            .replica
+            .subscriptions()?
+            .into_iter()
+            .find(|s| s.target == target)
+        {
+            // Already followed (and subscribed on every connection): nothing to send.
+            return Ok(existing);
+        }
         let sub = self.replica.subscribe(&target, since)?;
         if self.state == State::Open {
             self.send_subscribe(&sub);

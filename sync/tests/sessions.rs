@@ -521,3 +521,16 @@ fn reconnect_waits_grow_with_jitter_and_stay_bounded() {
     assert_eq!(last, max / 2);
     assert_eq!(c.reconnect_delay(5_000), max);
 }
+
+#[test]
+fn subscribing_again_to_a_followed_target_sends_nothing() {
+    let mut w = World::new(Access::Admin);
+    w.commit(vec![site_tx(vec![put("a", 1)])]);
+    let first = w.client.subscribe(items()).unwrap();
+    w.reconnect();
+    let _ = w.events();
+    // An application that subscribes on every start, over a kept replica.
+    let again = w.client.subscribe(items()).unwrap();
+    assert_eq!(again.id, first.id);
+    assert!(w.client.poll_transmit().is_none(), "no second catch-up");
+}
