@@ -350,6 +350,21 @@ impl Http {
         .await
     }
 
+    /// Compacts the site's change feed below `before` (default: everything applied).
+    pub async fn compact(
+        &self,
+        site: &str,
+        before: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "before": before });
+        self.call(
+            Method::POST,
+            &format!("/v1/sites/{}/compact", seg(site)),
+            Some(&body),
+        )
+        .await
+    }
+
     pub async fn versions(&self, site: &str, limit: usize) -> Result<VersionList, ClientError> {
         let path = format!("/v1/sites/{}/versions?limit={limit}", seg(site));
         self.call::<(), _>(Method::GET, &path, None).await

@@ -485,6 +485,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             raft: raft.clone(),
             shared_store: config.objects.is_some(),
             retention: config.deleted_site_retention,
+            writer: writer.clone(),
         }
         .run(cancel.clone()),
     ));

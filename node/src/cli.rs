@@ -368,6 +368,13 @@ pub enum SiteCommand {
     Rebuild {
         site: String,
     },
+    /// Forget the site's tombstones below an index (default: all); readers of changes from
+    /// before then read the site whole instead.
+    Compact {
+        site: String,
+        #[arg(long)]
+        before: Option<u64>,
+    },
     /// Delete a site and all its data (admin). Its pages stop being served at once.
     Delete {
         site: String,
@@ -583,6 +590,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&remote.client()?.rollback(&site, index).await?)
             }
             SiteCommand::Rebuild { site } => print_json(&remote.client()?.rebuild(&site).await?),
+            SiteCommand::Compact { site, before } => {
+                print_json(&remote.client()?.compact(&site, before).await?)
+            }
             SiteCommand::Delete { site } => print_json(&remote.client()?.delete_site(&site).await?),
         },
         Command::Put {

@@ -92,6 +92,10 @@ pub enum Command {
     /// `deleted_at_ms` (the proposer's clock) plus the node's retention has passed, unless
     /// the name is taken again first.
     DeleteSite { name: String, deleted_at_ms: u64 },
+    /// Forget the site's tombstones (records of deletes) below index `before`: the change
+    /// feed then reaches back to `before` only (the site's feed horizon), and a reader of
+    /// changes from further back must read the site's tuples whole instead.
+    CompactFeed { site: String, before: LogIndex },
 }
 
 /// A site's new root. Publishing through the log means every node agrees on the current
@@ -168,4 +172,9 @@ pub enum CommandResult {
         id: LogIndex,
     },
     SiteDeleted,
+    /// `removed` tombstones are gone; the site's feed reaches back to `horizon`.
+    FeedCompacted {
+        removed: u64,
+        horizon: LogIndex,
+    },
 }

@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (site, log_index)
 ) WITHOUT ROWID;
 
+-- How far back each site's change feed reaches: tombstones below `horizon` were
+-- compacted away (Command::CompactFeed). Absent: to the site's creation.
+CREATE TABLE IF NOT EXISTS feed_horizons (
+    site    TEXT PRIMARY KEY,
+    horizon INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- At-most-once: the highest sequence number applied per client and site, and where.
 CREATE TABLE IF NOT EXISTS client_seqs (
     site      TEXT NOT NULL,

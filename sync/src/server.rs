@@ -572,9 +572,9 @@ pub struct CatchUpPage {
 pub const CATCH_UP_PAGE: usize = TUPLES_PER_MESSAGE_MAX;
 
 /// Reads a subscription's catch-up from one snapshot (`view`), page by page into `emit`:
-/// every tuple of the target when `since` is 0 or older than the site (a site deleted and
-/// made again has no tombstones for what it held before: its change feed does not reach that
-/// far), else the target's changes after `since` (the compacted feed: each key's latest).
+/// every tuple of the target when `since` is 0 or older than the site's feed horizon
+/// ([`crate::View::feed_horizon`]: tombstones before it were compacted away, or the site was
+/// made again), else the target's changes after `since` (each key's latest change).
 /// Hand each page to [`ServerSession::catch_up`].
 pub fn read_catch_up<E: From<String>>(
     view: crate::View<'_>,
@@ -585,11 +585,10 @@ pub fn read_catch_up<E: From<String>>(
 ) -> Result<(), E> {
     let err = |e: crate::StoreError| E::from(e.to_string());
     let at = view.applied_index().map_err(err)?;
-    let site = view
-        .site(target.site())
-        .map_err(err)?
-        .ok_or_else(|| E::from(format!("site {:?} does not exist", target.site())))?;
-    if since == 0 || since < site.created_index {
+    if view.site(target.site()).map_err(err)?.is_none() {
+        return Err(E::from(format!("site {:?} does not exist", target.site())));
+    }
+    if since == 0 || since < view.feed_horizon(target.site()).map_err(err)? {
         let (collection, prefix, mailbox) = match target {
             Target::Site {
                 collection, prefix, ..

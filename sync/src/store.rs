@@ -219,7 +219,29 @@ fn apply_command(
                 .collect::<Result<_, _>>()?,
         )),
         Command::Publish(p) => apply_publish(tx, index, p),
+        Command::CompactFeed { site, before } => compact_feed(tx, site, *before),
     }
+}
+
+fn compact_feed(tx: &SqlTx<'_>, site: &str, before: LogIndex) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: site.to_string(),
+        });
+    }
+    let removed = tx
+        .prepare_cached("DELETE FROM tuples WHERE site = ?1 AND value IS NULL AND version < ?2")?
+        .execute(params![site, sql_int(before)])?;
+    tx.prepare_cached(
+        "INSERT INTO feed_horizons (site, horizon) VALUES (?1, ?2)
+         ON CONFLICT (site) DO UPDATE SET horizon = MAX(horizon, excluded.horizon)",
+    )?
+    .execute(params![site, sql_int(before)])?;
+    let horizon = View::new(tx).feed_horizon(site)?;
+    Ok(CommandResult::FeedCompacted {
+        removed: removed as u64,
+        horizon,
+    })
 }
 
 fn put_token(
@@ -323,6 +345,7 @@ fn delete_site(
         "versions",
         "client_seqs",
         "client_txs",
+        "feed_horizons",
     ] {
         tx.prepare_cached(&format!("DELETE FROM {table} WHERE site = ?1"))?
             .execute(params![name])?;

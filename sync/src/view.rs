@@ -171,6 +171,46 @@ impl<'c> View<'c> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// How far back the site's change feed reaches: changes after this index are all in it
+    /// (deletes included). Before it, tombstones were compacted away (or the site did not
+    /// exist: a site made again starts a new feed), so a reader from further back must read
+    /// the tuples whole. 0 for a site that does not exist.
+    pub fn feed_horizon(&self, site: &str) -> Result<LogIndex, StoreError> {
+        let created: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT created_index FROM sites WHERE name = ?1")?
+            .query_row(params![site], |r| r.get(0))
+            .optional()?;
+        let compacted: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT horizon FROM feed_horizons WHERE site = ?1")?
+            .query_row(params![site], |r| r.get(0))
+            .optional()?;
+        Ok(created.unwrap_or(0).max(compacted.unwrap_or(0)) as u64)
+    }
+
+    /// How many tombstones the site keeps, and the index of the `keep`-th newest (the
+    /// `before` that would leave `keep` of them).
+    pub fn tombstones(
+        &self,
+        site: &str,
+        keep: usize,
+    ) -> Result<(u64, Option<LogIndex>), StoreError> {
+        let count: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM tuples WHERE site = ?1 AND value IS NULL")?
+            .query_row(params![site], |r| r.get(0))?;
+        let cut: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT version FROM tuples WHERE site = ?1 AND value IS NULL
+                 ORDER BY version DESC LIMIT 1 OFFSET ?2",
+            )?
+            .query_row(params![site, keep as i64], |r| r.get(0))
+            .optional()?;
+        Ok((count as u64, cut.map(|c| c as u64 + 1)))
+    }
+
     /// Live tuples of `site` in `collection` (every collection when `None`) whose key starts
     /// with `prefix`, living in `mailbox` (the site's own tuples when `None`), that sort after
     /// `after` (a `(collection, key)`), in `(collection, key)` order, at most `limit`: how a

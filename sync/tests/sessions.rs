@@ -534,3 +534,51 @@ fn subscribing_again_to_a_followed_target_sends_nothing() {
     assert_eq!(again.id, first.id);
     assert!(w.client.poll_transmit().is_none(), "no second catch-up");
 }
+
+#[test]
+fn a_client_away_across_a_compaction_gets_a_snapshot_and_loses_the_deleted_key() {
+    let mut w = World::new(Access::Admin);
+    w.commit(vec![site_tx(vec![put("a", 1), put("b", 2)])]);
+    w.client.subscribe(items()).unwrap();
+    w.reconnect();
+    w.client.disconnected("closed", "offline");
+    // While it is away: `a` is deleted, and the feed forgets that delete.
+    w.commit(vec![site_tx(vec![Op::Delete {
+        collection: "items".into(),
+        key: "a".into(),
+        if_version: None,
+    }])]);
+    w.commit(vec![site_tx(vec![put("c", 3)])]);
+    let i = w.store.applied_index().unwrap();
+    let result = w
+        .store
+        .apply(
+            &[(
+                i + 1,
+                Some(&Command::CompactFeed {
+                    site: "demo".into(),
+                    before: i + 1,
+                }),
+            )],
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        result,
+        [CommandResult::FeedCompacted {
+            removed: 1,
+            horizon: i + 1
+        }]
+    );
+    assert_eq!(w.store.view().feed_horizon("demo").unwrap(), i + 1);
+    w.feed_at = w.store.applied_index().unwrap();
+    w.reconnect();
+    // The changes alone could not say `a` went: the snapshot does.
+    assert_eq!(w.replica_items(), w.node_items());
+    assert!(w
+        .client
+        .replica()
+        .get("demo", "items", "a")
+        .unwrap()
+        .is_none());
+}

@@ -592,3 +592,66 @@ async fn cli_watch_put_send_and_inbox() {
     }
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_feed_is_refused_to_old_readers_and_snapshots_clients() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    let url = node.node.url();
+    let token = node.node.admin_token.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = Options::new([url.clone()], &token);
+    options.replica = Some(dir.path().join("r.db"));
+
+    let first = admin
+        .put("demo", "profiles", "a", serde_json::json!(1), None)
+        .await
+        .unwrap()
+        .index;
+    let client = Client::connect(options.clone()).await.unwrap();
+    let mut changes = client.subscribe(profiles("demo")).unwrap();
+    assert_eq!(next_change(&mut changes).await.key, "a");
+    drop(changes);
+    drop(client);
+
+    // Away: `a` is deleted, then the feed is compacted (an owner or admin may).
+    admin.delete("demo", "profiles", "a", None).await.unwrap();
+    let reader = admin
+        .create_token("demo", Role::Reader)
+        .await
+        .unwrap()
+        .token;
+    let err = node
+        .client(Some(&reader))
+        .compact("demo", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("owner"), "{err}");
+    let compacted = admin.compact("demo", None).await.unwrap();
+    assert_eq!(compacted["removed"], 1);
+    let horizon = compacted["horizon"].as_u64().unwrap();
+    assert!(horizon > first);
+
+    // An HTTP reader from before the horizon is told to read whole; from 0 it is fine.
+    let err = admin.changes("demo", first, 100).await.unwrap_err();
+    assert!(err.to_string().contains("compacted"), "{err}");
+    assert!(admin
+        .changes("demo", 0, 100)
+        .await
+        .unwrap()
+        .changes
+        .is_empty());
+
+    // The client comes back: a snapshot, so `a` goes from its replica too.
+    let client = Client::connect(options).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.get("demo", "profiles", "a").unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica drops `a`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await.unwrap();
+}

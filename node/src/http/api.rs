@@ -60,6 +60,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/changes", get(changes))
         .route("/v1/sites/{site}/status", get(status))
         .route("/v1/sites/{site}/rebuild", post(rebuild))
+        .route("/v1/sites/{site}/compact", post(compact))
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
         .merge(crate::http::cluster::routes())
@@ -665,9 +666,26 @@ async fn changes(
     check_index("since", params.since)?;
     ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
-    let page = node
-        .read(move |v| v.changes(Some(&site), params.since, limit))
+    let since = params.since;
+    let (page, horizon) = node
+        .read(move |v| {
+            Ok((
+                v.changes(Some(&site), since, limit)?,
+                v.feed_horizon(&site)?,
+            ))
+        })
         .await?;
+    if since > 0 && since < horizon {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "compacted",
+            format!(
+                "the change feed reaches back to index {horizon} only (older deletes were \
+                 compacted away): read the collections whole, then follow changes from the \
+                 index the read reflects"
+            ),
+        ));
+    }
     let changes = page
         .changes
         .into_iter()
@@ -748,6 +766,49 @@ async fn rebuild(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "site": site, "rebuild": "queued" })),
     ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactRequest {
+    /// Forget tombstones below this index (default: every one this node has applied).
+    before: Option<u64>,
+}
+
+/// Compacts the site's change feed: its tombstones below `before` are forgotten (the
+/// node also does this by itself past `pages::janitor::TOMBSTONES_KEEP`).
+async fn compact(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Owner)?;
+    // The body is optional: none compacts everything applied.
+    let req: CompactRequest = if body.is_empty() {
+        CompactRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    if let Some(b) = req.before {
+        check_index("before", b)?;
+    }
+    let before = req.before.unwrap_or_else(|| node.reads.applied_index() + 1);
+    let (index, result) = node
+        .propose(Command::CompactFeed {
+            site: site.clone(),
+            before,
+        })
+        .await?;
+    match result {
+        CommandResult::FeedCompacted { removed, horizon } => Ok(Json(serde_json::json!({
+            "site": site, "index": index, "removed": removed, "horizon": horizon
+        }))),
+        CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
+        other => Err(ApiError::internal(format!("unexpected result {other:?}"))),
+    }
 }
 
 const VERSIONS_LIMIT_DEFAULT: usize = 100;
