@@ -417,7 +417,7 @@ async fn run(inner: Arc<Inner>) {
             drain_events(&inner, &mut s);
             s.reconnect_delay(random())
         };
-        let refused = matches!(code.as_str(), "unauthorized" | "forbidden" | "version");
+        let refused = refusal(&code);
         inner.state.send_replace(if refused {
             Connection::Refused { code, message }
         } else {
@@ -425,6 +425,12 @@ async fn run(inner: Arc<Inner>) {
         });
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Whether a session ended for a reason retrying does not change (the client keeps trying
+/// with backoff, but [`Client::connect`] reports it at once).
+fn refusal(code: &str) -> bool {
+    matches!(code, "unauthorized" | "forbidden" | "version" | "tls")
 }
 
 fn random() -> u64 {
@@ -501,7 +507,15 @@ async fn session(
     let conn = tokio::time::timeout(DIAL_WAIT, connecting)
         .await
         .map_err(|_| fail(&quic, &"handshake timed out"))?
-        .map_err(|e| fail(&quic, &e))?;
+        .map_err(|e| match e {
+            // The node's certificate does not verify (or the handshake was refused): no
+            // retry will change that.
+            quinn::ConnectionError::TransportError(t) => (
+                "tls".to_string(),
+                format!("{quic}: the TLS handshake failed: {t}"),
+            ),
+            e => fail(&quic, &e),
+        })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&quic, &e))?;
     inner
         .session
@@ -606,7 +620,7 @@ fn drain_events(inner: &Inner, s: &mut ClientSession) {
             }
         }
         if let Event::Disconnected { code, message } = &event {
-            if matches!(code.as_str(), "unauthorized" | "forbidden" | "version") {
+            if refusal(code) {
                 inner.state.send_replace(Connection::Refused {
                     code: code.clone(),
                     message: message.clone(),

@@ -298,3 +298,49 @@ async fn clients_converge_through_offline_writes_restarts_and_a_failover() {
     }
     cluster.stop().await.unwrap();
 }
+
+/// A client given the cluster CA verifies nodes against it; one given another CA reaches
+/// no node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_verify_cluster_nodes_against_the_ca() {
+    let options = ClusterOptions {
+        adjust: Some(std::sync::Arc::new(|_, c| c.write_rate = None)),
+        ..Default::default()
+    };
+    let cluster = TestCluster::start(3, options).await.unwrap();
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await.unwrap();
+    cluster.admin(leader).create_site("demo").await.unwrap();
+    let follower = *cluster.running().iter().find(|id| **id != leader).unwrap();
+    let ca = std::fs::read_to_string(cluster.path().join("certs").join("ca.crt")).unwrap();
+
+    // Through a follower: it names the leader; writes reach it either way.
+    let mut good = Options::new([cluster.node(follower).url()], ADMIN_TOKEN);
+    good.ca_pem = Some(ca);
+    let client = Client::connect(good).await.unwrap();
+    let index = client
+        .transact_wait(
+            "demo",
+            vec![Op::Put {
+                collection: "items".into(),
+                key: "k".into(),
+                value: Value::from_json(serde_json::json!(1)).unwrap(),
+                if_version: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(index > 0);
+
+    let other = tempfile::tempdir().unwrap();
+    sesame_node::peer::tls::write_cluster_certs(other.path(), &[9]).unwrap();
+    let mut bad = Options::new([cluster.node(follower).url()], ADMIN_TOKEN);
+    bad.ca_pem = Some(std::fs::read_to_string(other.path().join("ca.crt")).unwrap());
+    let err = Client::connect(bad).await.err().expect("no node verifies");
+    assert!(
+        matches!(&err, sesame_client::SyncError::Refused { code, message }
+            if code == "tls" && message.contains("certificate")),
+        "{err}"
+    );
+    drop(client);
+    cluster.stop().await.unwrap();
+}
