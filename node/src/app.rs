@@ -171,7 +171,7 @@ pub struct Node {
     pub pages: Arc<Pages>,
     pub projections: Arc<Projections>,
     pub cluster: Arc<Cluster>,
-    pub limiter: SiteLimiter,
+    pub limiter: Arc<SiteLimiter>,
     pub publisher: Arc<Publisher>,
     /// Where clients reach the QUIC sync endpoint (`GET /v1/sync`).
     pub sync_info: crate::clients::SyncInfo,
@@ -500,6 +500,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         cancel.clone(),
     )));
 
+    let limiter = Arc::new(SiteLimiter::new(config.write_rate));
     // App clients over QUIC, fed from the change feed.
     let feed = crate::clients::feed::Feed::new(reads.applied_index());
     tasks.push(tokio::spawn(
@@ -517,6 +518,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         feed: feed.clone(),
         admin_hash: auth::hash_token(&admin_token),
         connections: Default::default(),
+        presence: Default::default(),
+        limiter: limiter.clone(),
     });
     let quic_addr = config.quic_addr.unwrap_or(addr);
     let clients = match crate::clients::ClientEndpoint::start(
@@ -547,7 +550,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         pages,
         projections,
         cluster,
-        limiter: SiteLimiter::new(config.write_rate),
+        limiter,
         publisher,
         sync_info: clients.info.clone(),
         feed,

@@ -38,9 +38,11 @@ pub fn validate_site(name: &str) -> Result<(), NameError> {
     }
 }
 
-/// Collections a site may write that start with `_`: they describe the site's pages, and
-/// `_receipts` holds mailbox delivery receipts (see `sync`).
-pub const SYSTEM_COLLECTIONS: [&str; 4] = ["_templates", "_routes", "_assets", "_receipts"];
+/// Collections a site may write that start with `_`: they describe the site's pages,
+/// `_receipts` holds mailbox delivery receipts and `_live` what visitors may do live (see
+/// `sync`).
+pub const SYSTEM_COLLECTIONS: [&str; 5] =
+    ["_templates", "_routes", "_assets", "_receipts", "_live"];
 
 /// Checks a collection name: `[A-Za-z0-9_.-]{1,64}`; names starting with `_` are reserved
 /// except the page-describing collections in [`SYSTEM_COLLECTIONS`].

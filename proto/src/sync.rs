@@ -109,7 +109,19 @@ pub enum ClientMsg {
     Ping {
         nonce: u64,
     },
+    /// Count this session among the viewers of `topic` (a page, say) and tell it the count
+    /// as it changes, until the session ends. Ephemeral: never in the log.
+    Presence {
+        topic: String,
+    },
+    /// Tell the session when `site` publishes a new version ([`ServerMsg::Version`]).
+    WatchVersion {
+        site: String,
+    },
 }
+
+/// Most presence topics one session may join.
+pub const PRESENCE_TOPICS_MAX: usize = 4;
 
 /// How a pushed transaction ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
@@ -169,6 +181,16 @@ pub enum ServerMsg {
     },
     Pong {
         nonce: u64,
+    },
+    /// How many sessions (on this node) count themselves among the viewers of `topic` now.
+    Presence {
+        topic: String,
+        count: u64,
+    },
+    /// `site`'s published version now reflects commit `index`.
+    Version {
+        site: String,
+        index: LogIndex,
     },
 }
 

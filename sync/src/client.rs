@@ -350,7 +350,7 @@ impl ClientSession {
                 self.disconnected(&code, &message);
                 self.closed_by_node = Some((code, message));
             }
-            ServerMsg::Pong { .. } => {}
+            ServerMsg::Pong { .. } | ServerMsg::Presence { .. } | ServerMsg::Version { .. } => {}
         }
         Ok(())
     }

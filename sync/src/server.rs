@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use sesame_proto::sync::{
     decode, ClientMsg, PushResult, ServerMsg, Subscription, SyncTuple, Target, FIELD_BYTES_MAX,
-    PUSHES_IN_FLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, SYNC_PROTOCOL_VERSION,
-    TUPLES_PER_MESSAGE_MAX,
+    PRESENCE_TOPICS_MAX, PUSHES_IN_FLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX,
+    SYNC_PROTOCOL_VERSION, TUPLES_PER_MESSAGE_MAX,
 };
 use sesame_proto::tuple::validate_client_id;
 use sesame_proto::{Home, LogIndex, Op, Role, Transaction, Tuple};
@@ -31,12 +31,137 @@ pub enum Access {
     Admin,
     /// A site token with its role.
     Site { site: String, role: Role },
+    /// A visitor of a site's pages, with no token: only what the site's grant allows.
+    Visitor(Grant),
+}
+
+/// What a site lets its visitors do live (the `_live/grants` tuple): read some collections,
+/// and post into some, each post a new key (never an overwrite) of bounded size.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grant {
+    pub site: String,
+    /// Collections visitors may subscribe to.
+    pub read: Vec<String>,
+    /// Collections visitors may post into, with the largest value (encoded bytes) a post
+    /// may carry.
+    pub post: BTreeMap<String, usize>,
+    /// Posts one visitor may make per minute.
+    pub posts_per_minute: u32,
+}
+
+/// The collection and key of a site's grant for visitors.
+pub const GRANT_COLLECTION: &str = "_live";
+pub const GRANT_KEY: &str = "grants";
+/// Largest value a grant may allow a post to carry.
+pub const POST_BYTES_MAX: usize = 16 << 10;
+/// Posts per minute per visitor when the grant does not say.
+pub const POSTS_PER_MINUTE_DEFAULT: u32 = 10;
+
+impl Grant {
+    /// Reads a grant from the `_live/grants` tuple's value (JSON:
+    /// `{"read": ["c", ...], "post": {"c": {"max_bytes": N}}, "posts_per_minute": N}`).
+    /// Anything it does not understand grants nothing.
+    pub fn from_value(site: &str, value: &sesame_proto::Value) -> Grant {
+        let json = value.to_json();
+        let read = json["read"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let post = json["post"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(c, g)| {
+                        let max = g["max_bytes"].as_u64().unwrap_or(1024) as usize;
+                        (c.clone(), max.min(POST_BYTES_MAX))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let posts_per_minute = json["posts_per_minute"]
+            .as_u64()
+            .map_or(POSTS_PER_MINUTE_DEFAULT, |n| n.min(600) as u32);
+        Grant {
+            site: site.to_string(),
+            read,
+            post,
+            posts_per_minute,
+        }
+    }
+
+    /// Why this grant does not let a visitor follow `target`, if it does not.
+    fn check_read(&self, target: &Target) -> Result<(), String> {
+        match target {
+            Target::Site {
+                site,
+                collection: Some(c),
+                ..
+            } if *site == self.site && self.read.contains(c) => Ok(()),
+            Target::Site { site, .. } if *site != self.site => {
+                Err(format!("this page's visitors may not read site {site:?}"))
+            }
+            Target::Site {
+                collection: Some(c),
+                ..
+            } => Err(format!(
+                "site {:?} does not let visitors read collection {c:?}",
+                self.site
+            )),
+            Target::Site { .. } => Err("a visitor must name a collection".into()),
+            Target::Mailbox { .. } => Err("visitors have no mailbox".into()),
+        }
+    }
+
+    /// Why this grant does not let a visitor post `tx`, if it does not.
+    fn check_post(&self, tx: &Transaction) -> Result<(), String> {
+        if tx.site != self.site {
+            return Err(format!(
+                "this page's visitors may not write to site {:?}",
+                tx.site
+            ));
+        }
+        for (i, op) in tx.ops.iter().enumerate() {
+            let Op::Put {
+                collection,
+                value,
+                if_version: Some(0),
+                ..
+            } = op
+            else {
+                return Err(format!(
+                    "op {i}: a visitor may only add new tuples (put with if_version 0)"
+                ));
+            };
+            let Some(max) = self.post.get(collection) else {
+                return Err(format!(
+                    "op {i}: site {:?} does not let visitors post into {collection:?}",
+                    self.site
+                ));
+            };
+            let bytes = sesame_proto::codec::encoded_len(value);
+            if bytes > *max {
+                return Err(format!(
+                    "op {i}: the post is {bytes} bytes, the limit for {collection:?} is {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Access {
     /// Why this access does not allow `role` on `site`, if it does not.
     pub fn check(&self, site: &str, role: Role) -> Result<(), String> {
         match self {
+            Access::Visitor(g) if g.site == site && role == Role::Reader => Ok(()),
+            Access::Visitor(g) => Err(format!(
+                "a visitor of {:?} may only read what its grant allows",
+                g.site
+            )),
             Access::Admin => Ok(()),
             Access::Site { site: s, role: r } if s == site && *r >= role => Ok(()),
             Access::Site { site: s, role: r } if s == site => Err(format!(
@@ -88,6 +213,11 @@ pub enum Task {
         key: String,
         version: LogIndex,
     },
+    /// Count the session among `topic`'s viewers until it ends, and tell it the count with
+    /// [`ServerSession::notify`].
+    Presence { topic: String },
+    /// Tell the session of `site`'s new versions with [`ServerSession::notify`].
+    WatchVersion { site: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +256,7 @@ pub struct ServerSession {
     committing: usize,
     out: VecDeque<ServerMsg>,
     tasks: VecDeque<Task>,
+    presence: Vec<String>,
 }
 
 /// Most transactions one [`Task::Commit`] carries.
@@ -145,7 +276,27 @@ impl ServerSession {
             committing: 0,
             out: VecDeque::new(),
             tasks: VecDeque::new(),
+            presence: Vec::new(),
         }
+    }
+
+    /// Something the driver tells the client itself (presence counts, new versions), in
+    /// order with the session's own messages.
+    pub fn notify(&mut self, msg: ServerMsg) {
+        if !self.is_closed() {
+            self.out.push_back(msg);
+        }
+    }
+
+    /// Whether the session belongs to a visitor (no token; the site's grant).
+    pub fn is_visitor(&self) -> bool {
+        matches!(
+            &self.state,
+            State::Open {
+                access: Access::Visitor(_),
+                ..
+            }
+        )
     }
 
     /// The client id the hello gave, once the session is open.
@@ -196,7 +347,12 @@ impl ServerSession {
         }
     }
 
-    fn handle(&mut self, msg: ClientMsg) {
+    /// A message the client sent, decoded by the driver (a transport with its own
+    /// encoding: JSON on a browser's data channel).
+    pub fn handle(&mut self, msg: ClientMsg) {
+        if self.is_closed() {
+            return;
+        }
         match (&self.state, msg) {
             (
                 State::AwaitHello,
@@ -248,6 +404,9 @@ impl ServerSession {
                     version,
                 },
             ) => {
+                if matches!(access, Access::Visitor(_)) {
+                    return self.close("forbidden", "visitors have no mailbox");
+                }
                 if let Err(e) = access.check(&site, Role::Reader) {
                     return self.close("forbidden", e);
                 }
@@ -260,6 +419,28 @@ impl ServerSession {
             }
             (State::Open { .. }, ClientMsg::Ping { nonce }) => {
                 self.out.push_back(ServerMsg::Pong { nonce })
+            }
+            (State::Open { .. }, ClientMsg::Presence { topic }) => {
+                if topic.is_empty() || topic.len() > FIELD_BYTES_MAX {
+                    return self.close("bad_request", "a presence topic is 1 to 1024 bytes");
+                }
+                if self.presence.contains(&topic) {
+                    return;
+                }
+                if self.presence.len() >= PRESENCE_TOPICS_MAX {
+                    return self.close(
+                        "limit",
+                        format!("a session joins at most {PRESENCE_TOPICS_MAX} presence topics"),
+                    );
+                }
+                self.presence.push(topic.clone());
+                self.tasks.push_back(Task::Presence { topic });
+            }
+            (State::Open { access, .. }, ClientMsg::WatchVersion { site }) => {
+                if let Err(e) = access.check(&site, Role::Reader) {
+                    return self.close("forbidden", e);
+                }
+                self.tasks.push_back(Task::WatchVersion { site });
             }
             (State::Closed, _) => {}
         }
@@ -298,7 +479,11 @@ impl ServerSession {
         let State::Open { access, .. } = &self.state else {
             return;
         };
-        if let Err(e) = access.check(sub.target.site(), Role::Reader) {
+        let allowed = match access {
+            Access::Visitor(grant) => grant.check_read(&sub.target),
+            access => access.check(sub.target.site(), Role::Reader),
+        };
+        if let Err(e) = allowed {
             return self.close("forbidden", e);
         }
         if let Target::Site {
@@ -347,9 +532,13 @@ impl ServerSession {
                 format!("at most {PUSHES_IN_FLIGHT_MAX} pushes may wait for their acknowledgement"),
             );
         }
+        let allowed = match access {
+            Access::Visitor(grant) => grant.check_post(&tx),
+            access => access.check(&tx.site, Role::Editor),
+        };
         let refused = if let Err(e) = tx.validate() {
             Some(("bad_request", e.to_string()))
-        } else if let Err(e) = access.check(&tx.site, Role::Editor) {
+        } else if let Err(e) = allowed {
             Some(("forbidden", e))
         } else {
             match &tx.origin {

@@ -14,6 +14,7 @@
 //!   frames out.
 
 pub mod feed;
+pub mod presence;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -155,6 +156,9 @@ pub struct ClientContext {
     /// The admin token's hash.
     pub admin_hash: String,
     pub connections: AtomicUsize,
+    pub presence: Arc<presence::Presence>,
+    /// Site write rates (visitors' posts are held to them).
+    pub limiter: Arc<crate::http::limits::SiteLimiter>,
 }
 
 /// Where clients reach this node, as `GET /v1/sync` tells them.
