@@ -167,7 +167,7 @@ impl World {
                     .collect();
                 self.server.pushed(results);
             }
-            Task::Deliver { .. } => {}
+            Task::Deliver { .. } | Task::Presence { .. } | Task::WatchVersion { .. } => {}
         }
     }
 
