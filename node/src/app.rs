@@ -176,6 +176,8 @@ pub struct Node {
     /// Where clients reach the QUIC sync endpoint (`GET /v1/sync`).
     pub sync_info: crate::clients::SyncInfo,
     pub feed: Arc<crate::clients::feed::Feed>,
+    /// Browsers' data channels (live pages).
+    pub live: Arc<crate::live::Live>,
     admin_hash: String,
 }
 
@@ -522,6 +524,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         limiter: limiter.clone(),
     });
     let quic_addr = config.quic_addr.unwrap_or(addr);
+    let live = crate::live::Live::new(client_ctx.clone(), addr.ip(), cancel.clone());
     let clients = match crate::clients::ClientEndpoint::start(
         quic_addr,
         &identity,
@@ -554,14 +557,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         publisher,
         sync_info: clients.info.clone(),
         feed,
+        live,
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
     });
     tracing::info!(%addr, "node {id} serving HTTP");
     Ok(RunningNode {

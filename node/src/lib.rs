@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clients;
 pub mod cluster;
 pub mod http;
+pub mod live;
 pub mod pages;
 pub mod peer;
 pub mod private;

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod faults;
 pub mod linearizable;
 pub mod process;
+pub mod rtc;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

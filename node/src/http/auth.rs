@@ -110,35 +110,35 @@ impl FromRequestParts<Arc<Node>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Caller, ApiError> {
-        let header = parts
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthorized("missing Authorization: Bearer <token> header")
-            })?;
-        let token = header
-            .to_str()
-            .ok()
-            .filter(|v| v.len() <= TOKEN_BYTES_MAX)
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                ApiError::unauthorized("Authorization header must be 'Bearer <token>'")
-            })?;
-        let hash = hash_token(token);
-        if node.is_admin_hash(&hash) {
-            return Ok(Caller::Admin);
+        caller(node, &parts.headers).await
+    }
+}
+
+/// The caller a request's `Authorization` header names.
+pub async fn caller(node: &Node, headers: &http::HeaderMap) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .filter(|v| v.len() <= TOKEN_BYTES_MAX)
+        .and_then(bearer_token)
+        .ok_or_else(|| ApiError::unauthorized("Authorization header must be 'Bearer <token>'"))?;
+    let hash = hash_token(token);
+    if node.is_admin_hash(&hash) {
+        return Ok(Caller::Admin);
+    }
+    let record = node.read(move |v| v.token(&hash)).await?;
+    match record {
+        Some(r) => {
+            check_token(&r, now_ms())?;
+            Ok(Caller::Site {
+                site: r.site,
+                role: r.role,
+            })
         }
-        let record = node.read(move |v| v.token(&hash)).await?;
-        match record {
-            Some(r) => {
-                check_token(&r, now_ms())?;
-                Ok(Caller::Site {
-                    site: r.site,
-                    role: r.role,
-                })
-            }
-            None => Err(ApiError::unauthorized("unknown token")),
-        }
+        None => Err(ApiError::unauthorized("unknown token")),
     }
 }
 

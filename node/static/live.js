@@ -1,0 +1,1 @@
+// live.js: placeholder until written below
