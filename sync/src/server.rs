@@ -117,7 +117,7 @@ impl Grant {
     }
 
     /// Why this grant does not let a visitor post `tx`, if it does not.
-    fn check_post(&self, tx: &Transaction) -> Result<(), String> {
+    pub fn check_post(&self, tx: &Transaction) -> Result<(), String> {
         if tx.site != self.site {
             return Err(format!(
                 "this page's visitors may not write to site {:?}",

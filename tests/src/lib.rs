@@ -5,6 +5,7 @@
 //! A node renders pages in worker processes that run the `sesame` binary. A test process is
 //! not `sesame`, so every node started here is given the built binary ([`sesame_binary`]).
 
+pub mod browser;
 pub mod cluster;
 pub mod disk;
 pub mod faults;

@@ -69,8 +69,13 @@ pub struct Live {
     ip: IpAddr,
     offers: Semaphore,
     channels: Mutex<Channels>,
+    /// Form posts per address (visitors without JavaScript), bounded in size.
+    form_posts: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
     cancel: CancellationToken,
 }
+
+/// Addresses whose form posts are counted at once; past it the oldest are forgotten.
+const FORM_ADDRESSES_MAX: usize = 10_000;
 
 #[derive(Default)]
 struct Channels {
@@ -104,8 +109,44 @@ impl Live {
             ip,
             offers: Semaphore::new(OFFERS_IN_FLIGHT_MAX),
             channels: Mutex::new(Channels::default()),
+            form_posts: Mutex::new(HashMap::new()),
             cancel,
         })
+    }
+
+    /// Takes one of `from`'s form posts (at most `per_minute`), or says it must wait.
+    pub fn take_post(
+        &self,
+        from: IpAddr,
+        per_minute: u32,
+    ) -> Result<(), crate::http::error::ApiError> {
+        let now = std::time::Instant::now();
+        let mut posts = self.form_posts.lock().expect("form posts lock poisoned");
+        if posts.len() >= FORM_ADDRESSES_MAX && !posts.contains_key(&from) {
+            let minute_ago = now - Duration::from_secs(60);
+            posts.retain(|_, (_, at)| *at > minute_ago);
+            if posts.len() >= FORM_ADDRESSES_MAX {
+                return Err(crate::http::error::ApiError::unavailable(
+                    "too many visitors are posting now; try again shortly",
+                ));
+            }
+        }
+        let cap = f64::from(per_minute.max(1));
+        let (tokens, at) = posts.entry(from).or_insert((cap, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * cap / 60.0).min(cap);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            let mut e = crate::http::error::ApiError::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("at most {per_minute} posts a minute; try again shortly"),
+            );
+            e.retry_after = Some(60 / u64::from(per_minute.max(1)));
+            Err(e)
+        }
     }
 
     /// Data channels open (or being opened) now.

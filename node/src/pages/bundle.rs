@@ -221,15 +221,33 @@ pub fn demo() -> Vec<Entry> {
         parse_routes(include_str!("../../demo/routes.toml"))
             .expect("the built-in demo routes parse"),
     );
-    for (key, json) in [
-        ("alice", include_str!("../../demo/data/profiles/alice.json")),
-        ("bob", include_str!("../../demo/data/profiles/bob.json")),
-        ("carol", include_str!("../../demo/data/profiles/carol.json")),
+    for (collection, key, json) in [
+        (
+            "profiles",
+            "alice",
+            include_str!("../../demo/data/profiles/alice.json"),
+        ),
+        (
+            "profiles",
+            "bob",
+            include_str!("../../demo/data/profiles/bob.json"),
+        ),
+        (
+            "profiles",
+            "carol",
+            include_str!("../../demo/data/profiles/carol.json"),
+        ),
+        // What visitors may do live: read profiles and guestbooks, sign guestbooks.
+        (
+            "_live",
+            "grants",
+            include_str!("../../demo/data/_live/grants.json"),
+        ),
     ] {
-        let json = serde_json::from_str(json).expect("the built-in demo profiles are JSON");
-        let value = Value::from_json(json).expect("the built-in demo profiles are valid values");
+        let json = serde_json::from_str(json).expect("the built-in demo data is JSON");
+        let value = Value::from_json(json).expect("the built-in demo data is valid values");
         entries.push(Entry {
-            collection: "profiles".into(),
+            collection: collection.into(),
             key: key.into(),
             value,
         });

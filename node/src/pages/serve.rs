@@ -188,6 +188,41 @@ impl Pages {
     }
 
     /// Stops serving a site deleted by the command at log index `deleted_at`.
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// The manifest of the version `site` serves now.
+    pub fn manifest(&self, site: &str) -> Option<Arc<Manifest>> {
+        self.sites
+            .read()
+            .expect("pages lock poisoned")
+            .get(site)
+            .map(|v| v.manifest.clone())
+    }
+
+    /// A file of `site` by its hash (for the service worker, which keeps pages by content
+    /// hash and may still serve an older version than the node): with its content type when
+    /// the served version has it. Files are immutable, so an older version's is as good;
+    /// `None` when the site has no such file.
+    pub async fn blob(&self, site: &str, hash: &str) -> Option<anyhow::Result<(Bytes, String)>> {
+        let manifest = self.manifest(site)?;
+        let content_type = manifest
+            .files
+            .values()
+            .find(|f| f.hash == hash)
+            .map(|f| f.content_type.clone());
+        match (self.body(site, hash).await, content_type) {
+            (Ok(body), t) => Some(Ok((
+                body,
+                t.unwrap_or_else(|| "application/octet-stream".into()),
+            ))),
+            // Not in the served version, and not in the store: no such file.
+            (Err(_), None) => None,
+            (Err(e), Some(_)) => Some(Err(e)),
+        }
+    }
+
     pub fn remove(&self, site: &str, deleted_at: LogIndex) {
         let mut deleted = self.deleted.lock().expect("deleted sites lock poisoned");
         let at = deleted.entry(site.to_string()).or_insert(deleted_at);
