@@ -73,6 +73,11 @@ impl NodeProcess {
         self.child.is_some()
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Starts the process (it must not be running) and waits until it answers HTTP.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         self.spawn()?;

@@ -35,11 +35,22 @@ impl RtcClient {
     /// Offers a data channel to `url`'s node for `site` (a visitor when `token` is `None`)
     /// and waits for it to open.
     pub async fn connect(url: &str, site: &str, token: Option<&str>) -> anyhow::Result<RtcClient> {
+        RtcClient::connect_from(url, site, token, "127.0.0.1".parse()?).await
+    }
+
+    /// Like [`RtcClient::connect`], from local address `ip` (a loopback address other than
+    /// 127.0.0.1 looks like another visitor to the node's per-address limits).
+    pub async fn connect_from(
+        url: &str,
+        site: &str,
+        token: Option<&str>,
+        ip: std::net::IpAddr,
+    ) -> anyhow::Result<RtcClient> {
         let (gathered_tx, mut gathered) = mpsc::channel(1);
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_handler(Arc::new(Gathered(gathered_tx)))
-            .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+            .with_udp_addrs(vec![std::net::SocketAddr::new(ip, 0)])
             .build()
             .await
             .context("make a peer connection")?;
@@ -49,7 +60,9 @@ impl RtcClient {
         pc.set_local_description(offer).await?;
         let _ = tokio::time::timeout(Duration::from_secs(5), gathered.recv()).await;
         let offer = pc.local_description().await.context("no offer")?;
-        let mut req = reqwest::Client::new()
+        let mut req = reqwest::Client::builder()
+            .local_address(ip)
+            .build()?
             .post(format!("{url}/v1/rtc"))
             .json(&serde_json::json!({"type": "offer", "sdp": offer.sdp, "site": site}));
         if let Some(t) = token {

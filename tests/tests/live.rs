@@ -319,3 +319,100 @@ async fn hostile_offers_and_messages_are_bounded() {
     }
     node.stop().await.unwrap();
 }
+
+/// A valid offer a browser might send (a data channel), made by a throwaway peer.
+async fn an_offer() -> String {
+    use webrtc::peer_connection::{PeerConnection, PeerConnectionBuilder, RTCConfigurationBuilder};
+    struct Quiet;
+    #[async_trait::async_trait]
+    impl webrtc::peer_connection::PeerConnectionEventHandler for Quiet {}
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_handler(std::sync::Arc::new(Quiet))
+        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .build()
+        .await
+        .unwrap();
+    let _dc = pc.create_data_channel("sesame", None).await.unwrap();
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer).await.unwrap();
+    let sdp = pc.local_description().await.unwrap().sdp;
+    pc.close().await.unwrap();
+    sdp
+}
+
+/// UDP sockets this process holds (its socket descriptors that /proc/net/udp lists).
+fn udp_sockets() -> usize {
+    let mine: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut n = 0;
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        n += text
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(9)
+                    .is_some_and(|inode| mine.contains(inode))
+            })
+            .count();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_offers_holds_a_bounded_number_of_ports() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    node.admin().create_site("demo").await.unwrap();
+    let url = node.node.url();
+    let sdp = an_offer().await;
+    let udp_before = udp_sockets();
+    // 200 offers at once from one address, none of which will ever connect.
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (http, url, sdp) = (http.clone(), url.clone(), sdp.clone());
+        tasks.push(tokio::spawn(async move {
+            http.post(format!("{url}/v1/rtc"))
+                .json(&serde_json::json!({"type": "offer", "sdp": sdp, "site": "demo"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    let mut answered = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => answered += 1,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(answered, 8, "one address holds at most 8 connections");
+    assert_eq!(refused, 192);
+    assert_eq!(node.node.node.live.channels(), 8);
+    // Each held offer has its sockets (two here), not each of the 200.
+    let grown = udp_sockets().saturating_sub(udp_before);
+    assert!(grown <= 8 * 4, "{grown} more UDP sockets for 8 held offers");
+    // Another visitor is still served.
+    let mut other = sesame_tests::rtc::RtcClient::connect_from(
+        &url,
+        "demo",
+        None,
+        "127.0.0.2".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    other.hello("other").await.unwrap();
+    other.close().await;
+    node.stop().await.unwrap();
+}

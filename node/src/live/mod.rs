@@ -232,6 +232,9 @@ impl Live {
         // A browser that goes away without a word (a closed laptop) is noticed within
         // seconds: its presence counts down, its slot is given back.
         let settings = SettingEngineBuilder::new()
+            // ICE lite (RFC 8445 2.7): the node is reachable at its host address, so it
+            // answers the browser's checks and makes none of its own.
+            .with_lite(true)
             .with_ice_timeouts(
                 Some(Duration::from_secs(4)),
                 Some(Duration::from_secs(8)),

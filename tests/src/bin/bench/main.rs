@@ -11,6 +11,8 @@
 //!   ([`projection`]);
 //! - `latency`: commit → new page served, by site size ([`latency`]);
 //! - `serving`: one page under wrk, side by side with nginx ([`serving`]);
+//! - `live`: browsers over WebRTC: commit → DOM updated in Chromium, data-channel set-up,
+//!   node memory per channel ([`live`]);
 //! - `sync`: app clients over QUIC: commit → subscriber latency, initial sync of a large
 //!   collection, pushing an offline queue ([`sync`]).
 //!
@@ -22,6 +24,7 @@
 mod cluster;
 mod etcd;
 mod latency;
+mod live;
 mod projection;
 mod report;
 mod serving;
@@ -46,6 +49,7 @@ enum Section {
     Latency,
     Serving,
     Sync,
+    Live,
 }
 
 #[derive(Debug, Parser)]
@@ -55,7 +59,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "writes,cluster,projection,latency,serving,sync"
+        default_value = "writes,cluster,projection,latency,serving,sync,live"
     )]
     only: Vec<Section>,
     /// Small sizes everywhere, for a run of a minute or two; explicit size flags still win.
@@ -126,6 +130,16 @@ pub struct Args {
     /// sync: offline writes queued, then pushed [default: 100000; 10000 with --quick].
     #[arg(long)]
     sync_queue: Option<usize>,
+
+    /// live: edits whose commit → DOM time is measured [default: 100; 20 with --quick].
+    #[arg(long)]
+    live_edits: Option<usize>,
+    /// live: data channels set up one after another [default: 50; 10 with --quick].
+    #[arg(long)]
+    live_setups: Option<usize>,
+    /// live: data channels held open for the memory figure [default: 200; 40 with --quick].
+    #[arg(long)]
+    live_channels: Option<usize>,
 }
 
 impl Args {
@@ -172,6 +186,15 @@ impl Args {
     pub fn sync_queue(&self) -> usize {
         self.pick(self.sync_queue, 100_000, 10_000).max(1)
     }
+    pub fn live_edits(&self) -> usize {
+        self.pick(self.live_edits, 100, 20).max(1)
+    }
+    pub fn live_setups(&self) -> usize {
+        self.pick(self.live_setups, 50, 10).max(1)
+    }
+    pub fn live_channels(&self) -> usize {
+        self.pick(self.live_channels, 200, 40).max(1)
+    }
     pub fn wrk_seconds(&self) -> u64 {
         self.pick(self.wrk_seconds, 10, 3).max(1)
     }
@@ -197,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         Section::Latency,
         Section::Serving,
         Section::Sync,
+        Section::Live,
     ] {
         if !args.only.contains(&section) {
             continue;
@@ -210,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             Section::Latency => latency::run(&args, tmp.path(), &mut rows).await,
             Section::Serving => serving::run(&args, tmp.path(), &mut rows).await,
             Section::Sync => sync::run(&args, tmp.path(), &mut rows).await,
+            Section::Live => live::run(&args, tmp.path(), &mut rows).await,
         };
         if let Err(e) = result {
             // One broken section should not hide the others' numbers.
