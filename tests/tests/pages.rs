@@ -136,7 +136,7 @@ async fn publish_edit_delete_add_rerenders_only_what_changed() {
         home.body
     );
     let alice = get(&node, "/demo/alice", None).await;
-    assert!(alice.body.contains("<h1>Alice Liddell</h1>"));
+    assert!(alice.body.contains(">Alice Liddell</h1>"));
     assert!(alice
         .body
         .contains(&format!(r#"<link rel="canonical" href="{base}/alice">"#)));
@@ -176,7 +176,7 @@ async fn publish_edit_delete_add_rerenders_only_what_changed() {
         .unwrap();
     let bob = get(&node, "/demo/bob", Some(w.index)).await;
     assert!(
-        bob.body.contains("<h1>Robert</h1>"),
+        bob.body.contains(">Robert</h1>"),
         "read-your-writes: {}",
         bob.body
     );
@@ -218,7 +218,7 @@ async fn publish_edit_delete_add_rerenders_only_what_changed() {
         .unwrap();
     let dave = get(&node, "/demo/dave", Some(w.index)).await;
     assert_eq!(dave.status, StatusCode::OK);
-    assert!(dave.body.contains("<h1>Dave</h1>"));
+    assert!(dave.body.contains(">Dave</h1>"));
     assert!(get(&node, "/demo/sitemap.xml", None)
         .await
         .body
@@ -243,7 +243,7 @@ async fn publish_edit_delete_add_rerenders_only_what_changed() {
     assert!(get(&node, "/demo/dave", Some(last))
         .await
         .body
-        .contains("<h1>Dave 19</h1>"));
+        .contains(">Dave 19</h1>"));
     node.stop().await.unwrap();
 }
 
@@ -578,7 +578,7 @@ async fn odd_paths_never_escape_the_site() {
     // Trailing slash: one canonical URL.
     let slash = get_with(&node, "/demo/alice/", |r| r).await;
     assert_eq!(slash.status, StatusCode::OK, "redirect followed");
-    assert!(slash.body.contains("<h1>Alice Liddell</h1>"));
+    assert!(slash.body.contains(">Alice Liddell</h1>"));
     // Pages are read-only.
     let post = reqwest::Client::new()
         .post(format!("{}/demo/alice", node.node.url()))
@@ -630,7 +630,7 @@ async fn a_key_with_a_slash_is_served_where_the_sitemap_and_links_say() {
     let resp = reqwest::get(url).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{url}");
     let body = resp.text().await.unwrap();
-    assert!(body.contains("<h1>Slashed</h1>"), "{body}");
+    assert!(body.contains(">Slashed</h1>"), "{body}");
     assert!(
         body.contains(&format!(r#"<link rel="canonical" href="{url}">"#)),
         "{body}"
@@ -933,7 +933,7 @@ async fn a_burst_is_coalesced_into_at_most_two_renders_per_page() {
     assert!(get(&node, "/demo/alice", Some(last))
         .await
         .body
-        .contains("<h1>Alice 9</h1>"));
+        .contains(">Alice 9</h1>"));
     // The first edit may render at once (an idle projector does not wait); every later
     // edit of the burst lands inside the window and shares one more round.
     let renders = rendered_total(&admin).await - before;
@@ -1101,7 +1101,7 @@ async fn a_failed_publish_keeps_the_old_version_and_recovers() {
     std::fs::rename(&aside, &blobs).unwrap();
     let page = get(&node, "/demo/alice", Some(w.index)).await;
     assert_eq!(page.status, StatusCode::OK);
-    assert!(page.body.contains("<h1>Alice Later</h1>"), "{}", page.body);
+    assert!(page.body.contains(">Alice Later</h1>"), "{}", page.body);
     assert!(get(&node, "/demo/", None)
         .await
         .body
