@@ -51,6 +51,27 @@ async fn connected(b: &Client) {
     .unwrap();
 }
 
+/// Fills in the guestbook form and sends it.
+async fn sign(b: &Client, name: &str, text: &str) {
+    for (css, value) in [
+        ("form.sign input[name=name]", name),
+        ("form.sign textarea[name=text]", text),
+    ] {
+        b.find(Locator::Css(css))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    b.find(Locator::Css("form.sign button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn screenshot(b: &Client, name: &str) {
     let png = b.screenshot().await.unwrap();
     std::fs::write(artifacts_dir().join(name), png).unwrap();
@@ -97,24 +118,7 @@ async fn islands_guestbook_notice_and_viewers() {
     }
 
     // Sign the guestbook from the page: it is committed, and shows on both pages.
-    b.find(Locator::Css("form.sign input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("Dinah")
-        .await
-        .unwrap();
-    b.find(Locator::Css("form.sign textarea[name=text]"))
-        .await
-        .unwrap()
-        .send_keys("Meow from the browser")
-        .await
-        .unwrap();
-    b.find(Locator::Css("form.sign button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign(&b, "Dinah", "Meow from the browser").await;
     for browser in [&b, &b2] {
         wait_for(WAIT, "the post shows", || async {
             Ok(text(browser, "ul.entries")
@@ -182,24 +186,7 @@ async fn without_javascript_pages_work_and_without_a_grant_nothing_is_read() {
     let b = driver.session(false).await.unwrap();
     b.goto(&format!("{url}/demo/bob")).await.unwrap();
     assert!(text(&b, "h1").await.contains("Bob"));
-    b.find(Locator::Css("form.sign input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("Plain")
-        .await
-        .unwrap();
-    b.find(Locator::Css("form.sign textarea[name=text]"))
-        .await
-        .unwrap()
-        .send_keys("No scripts here")
-        .await
-        .unwrap();
-    b.find(Locator::Css("form.sign button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    sign(&b, "Plain", "No scripts here").await;
     wait_for(
         WAIT,
         "the post is on the page after the redirect",
