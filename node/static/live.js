@@ -212,6 +212,14 @@
   var reconnecting = null;
   function reconnect() {
     open = false;
+    // Posts never answered: they may or may not have landed; say so, and free the form.
+    Object.keys(pending).forEach(function (id) {
+      var form = pending[id];
+      delete pending[id];
+      var status = form.querySelector("[data-sesame-status]");
+      if (status) status.textContent = "The connection was lost before the post was confirmed: check the guestbook before sending it again.";
+      form.querySelectorAll("button").forEach(function (b) { b.disabled = false; });
+    });
     if (reconnecting) return;
     try { if (pc) pc.close(); } catch (e) { /* already closed */ }
     reconnecting = setTimeout(function () {
