@@ -178,6 +178,8 @@ pub struct Node {
     pub feed: Arc<crate::clients::feed::Feed>,
     /// Browsers' data channels (live pages).
     pub live: Arc<crate::live::Live>,
+    pub clients: Arc<crate::clients::ClientContext>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     admin_hash: String,
 }
 
@@ -422,13 +424,20 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     // Storage and the object folder made their files by now.
     secure_data_dir(&config.data_dir)?;
     let link = Arc::new(Link::new(raft.clone(), transport));
-    let writer = Arc::new(Writer::start(raft.clone(), link.clone(), reads.clone()));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let writer = Arc::new(Writer::start(
+        raft.clone(),
+        link.clone(),
+        reads.clone(),
+        metrics.clone(),
+    ));
     let pages = Arc::new(Pages::new(
         ServeConfig {
             domain: config.domain.clone(),
             min_index_wait: config.min_index_wait,
         },
         publisher.clone(),
+        metrics.clone(),
     ));
     let projections = Arc::new(Projections::new(
         ProjectionConfig {
@@ -441,6 +450,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         reads.clone(),
         writer.clone(),
         pages.clone(),
+        metrics.clone(),
     ));
     let cluster = Arc::new(Cluster {
         raft: raft.clone(),
@@ -537,7 +547,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             crate::clients::ClientEndpoint::start(
                 SocketAddr::new(addr.ip(), 0),
                 &identity,
-                client_ctx,
+                client_ctx.clone(),
                 cancel.clone(),
             )?
         }
@@ -558,6 +568,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         sync_info: clients.info.clone(),
         feed,
         live,
+        clients: client_ctx,
+        metrics,
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());

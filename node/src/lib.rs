@@ -17,6 +17,7 @@ pub mod clients;
 pub mod cluster;
 pub mod http;
 pub mod live;
+pub mod metrics;
 pub mod pages;
 pub mod peer;
 pub mod private;

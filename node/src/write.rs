@@ -72,6 +72,7 @@ struct PendingTxs {
 /// Orders commands through the Raft log, from this node.
 pub struct Writer {
     queue: mpsc::Sender<PendingTxs>,
+    metrics: Arc<crate::metrics::Metrics>,
     router: Arc<Router>,
 }
 
@@ -84,11 +85,20 @@ struct Router {
 
 impl Writer {
     /// Starts the group-commit task; it ends when the writer is dropped.
-    pub fn start(raft: Arc<RaftHandle>, link: Arc<Link>, reads: Reads) -> Writer {
+    pub fn start(
+        raft: Arc<RaftHandle>,
+        link: Arc<Link>,
+        reads: Reads,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Writer {
         let (queue, pending) = mpsc::channel(TX_QUEUE_MAX);
         let router = Arc::new(Router { raft, link, reads });
-        tokio::spawn(group_commit(router.clone(), pending));
-        Writer { queue, router }
+        tokio::spawn(group_commit(router.clone(), pending, metrics.clone()));
+        Writer {
+            queue,
+            router,
+            metrics,
+        }
     }
 
     /// Commits a validated transaction and returns its log index and result (committed,
@@ -110,15 +120,20 @@ impl Writer {
         &self,
         txs: Vec<Transaction>,
     ) -> Result<(LogIndex, Vec<CommandResult>), WriteError> {
+        let started = Instant::now();
         let (reply, answer) = oneshot::channel();
         let bytes = txs.iter().map(codec::encoded_len).sum();
         self.queue
             .send(PendingTxs { txs, bytes, reply })
             .await
             .map_err(|_| WriteError::Unavailable("the node is shutting down".into()))?;
-        answer
-            .await
-            .map_err(|_| WriteError::OutcomeUnknown("the node shut down during the write".into()))?
+        let written = answer.await.map_err(|_| {
+            WriteError::OutcomeUnknown("the node shut down during the write".into())
+        })?;
+        self.metrics
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        written
     }
 
     /// Orders one command on its own (sites, tokens, publishes, rollbacks).
@@ -261,7 +276,11 @@ pub async fn propose_local(raft: &Raft, command: Command) -> Written {
 /// to the entry limits) and commits them as one [`Command::Txs`]. A lone writer gets an
 /// entry of its own at once; many writers share entries, and fsyncs. Ends when the writer
 /// is dropped.
-async fn group_commit(router: Arc<Router>, mut queue: mpsc::Receiver<PendingTxs>) {
+async fn group_commit(
+    router: Arc<Router>,
+    mut queue: mpsc::Receiver<PendingTxs>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     let mut next: Option<PendingTxs> = None;
     loop {
         let first = match next.take() {
@@ -289,6 +308,7 @@ async fn group_commit(router: Arc<Router>, mut queue: mpsc::Receiver<PendingTxs>
                 Err(_) => break,
             }
         }
+        metrics.write_batch.observe(count as f64);
         let mut txs = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(batch.len());
         for p in batch {

@@ -23,7 +23,11 @@ pub const HEADERS_MAX: usize = 64;
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 
 /// The middleware: see the module documentation.
-pub async fn every_answer(req: Request, next: Next) -> Response {
+pub async fn every_answer(
+    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::app::Node>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let mut resp = match check_head(&req) {
         Err(e) => e.into_response(),
         Ok(()) => {
@@ -37,6 +41,14 @@ pub async fn every_answer(req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    let status = resp.status();
+    node.metrics
+        .http_requests
+        .get_or_create(&vec![("status".to_string(), status.as_u16().to_string())])
+        .inc();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        node.metrics.rate_limited.inc();
+    }
     resp
 }
 

@@ -43,6 +43,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/sync", get(sync_info))
         .route("/v1/rtc", post(crate::http::live::rtc))
         .route("/_sesame/live.js", get(crate::http::live::live_js))
@@ -78,7 +79,10 @@ pub fn router(node: Arc<Node>) -> Router {
             HTTP_CONCURRENCY_MAX,
         ))
         // Outermost: cheap limits before waiting for a slot, headers on every answer.
-        .layer(axum::middleware::from_fn(crate::http::answer::every_answer))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            crate::http::answer::every_answer,
+        ))
         .with_state(node)
 }
 
@@ -95,6 +99,47 @@ async fn healthz(State(node): State<Arc<Node>>) -> Response {
         None => (StatusCode::OK, "ok\n").into_response(),
         Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response(),
     }
+}
+
+/// The node's figures in the Prometheus (OpenMetrics) text format. Public, like `/healthz`:
+/// it names no site, token or key.
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let m = &node.metrics;
+    let view = node.raft.view();
+    m.raft_term.set(view.term as i64);
+    m.raft_last_log_index.set(view.last_log_index as i64);
+    m.raft_applied_index.set(node.reads.applied_index() as i64);
+    m.raft_commit_index.set(node.reads.applied_index() as i64);
+    m.raft_is_leader.set(i64::from(view.is_leader()));
+    m.follower_lag.clear();
+    let raft_metrics = node.raft.get().metrics().borrow().clone();
+    if let Some(replication) = &raft_metrics.replication {
+        let last = raft_metrics.last_log_index.unwrap_or(0);
+        for (id, matched) in replication {
+            if *id == node.id {
+                continue;
+            }
+            let at = matched.as_ref().map_or(0, |l| l.index);
+            m.follower_lag
+                .get_or_create(&vec![("follower".to_string(), id.to_string())])
+                .set(last.saturating_sub(at) as i64);
+        }
+    }
+    m.client_connections.set(
+        node.clients
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    );
+    m.client_sessions.set(node.feed.sessions() as i64);
+    m.live_channels.set(node.live.channels() as i64);
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 /// Where and how app clients reach this node's QUIC sync endpoint, and which node leads (a

@@ -174,6 +174,7 @@ pub struct Projections {
     reads: Reads,
     writer: Arc<Writer>,
     pages: Arc<Pages>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Whether `run` is running (this node leads).
     active: std::sync::atomic::AtomicBool,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
@@ -216,6 +217,7 @@ impl Projections {
         reads: Reads,
         writer: Arc<Writer>,
         pages: Arc<Pages>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Projections {
         Projections {
             config,
@@ -223,6 +225,7 @@ impl Projections {
             reads,
             writer,
             pages,
+            metrics,
             active: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(HashMap::new()),
             dispatched: watch::channel(0).0,
@@ -606,6 +609,10 @@ impl Projections {
                 let mut s = slot.state();
                 s.pages_rendered_total += projection.pages_rendered;
                 s.template_errors = errors;
+                self.metrics.projection_rounds.inc();
+                self.metrics
+                    .pages_rendered
+                    .inc_by(projection.pages_rendered);
             }
             if projection.changed {
                 self.publish(slot, *projection, expected, render_ms).await?;
@@ -713,6 +720,9 @@ impl Projections {
         s.pages = pages;
         s.last_publish_at = Some(now_ms());
         s.last_publish_ms = Some(render_ms + started.elapsed().as_millis() as u64);
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }

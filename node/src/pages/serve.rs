@@ -162,6 +162,7 @@ impl Drop for Hold<'_> {
 pub struct Pages {
     config: ServeConfig,
     publisher: Arc<Publisher>,
+    metrics: Arc<crate::metrics::Metrics>,
     sites: RwLock<HashMap<String, Arc<SiteVersion>>>,
     blobs: Mutex<BlobCache>,
     /// Bumped at every install.
@@ -175,10 +176,15 @@ pub struct Pages {
 }
 
 impl Pages {
-    pub fn new(config: ServeConfig, publisher: Arc<Publisher>) -> Pages {
+    pub fn new(
+        config: ServeConfig,
+        publisher: Arc<Publisher>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Pages {
         Pages {
             config,
             publisher,
+            metrics,
             sites: RwLock::new(HashMap::new()),
             blobs: Mutex::new(BlobCache::default()),
             installed: tokio::sync::watch::channel(0).0,
@@ -187,7 +193,6 @@ impl Pages {
         }
     }
 
-    /// Stops serving a site deleted by the command at log index `deleted_at`.
     pub fn config(&self) -> &ServeConfig {
         &self.config
     }
@@ -223,6 +228,7 @@ impl Pages {
         }
     }
 
+    /// Stops serving a site deleted by the command at log index `deleted_at`.
     pub fn remove(&self, site: &str, deleted_at: LogIndex) {
         let mut deleted = self.deleted.lock().expect("deleted sites lock poisoned");
         let at = deleted.entry(site.to_string()).or_insert(deleted_at);
@@ -320,10 +326,9 @@ impl Pages {
 
     /// Puts file bytes the caller already holds into the cache.
     pub fn prime(&self, hash: &str, body: Bytes) {
-        self.blobs
-            .lock()
-            .expect("blob cache lock poisoned")
-            .insert(hash, body);
+        let mut blobs = self.blobs.lock().expect("blob cache lock poisoned");
+        blobs.insert(hash, body);
+        self.metrics.blob_cache_bytes.set(blobs.bytes as i64);
     }
 
     /// The commit index a site's served version reflects.
@@ -342,8 +347,10 @@ impl Pages {
             .expect("blob cache lock poisoned")
             .get(hash)
         {
+            self.metrics.blob_cache_hits.inc();
             return Ok(b);
         }
+        self.metrics.blob_cache_misses.inc();
         let body = self.publisher.get_blob(site, hash).await?;
         self.prime(hash, body.clone());
         Ok(body)
@@ -801,7 +808,7 @@ mod tests {
     fn installs_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let publisher = Arc::new(Publisher::local(dir.path()).unwrap());
-        let pages = Pages::new(ServeConfig::default(), publisher);
+        let pages = Pages::new(ServeConfig::default(), publisher, Default::default());
         let manifest = |index| Manifest {
             format: sesame_projector::MANIFEST_FORMAT,
             site: "demo".into(),

@@ -1,0 +1,177 @@
+//! `/metrics`: the node's figures in the Prometheus text format, from a registry of its own
+//! (several nodes can share a process, as in the tests).
+//!
+//! Counters and histograms move where things happen (the write path, the projector, the blob
+//! cache, the layer every HTTP answer passes); gauges that mirror state (Raft's indexes and
+//! followers' lag, open client connections and data channels) are read when scraped.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a family: `[("status", "200")]`.
+pub type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<Labels, Counter>,
+    pub rate_limited: Counter,
+    pub write_seconds: Histogram,
+    pub write_batch: Histogram,
+    pub raft_term: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub raft_commit_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_is_leader: Gauge,
+    pub follower_lag: Family<Labels, Gauge>,
+    pub projection_rounds: Counter,
+    pub pages_rendered: Counter,
+    pub publish_seconds: Histogram,
+    pub blob_cache_hits: Counter,
+    pub blob_cache_misses: Counter,
+    pub blob_cache_bytes: Gauge,
+    pub client_connections: Gauge,
+    pub client_sessions: Gauge,
+    pub live_channels: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("sesame");
+        let m = Metrics {
+            http_requests: Family::default(),
+            rate_limited: Counter::default(),
+            // 50 µs to ~13 s.
+            write_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 19)),
+            write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            raft_term: Gauge::default(),
+            raft_last_log_index: Gauge::default(),
+            raft_commit_index: Gauge::default(),
+            raft_applied_index: Gauge::default(),
+            raft_is_leader: Gauge::default(),
+            follower_lag: Family::default(),
+            projection_rounds: Counter::default(),
+            pages_rendered: Counter::default(),
+            publish_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            blob_cache_hits: Counter::default(),
+            blob_cache_misses: Counter::default(),
+            blob_cache_bytes: Gauge::default(),
+            client_connections: Gauge::default(),
+            client_sessions: Gauge::default(),
+            live_channels: Gauge::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "http_requests",
+            "HTTP answers, by status",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused for a rate limit (429)",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "write_seconds",
+            "Time from a transaction's arrival at the write path to its commit and apply",
+            m.write_seconds.clone(),
+        );
+        r.register(
+            "write_batch_transactions",
+            "Transactions per log entry (group commit)",
+            m.write_batch.clone(),
+        );
+        r.register(
+            "raft_term",
+            "The node's current Raft term",
+            m.raft_term.clone(),
+        );
+        r.register(
+            "raft_last_log_index",
+            "The last index in the node's Raft log",
+            m.raft_last_log_index.clone(),
+        );
+        r.register(
+            "raft_commit_index",
+            "The highest index known committed (openraft 0.9 reports it as the applied index)",
+            m.raft_commit_index.clone(),
+        );
+        r.register(
+            "raft_applied_index",
+            "The last index the state machine applied",
+            m.raft_applied_index.clone(),
+        );
+        r.register(
+            "raft_is_leader",
+            "1 while the node leads",
+            m.raft_is_leader.clone(),
+        );
+        r.register(
+            "raft_follower_lag_entries",
+            "On the leader: entries each follower is behind",
+            m.follower_lag.clone(),
+        );
+        r.register(
+            "projection_rounds",
+            "Projection rounds run (leader)",
+            m.projection_rounds.clone(),
+        );
+        r.register(
+            "pages_rendered",
+            "Pages rendered by the projector (leader)",
+            m.pages_rendered.clone(),
+        );
+        r.register(
+            "publish_seconds",
+            "Time to publish a site version: files, manifest, root through Raft",
+            m.publish_seconds.clone(),
+        );
+        r.register(
+            "blob_cache_hits",
+            "Page bodies served from memory",
+            m.blob_cache_hits.clone(),
+        );
+        r.register(
+            "blob_cache_misses",
+            "Page bodies read from the object store",
+            m.blob_cache_misses.clone(),
+        );
+        r.register(
+            "blob_cache_bytes",
+            "Bytes held by the page-body cache",
+            m.blob_cache_bytes.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Open QUIC connections of app clients",
+            m.client_connections.clone(),
+        );
+        r.register(
+            "client_sessions",
+            "Sync sessions following the change feed (QUIC and data channels)",
+            m.client_sessions.clone(),
+        );
+        r.register(
+            "live_channels",
+            "Browsers' data channels, open or opening",
+            m.live_channels.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
