@@ -27,6 +27,10 @@ pub const DEV_HTTP_ADDR: &str = "127.0.0.1:7700";
 pub struct Cli {
     #[command(flatten)]
     pub remote: Remote,
+    /// How the node writes its log on standard error: `text`, or `json` (one object per
+    /// line, with the request id of the HTTP request it belongs to).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SESAME_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -143,6 +147,13 @@ pub enum Command {
     /// protocol on stdin and stdout). `main` runs it before any runtime starts.
     #[command(hide = true, name = RENDER_WORKER_COMMAND)]
     RenderWorker,
+}
+
+/// The log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// How `sesame put` writes.
@@ -881,12 +892,18 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&args.data, args.http);
+    // A token the operator gave is theirs already: the banner does not echo it.
+    let given = args.serve.admin_token.is_some();
     args.serve.apply(&mut config)?;
     let running = crate::app::start(config).await?;
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();
     let demo = format!("{url}/{DEMO_SITE}");
-    let token = &running.admin_token;
+    let token = if given {
+        "<the --admin-token given>"
+    } else {
+        running.admin_token.as_str()
+    };
     let banner = format!(
         "Sesame dev node listening on {url}\n  \
          data:        {data}\n  \

@@ -3,14 +3,17 @@
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SESAME_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = sesame_node::cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SESAME_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        sesame_node::cli::LogFormat::Text => logs.init(),
+        // One JSON object per line, with the span fields (the request id) in each.
+        sesame_node::cli::LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     if let sesame_node::cli::Command::RenderWorker = cli.command {
         // A render pool worker: one render thread, no async runtime.
         return sesame_projector::sandbox::worker_main();

@@ -28,15 +28,33 @@ pub async fn every_answer(
     req: Request,
     next: Next,
 ) -> Response {
+    use tracing::Instrument as _;
+    let request_id = request_id(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    // Everything logged while answering carries the request id (never a header or a body:
+    // tokens stay out of the log).
+    let span = tracing::info_span!("http", request_id = %request_id, %method, path = %path);
+    let started = std::time::Instant::now();
     let mut resp = match check_head(&req) {
         Err(e) => e.into_response(),
         Ok(()) => {
-            let method = req.method().clone();
-            let path = req.uri().path().to_string();
-            let resp = next.run(req).await;
+            let resp = next.run(req).instrument(span.clone()).await;
             fill_empty_error(resp, &method, &path)
         }
     };
+    span.in_scope(|| {
+        let status = resp.status().as_u16();
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if resp.status().is_server_error() {
+            tracing::warn!(status, ms, "answered");
+        } else {
+            tracing::debug!(status, ms, "answered");
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
     resp.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -50,6 +68,31 @@ pub async fn every_answer(
         node.metrics.rate_limited.inc();
     }
     resp
+}
+
+/// The header that carries a request's id, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The id a request is logged under: the caller's `X-Request-Id` when it is a sane one (up
+/// to 64 characters of `[A-Za-z0-9._-]`), else a new one.
+fn request_id(headers: &http::HeaderMap) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let given = headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        });
+    match given {
+        Some(id) => id.to_string(),
+        None => {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{:08x}-{n}", std::process::id())
+        }
+    }
 }
 
 /// Checks the request line and headers against the limits.
