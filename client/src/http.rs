@@ -350,6 +350,12 @@ impl Http {
         .await
     }
 
+    /// The site's current version as a ZIP (bytes).
+    pub async fn export_zip(&self, site: &str) -> Result<Vec<u8>, ClientError> {
+        self.get_bytes(&format!("/v1/sites/{}/export.zip", seg(site)))
+            .await
+    }
+
     /// Compacts the site's change feed below `before` (default: everything applied).
     pub async fn compact(
         &self,
@@ -445,6 +451,23 @@ impl Http {
             Resend::IfNotApplied
         };
         self.send(method, path, body, resend).await
+    }
+
+    /// A `GET` whose answer is bytes, not JSON (a ZIP), from the preferred node.
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let base = &self.nodes[self.preferred.load(Ordering::Relaxed) % self.nodes.len()];
+        let mut req = self.client.get(format!("{base}{path}"));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(ClientError::Transport)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(ClientError::Transport)?;
+        if status.is_success() {
+            Ok(bytes.to_vec())
+        } else {
+            Err(api_error(status, &bytes).0)
+        }
     }
 
     /// Tries the nodes in turn, from the preferred one, until one answers or the rounds

@@ -379,6 +379,12 @@ pub enum SiteCommand {
     Rebuild {
         site: String,
     },
+    /// Download the site's current version as a ZIP any static host can serve
+    /// (`path/index.html` for clean URLs): `sesame site export SITE FILE.zip`.
+    Export {
+        site: String,
+        file: PathBuf,
+    },
     /// Forget the site's tombstones below an index (default: all); readers of changes from
     /// before then read the site whole instead.
     Compact {
@@ -601,6 +607,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&remote.client()?.rollback(&site, index).await?)
             }
             SiteCommand::Rebuild { site } => print_json(&remote.client()?.rebuild(&site).await?),
+            SiteCommand::Export { site, file } => {
+                let zip = remote.client()?.export_zip(&site).await?;
+                let tmp = file.with_extension("zip.part");
+                std::fs::write(&tmp, &zip).with_context(|| format!("write {}", tmp.display()))?;
+                std::fs::rename(&tmp, &file)
+                    .with_context(|| format!("rename into {}", file.display()))?;
+                print_json(&serde_json::json!({
+                    "site": site, "file": file.display().to_string(), "bytes": zip.len()
+                }))
+            }
             SiteCommand::Compact { site, before } => {
                 print_json(&remote.client()?.compact(&site, before).await?)
             }

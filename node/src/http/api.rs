@@ -68,6 +68,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/status", get(status))
         .route("/v1/sites/{site}/rebuild", post(rebuild))
         .route("/v1/sites/{site}/compact", post(compact))
+        .route("/v1/sites/{site}/export.zip", get(export_zip))
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
         .merge(crate::http::cluster::routes())
@@ -860,6 +861,36 @@ async fn compact(
         CommandResult::UnknownSite { site } => Err(ApiError::unknown_site(&site)),
         other => Err(ApiError::internal(format!("unexpected result {other:?}"))),
     }
+}
+
+/// The site's current version as a ZIP any static host can serve (`path/index.html` for
+/// clean URLs, links made root-relative). Readers of the site may take it.
+async fn export_zip(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Reader)?;
+    require_site(&node, &site).await?;
+    let manifest = node
+        .pages
+        .manifest(&site)
+        .ok_or_else(|| ApiError::not_found(format!("site {site:?} has published nothing yet")))?;
+    let base_url = node.projections.base_url(&site);
+    let zip = crate::pages::export::site_zip(&node.pages, &manifest, &base_url)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    let disposition = format!("attachment; filename=\"{site}-{}.zip\"", manifest.index);
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, "application/zip".to_string()),
+            (http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        zip,
+    )
+        .into_response())
 }
 
 const VERSIONS_LIMIT_DEFAULT: usize = 100;

@@ -288,6 +288,11 @@ impl Projections {
     }
 
     /// Whether this node projects sites now (it leads).
+    /// The base URL `site`'s pages link with.
+    pub fn base_url(&self, site: &str) -> String {
+        self.config.base_url(site)
+    }
+
     pub fn is_active(&self) -> bool {
         self.active.load(std::sync::atomic::Ordering::Acquire)
     }
