@@ -99,6 +99,12 @@ pub enum Command {
         #[command(flatten)]
         sync: SyncArgs,
     },
+    /// Write every tuple of a site to standard output, one JSON line each
+    /// (`{"collection", "key", "value"}`).
+    Export { site: String },
+    /// Load a file of JSON lines (as `export` writes them) into a site: checked whole first,
+    /// then written in order in batches; resumes where an interrupted run stopped.
+    Import { site: String, file: PathBuf },
     /// Get one tuple.
     Get {
         site: String,
@@ -686,6 +692,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::json!({ "index": index, "from": client.client_id() }))
         }
         Command::Inbox { site, follow, sync } => inbox(&remote, &site, follow, &sync).await,
+        Command::Export { site } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let n = crate::transfer::export(&remote.client()?, &site, &mut out).await;
+            match n.and_then(|n| out.flush().map(|()| n).map_err(anyhow::Error::from)) {
+                Ok(n) => {
+                    eprintln!("exported {n} tuples of {site}");
+                    Ok(())
+                }
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    Err(StdoutClosed.into())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Import { site, file } => {
+            let n = crate::transfer::import(&remote.client()?, &site, &file).await?;
+            print_json(&serde_json::json!({ "site": site, "imported": n }))
+        }
         Command::Get {
             site,
             collection,

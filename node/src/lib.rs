@@ -23,6 +23,7 @@ pub mod peer;
 pub mod private;
 pub mod raft;
 pub mod reads;
+pub mod transfer;
 pub mod write;
 
 pub use app::{start, ClusterConfig, NodeConfig, RunningNode};

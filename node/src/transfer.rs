@@ -1,0 +1,267 @@
+//! `sesame export SITE > FILE.jsonl` and `sesame import SITE FILE.jsonl`: a site's tuples as
+//! one JSON object per line, `{"collection", "key", "value"}`.
+//!
+//! Export follows the site's change feed from the start, page by page (each page one
+//! consistent read): every live tuple once, in commit order; a tuple written during the
+//! export may appear twice, the later line holding its newer value, so importing the file
+//! in order gives the newest.
+//!
+//! Import reads the whole file first and refuses it, naming every bad line (up to
+//! [`BAD_LINES_SHOWN`]), before writing anything. Then it writes in order, in transactions of
+//! at most [`IMPORT_OPS_PER_TX`] puts, each with the import's client id and a sequence number,
+//! and records after each one how far it got in `FILE.progress`: run again, it resumes
+//! there, and a transaction whose answer was lost is applied at most once.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use sesame_client::Http;
+use sesame_proto::api::{ChangeOp, TxRequest};
+use sesame_proto::{Op, Value};
+
+/// Puts per import transaction (well inside the transaction limits for small tuples; a
+/// transaction also ends before 4 MiB of values).
+pub const IMPORT_OPS_PER_TX: usize = 5_000;
+const IMPORT_BYTES_PER_TX: usize = 4 << 20;
+/// Bad lines named when a file is refused.
+pub const BAD_LINES_SHOWN: usize = 100;
+/// Changes per export page.
+const EXPORT_PAGE: usize = 10_000;
+
+/// Writes every live tuple of `site` to `out`, one JSON line each; returns how many.
+pub async fn export(http: &Http, site: &str, out: &mut impl std::io::Write) -> anyhow::Result<u64> {
+    let mut since = 0;
+    let mut n = 0u64;
+    loop {
+        let page = http.changes(site, since, EXPORT_PAGE).await?;
+        for c in &page.changes {
+            if c.op != ChangeOp::Put {
+                continue;
+            }
+            let Some(value) = &c.value else { continue };
+            let line = serde_json::json!({
+                "collection": c.collection, "key": c.key, "value": value.to_json()
+            });
+            writeln!(out, "{line}")?;
+            n += 1;
+        }
+        if page.changes.is_empty() || page.next_since <= since {
+            return Ok(n);
+        }
+        since = page.next_since;
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    collection: String,
+    key: String,
+    value: serde_json::Value,
+}
+
+/// One line, checked as the node would check it.
+fn parse(line: &str) -> Result<Op, String> {
+    let l: Line = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let value = Value::from_json(l.value)?;
+    let op = Op::Put {
+        collection: l.collection,
+        key: l.key,
+        value,
+        if_version: None,
+    };
+    sesame_proto::Transaction {
+        site: "check".into(),
+        ops: vec![op.clone()],
+        origin: None,
+    }
+    .validate()
+    .map_err(|e| e.to_string().replace("op 0: ", ""))?;
+    Ok(op)
+}
+
+/// Imports `file` into `site`; returns how many tuples were written (by this run).
+pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64> {
+    let open = || {
+        std::fs::File::open(file)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("open {}", file.display()))
+    };
+    // First pass: every line must be good, or nothing is written.
+    let mut bad = Vec::new();
+    let mut total = 0u64;
+    for (i, line) in open()?.lines().enumerate() {
+        let line = line.with_context(|| format!("read line {}", i + 1))?;
+        total += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Err(e) = parse(&line) {
+            bad.push(format!("line {}: {e}", i + 1));
+        }
+    }
+    if !bad.is_empty() {
+        let shown = bad.len().min(BAD_LINES_SHOWN);
+        anyhow::bail!(
+            "{} bad line(s); nothing was imported:\n{}{}",
+            bad.len(),
+            bad[..shown].join("\n"),
+            if bad.len() > shown { "\n…" } else { "" }
+        );
+    }
+
+    let progress_file = progress_path(file);
+    let (client_id, done) = read_progress(&progress_file, file)?;
+    let bar = Progress::new(total, done);
+    let mut ops = Vec::new();
+    let mut bytes = 0;
+    let mut written = 0u64;
+    let mut seq = done_seq(&progress_file)?;
+    for (i, line) in open()?.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        if line_no <= done {
+            continue;
+        }
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        bytes += line.len();
+        ops.push(parse(&line).map_err(|e| anyhow::anyhow!("line {line_no}: {e}"))?);
+        if ops.len() >= IMPORT_OPS_PER_TX || bytes >= IMPORT_BYTES_PER_TX {
+            seq += 1;
+            written += send(http, site, &client_id, seq, std::mem::take(&mut ops)).await?;
+            bytes = 0;
+            write_progress(&progress_file, &client_id, line_no, seq)?;
+            bar.at(line_no);
+        }
+    }
+    if !ops.is_empty() {
+        seq += 1;
+        written += send(http, site, &client_id, seq, ops).await?;
+        write_progress(&progress_file, &client_id, total, seq)?;
+    }
+    bar.at(total);
+    bar.finish();
+    let _ = std::fs::remove_file(&progress_file);
+    Ok(written)
+}
+
+/// Commits one batch; a retried one that was applied before counts as written.
+async fn send(
+    http: &Http,
+    site: &str,
+    client_id: &str,
+    seq: u64,
+    ops: Vec<Op>,
+) -> anyhow::Result<u64> {
+    let n = ops.len() as u64;
+    let req = TxRequest {
+        ops,
+        client_id: Some(client_id.to_string()),
+        seq: Some(seq),
+    };
+    http.tx(site, &req)
+        .await
+        .with_context(|| format!("import transaction {seq}"))?;
+    Ok(n)
+}
+
+fn progress_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".progress");
+    PathBuf::from(name)
+}
+
+/// The import's client id and the last line committed, from an earlier run's progress file
+/// (or a new id and line 0).
+fn read_progress(path: &Path, file: &Path) -> anyhow::Result<(String, u64)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an import's progress", path.display()))?;
+            let id = v["client_id"]
+                .as_str()
+                .context("progress without a client id")?;
+            let line = v["line"].as_u64().context("progress without a line")?;
+            eprintln!(
+                "resuming the import of {} after line {line}",
+                file.display()
+            );
+            Ok((id.to_string(), line))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).expect("read the operating system's random source");
+            Ok((format!("import-{:016x}", u64::from_le_bytes(b)), 0))
+        }
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn done_seq(path: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["seq"].as_u64())
+        .unwrap_or(0))
+}
+
+fn write_progress(path: &Path, client_id: &str, line: u64, seq: u64) -> anyhow::Result<()> {
+    let tmp = path.with_extension("progress.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::json!({"client_id": client_id, "line": line, "seq": seq}).to_string(),
+    )?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_line: std::cell::Cell<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(total: u64, done: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} lines, {per_sec}, {eta} left",
+                )
+                .expect("a valid progress template"),
+            );
+            bar.set_position(done);
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            last_line: std::cell::Cell::new(std::time::Instant::now()),
+        }
+    }
+
+    fn at(&self, line: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(line),
+            None => {
+                if self.last_line.get().elapsed() >= std::time::Duration::from_secs(1)
+                    || line == self.total
+                {
+                    self.last_line.set(std::time::Instant::now());
+                    let _ = writeln!(std::io::stderr(), "imported {line} of {} lines", self.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
