@@ -118,35 +118,62 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
     let mut bytes = 0;
     let mut written = 0u64;
     let mut seq = done_seq(&progress_file)?;
-    for (i, line) in open()?.lines().enumerate() {
+    // One transaction in flight while the next is read: they still commit in file order.
+    let mut in_flight: Option<InFlight> = None;
+    let settle = |in_flight: &mut Option<InFlight>| {
+        let taken = in_flight.take();
+        let progress_file = progress_file.clone();
+        let client_id = client_id.clone();
+        async move {
+            let Some((task, line, seq)) = taken else {
+                return anyhow::Ok(0);
+            };
+            let n = task.await.context("the import task failed")??;
+            write_progress(&progress_file, &client_id, line, seq)?;
+            Ok(n)
+        }
+    };
+    let mut lines = open()?.lines().enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
         let line_no = i as u64 + 1;
         if line_no <= done {
             continue;
         }
         let line = line?;
-        if line.trim().is_empty() {
-            continue;
+        if !line.trim().is_empty() {
+            bytes += line.len();
+            ops.push(parse(&line).map_err(|e| anyhow::anyhow!("line {line_no}: {e}"))?);
         }
-        bytes += line.len();
-        ops.push(parse(&line).map_err(|e| anyhow::anyhow!("line {line_no}: {e}"))?);
-        if ops.len() >= IMPORT_OPS_PER_TX || bytes >= IMPORT_BYTES_PER_TX {
-            seq += 1;
-            written += send(http, site, &client_id, seq, std::mem::take(&mut ops)).await?;
-            bytes = 0;
-            write_progress(&progress_file, &client_id, line_no, seq)?;
+        let last = lines.peek().is_none();
+        if !ops.is_empty()
+            && (ops.len() >= IMPORT_OPS_PER_TX || bytes >= IMPORT_BYTES_PER_TX || last)
+        {
+            written += settle(&mut in_flight).await?;
             bar.at(line_no);
+            seq += 1;
+            let (http, site, id, batch) = (
+                http.clone(),
+                site.to_string(),
+                client_id.clone(),
+                std::mem::take(&mut ops),
+            );
+            in_flight = Some((
+                tokio::spawn(async move { send(&http, &site, &id, seq, batch).await }),
+                line_no,
+                seq,
+            ));
+            bytes = 0;
         }
     }
-    if !ops.is_empty() {
-        seq += 1;
-        written += send(http, site, &client_id, seq, ops).await?;
-        write_progress(&progress_file, &client_id, total, seq)?;
-    }
+    written += settle(&mut in_flight).await?;
     bar.at(total);
     bar.finish();
     let _ = std::fs::remove_file(&progress_file);
     Ok(written)
 }
+
+/// A transaction being written: its task, its last line, its sequence number.
+type InFlight = (tokio::task::JoinHandle<anyhow::Result<u64>>, u64, u64);
 
 /// Commits one batch; a retried one that was applied before counts as written.
 async fn send(
