@@ -292,22 +292,10 @@ impl Replica {
 
     /// Pending transactions after queue position `after`, oldest first, at most `limit`.
     pub fn pending(&self, after: u64, limit: usize) -> Result<Vec<PendingTx>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT n, tx FROM replica_pending WHERE n > ?1 ORDER BY n LIMIT ?2")?;
-        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (n, tx) = row?;
-            out.push(PendingTx {
-                n: n as u64,
-                tx: codec::decode(&tx)
-                    .map_err(|e| StoreError::Corrupt(format!("pending transaction: {e}")))?,
-            });
-        }
-        Ok(out)
+        self.pending_rows(
+            "SELECT n, tx FROM replica_pending WHERE n > ?1 ORDER BY n LIMIT ?2",
+            params![after as i64, limit as i64],
+        )
     }
 
     /// How many transactions wait for their acknowledgement.
@@ -460,12 +448,20 @@ impl Replica {
     }
 
     fn pending_of(&self, site: &str) -> Result<Vec<PendingTx>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT n, tx FROM replica_pending WHERE site = ?1 ORDER BY n")?;
-        let rows = stmt.query_map(params![site], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?;
+        self.pending_rows(
+            "SELECT n, tx FROM replica_pending WHERE site = ?1 ORDER BY n",
+            params![site],
+        )
+    }
+
+    /// Queued transactions a query (`n`, `tx`) selects, decoded.
+    fn pending_rows(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<PendingTx>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(args, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (n, tx) = row?;

@@ -282,3 +282,18 @@ fn find_or_build_sesame() -> anyhow::Result<PathBuf> {
     );
     Ok(bin)
 }
+
+/// Runs `sesame ARGS --node URL --token TOKEN` and returns (success, stdout, stderr).
+pub async fn run_sesame(args: &[&str], url: &str, token: &str) -> (bool, String, String) {
+    let out = tokio::process::Command::new(sesame_bin().expect("the sesame binary"))
+        .args(args)
+        .args(["--node", url, "--token", token])
+        .output()
+        .await
+        .expect("run sesame");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

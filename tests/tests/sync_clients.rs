@@ -7,6 +7,7 @@ use futures::StreamExt;
 use sesame_client::{Client, Options, SyncError};
 use sesame_proto::sync::Target;
 use sesame_proto::{Op, Role, Value};
+use sesame_tests::run_sesame as sesame;
 use sesame_tests::TestNode;
 
 fn put(collection: &str, key: &str, value: serde_json::Value) -> Op {
@@ -457,21 +458,6 @@ async fn a_subscriber_that_does_not_read_slows_nobody() {
     }
     assert_eq!(node.node.node.feed.sessions(), 2);
     node.stop().await.unwrap();
-}
-
-/// Runs `sesame ARGS --node URL --token TOKEN` and returns (success, stdout, stderr).
-async fn sesame(args: &[&str], url: &str, token: &str) -> (bool, String, String) {
-    let out = tokio::process::Command::new(sesame_tests::sesame_bin().unwrap())
-        .args(args)
-        .args(["--node", url, "--token", token])
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,19 +5,7 @@ use std::io::Write as _;
 
 use sesame_tests::TestNode;
 
-async fn sesame(args: &[&str], url: &str, token: &str) -> (bool, String, String) {
-    let out = tokio::process::Command::new(sesame_tests::sesame_bin().unwrap())
-        .args(args)
-        .args(["--node", url, "--token", token])
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use sesame_tests::run_sesame as sesame;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_export_round_trip_refuse_bad_files_and_resume() {
