@@ -142,6 +142,9 @@ impl TestCluster {
                 .expect("a loopback address"),
         );
         c.node_id = id;
+        // Any free UDP port for app clients: the default (the HTTP port's number) could be
+        // a port another test's node picked for its peers.
+        c.quic_addr = Some("127.0.0.1:0".parse().expect("a loopback address"));
         c.render_worker = Some(crate::render_worker());
         c.admin_token = Some(ADMIN_TOKEN.into());
         c.write_rate = None;

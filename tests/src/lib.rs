@@ -114,6 +114,9 @@ fn config(data: &Path) -> NodeConfig {
         "127.0.0.1:0".parse().expect("parse a loopback address"),
     );
     config.render_worker = Some(render_worker());
+    // Any free UDP port for app clients: the default (the HTTP port's number) could be a
+    // port another test's node picked for its peers.
+    config.quic_addr = Some("127.0.0.1:0".parse().expect("a loopback address"));
     config
 }
 

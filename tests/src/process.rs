@@ -228,6 +228,8 @@ impl ProcessCluster {
             let mut args: Vec<OsString> = vec!["node".into(), "--id".into(), id.to_string().into()];
             args.extend(["--data".into(), data.clone().into_os_string()]);
             args.extend(["--http".into(), http.to_string().into()]);
+            // Any free UDP port for app clients (see `cluster::TestCluster`).
+            args.extend(["--quic".into(), "127.0.0.1:0".into()]);
             args.extend(["--raft".into(), raft.to_string().into()]);
             args.extend(["--certs".into(), node_certs.clone().into_os_string()]);
             args.extend(["--initial-cluster".into(), initial.clone().into()]);
