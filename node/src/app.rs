@@ -74,6 +74,9 @@ pub struct NodeConfig {
     pub min_index_wait: Duration,
     /// How long a deleted site's published files stay in the object store.
     pub deleted_site_retention: Duration,
+    /// How many published versions stay in each site's history, and how often files no
+    /// retained version uses are collected.
+    pub history: crate::pages::gc::HistoryConfig,
     /// `None`: a single voter with no peers (`sesame dev`).
     pub cluster: Option<ClusterConfig>,
     pub raft_tuning: RaftTuning,
@@ -108,6 +111,7 @@ impl NodeConfig {
             deleted_site_retention: Duration::from_secs(
                 crate::pages::janitor::RETENTION_HOURS_DEFAULT * 3600,
             ),
+            history: crate::pages::gc::HistoryConfig::default(),
             cluster: None,
             raft_tuning: RaftTuning::default(),
             render_worker: None,
@@ -498,6 +502,19 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             shared_store: config.objects.is_some(),
             retention: config.deleted_site_retention,
             writer: writer.clone(),
+        }
+        .run(cancel.clone()),
+    ));
+    tasks.push(tokio::spawn(
+        crate::pages::gc::Collector {
+            reads: reads.clone(),
+            publisher: publisher.clone(),
+            pages: pages.clone(),
+            raft: raft.clone(),
+            writer: writer.clone(),
+            shared_store: config.objects.is_some(),
+            config: config.history.clone(),
+            metrics: metrics.clone(),
         }
         .run(cancel.clone()),
     ));

@@ -262,6 +262,19 @@ pub struct ServeArgs {
     /// Hours a deleted site's published files stay in the object store.
     #[arg(long, default_value_t = crate::pages::janitor::RETENTION_HOURS_DEFAULT)]
     pub deleted_site_retention_hours: u64,
+    /// Published versions each site keeps in its history (for rollback); older ones leave
+    /// it once they are also older than --history-days, and their files are collected.
+    #[arg(long, default_value_t = crate::pages::gc::HISTORY_KEEP_DEFAULT)]
+    pub history_keep: usize,
+    /// Versions younger than this many days stay in the history, however many there are.
+    #[arg(long, default_value_t = crate::pages::gc::HISTORY_DAYS_DEFAULT)]
+    pub history_days: u64,
+    /// Seconds a file no retained version uses is kept after it was written.
+    #[arg(long, default_value_t = crate::pages::gc::GRACE_SECS_DEFAULT)]
+    pub gc_grace_secs: u64,
+    /// Seconds between two garbage collections.
+    #[arg(long, default_value_t = crate::pages::gc::INTERVAL_SECS_DEFAULT)]
+    pub gc_interval_secs: u64,
 }
 
 impl ServeArgs {
@@ -274,6 +287,20 @@ impl ServeArgs {
         config.debounce = std::time::Duration::from_millis(self.debounce_ms);
         config.deleted_site_retention =
             std::time::Duration::from_secs(self.deleted_site_retention_hours.saturating_mul(3600));
+        anyhow::ensure!(
+            self.history_keep >= 1,
+            "--history-keep must be at least 1 (the served version)"
+        );
+        anyhow::ensure!(
+            self.gc_interval_secs >= 1,
+            "--gc-interval-secs must be at least 1"
+        );
+        config.history = crate::pages::gc::HistoryConfig {
+            keep: self.history_keep,
+            max_age: std::time::Duration::from_secs(self.history_days.saturating_mul(24 * 3600)),
+            grace: std::time::Duration::from_secs(self.gc_grace_secs),
+            interval: std::time::Duration::from_secs(self.gc_interval_secs),
+        };
         config.write_rate = match (self.write_rate, self.write_burst) {
             (0.0, _) => None,
             (rate, burst) if rate > 0.0 && burst >= 1.0 => Some(crate::http::limits::RateLimit {

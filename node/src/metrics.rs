@@ -36,6 +36,7 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub client_sessions: Gauge,
     pub live_channels: Gauge,
+    pub gc_objects_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +69,7 @@ impl Metrics {
             client_connections: Gauge::default(),
             client_sessions: Gauge::default(),
             live_channels: Gauge::default(),
+            gc_objects_deleted: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -119,6 +121,11 @@ impl Metrics {
             "raft_follower_lag_entries",
             "On the leader: entries each follower is behind",
             m.follower_lag.clone(),
+        );
+        r.register(
+            "gc_objects_deleted",
+            "Blobs and manifests deleted by garbage collection (no retained version used them)",
+            m.gc_objects_deleted.clone(),
         );
         r.register(
             "projection_rounds",

@@ -60,6 +60,29 @@ pub struct Publisher {
     prefix: Option<Path>,
     /// Blob paths known to exist.
     known: Mutex<HashSet<String>>,
+    /// Held shared by every step that finds a file present and then relies on it (a
+    /// publish from its blob writes until its root or preview is committed, a follower from
+    /// its checks until it installs, a backup while it copies), and exclusively by garbage
+    /// collection while it decides and deletes. So collection never deletes a file that a
+    /// version about to be committed names without having written it.
+    pins: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// A site's collectable object: a blob or a manifest, and when it was last written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub kind: ObjectKind,
+    /// The blob's hash, or the manifest's id.
+    pub name: String,
+    pub last_modified_ms: u64,
+    pub size: u64,
+}
+
+/// What a [`StoredObject`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    Blob,
+    Manifest,
 }
 
 impl Publisher {
@@ -69,7 +92,95 @@ impl Publisher {
             store,
             prefix: None,
             known: Mutex::default(),
+            pins: Arc::default(),
         }
+    }
+
+    /// Keeps garbage collection out until the guard drops (see `pins`).
+    pub async fn pin(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.pins.clone().read_owned().await
+    }
+
+    /// Waits until nothing is pinned and keeps new pins out until the guard drops; for
+    /// garbage collection only.
+    pub async fn exclusive(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.pins.clone().write_owned().await
+    }
+
+    /// The blobs and manifests stored for `site`.
+    pub async fn list_objects(&self, site: &str) -> Result<Vec<StoredObject>, PublishError> {
+        check_site(site)?;
+        let mut out = Vec::new();
+        for (kind, dir) in [
+            (ObjectKind::Blob, "blobs"),
+            (ObjectKind::Manifest, "manifests"),
+        ] {
+            let prefix = self.path(&format!("sites/{site}/{dir}"));
+            let mut listing = self.store.list(Some(&prefix));
+            while let Some(meta) = listing.try_next().await? {
+                let Some(file) = meta.location.filename() else {
+                    continue;
+                };
+                let name = match kind {
+                    ObjectKind::Blob => file,
+                    ObjectKind::Manifest => match file.strip_suffix(".json") {
+                        Some(id) => id,
+                        None => continue,
+                    },
+                };
+                // Only names this publisher writes; anything else is not ours to delete.
+                if !is_hash(name) {
+                    continue;
+                }
+                out.push(StoredObject {
+                    kind,
+                    name: name.to_string(),
+                    last_modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
+                    size: meta.size as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes blobs and manifests of `site` (absent ones are fine); returns how many were
+    /// asked for. For garbage collection, under [`Publisher::exclusive`].
+    pub async fn delete_objects(
+        &self,
+        site: &str,
+        objects: &[(ObjectKind, String)],
+    ) -> Result<usize, PublishError> {
+        check_site(site)?;
+        let mut paths = Vec::with_capacity(objects.len());
+        for (kind, name) in objects {
+            if !is_hash(name) {
+                return Err(PublishError::InvalidName {
+                    what: "object name",
+                    value: name.clone(),
+                });
+            }
+            paths.push(match kind {
+                ObjectKind::Blob => self.path(&format!("sites/{site}/blobs/{name}")),
+                ObjectKind::Manifest => self.path(&format!("sites/{site}/manifests/{name}.json")),
+            });
+        }
+        {
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            for p in &paths {
+                known.remove(p.as_ref());
+            }
+        }
+        let n = paths.len();
+        let mut results = self
+            .store
+            .delete_stream(futures::stream::iter(paths.into_iter().map(Ok)).boxed());
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
     }
 
     /// Publishes into a local folder, creating it. Writes go to a temporary file and are

@@ -96,6 +96,34 @@ pub enum Command {
     /// feed then reaches back to `before` only (the site's feed horizon), and a reader of
     /// changes from further back must read the site's tuples whole instead.
     CompactFeed { site: String, before: LogIndex },
+    /// Forget the site's published versions recorded below log index `before`, except the
+    /// one the root points at: they leave the history (and can no longer be rolled back
+    /// to), and garbage collection may then delete the files only they used. The proposer
+    /// decides the cut from its retention settings and clock.
+    PruneVersions { site: String, before: LogIndex },
+    /// Record a preview: a version rendered from a proposed change that is served only
+    /// under its private id until `expires_at_ms`, and never becomes the root. Expired
+    /// previews of the site are forgotten; past [`PREVIEWS_PER_SITE_MAX`] live ones the
+    /// oldest goes.
+    PutPreview(PreviewRecord),
+}
+
+/// Most live previews one site keeps.
+pub const PREVIEWS_PER_SITE_MAX: usize = 32;
+
+/// A preview as the log records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct PreviewRecord {
+    pub site: String,
+    /// The blake3 hash (hex) of the preview's secret id; the id itself is only in its URL.
+    pub id_hash: String,
+    /// The manifest id of the preview's files.
+    pub manifest: String,
+    /// The commit index the change was rendered on top of.
+    pub index: LogIndex,
+    /// The proposer's clock.
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
 }
 
 /// A site's new root. Publishing through the log means every node agrees on the current
@@ -177,4 +205,11 @@ pub enum CommandResult {
         removed: u64,
         horizon: LogIndex,
     },
+    /// `removed` versions left the site's history.
+    VersionsPruned {
+        removed: u64,
+    },
+    /// A rollback named a version that is no longer in the site's history; nothing changed.
+    VersionGone,
+    PreviewStored,
 }

@@ -12,7 +12,10 @@ pub mod sync;
 pub mod tuple;
 pub mod value;
 
-pub use command::{Command, CommandResult, Conflict, Publish, Role, TokenRecord};
+pub use command::{
+    Command, CommandResult, Conflict, PreviewRecord, Publish, Role, TokenRecord,
+    PREVIEWS_PER_SITE_MAX,
+};
 pub use names::{encode_segment, validate_collection, validate_key, validate_site, NameError};
 pub use tuple::{Home, Op, Origin, Transaction, Tuple, TxError};
 pub use value::Value;

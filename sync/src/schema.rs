@@ -89,6 +89,18 @@ CREATE TABLE IF NOT EXISTS feed_horizons (
     horizon INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- Previews: versions rendered from a proposed change, served only under their secret id
+-- (stored as its hash) until they expire; never a root (Command::PutPreview).
+CREATE TABLE IF NOT EXISTS previews (
+    site          TEXT NOT NULL,
+    id_hash       TEXT NOT NULL,
+    manifest      TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (site, id_hash)
+) WITHOUT ROWID;
+
 -- At-most-once: the highest sequence number applied per client and site, and where.
 CREATE TABLE IF NOT EXISTS client_seqs (
     site      TEXT NOT NULL,

@@ -6,7 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction as SqlTx};
 use sesame_proto::command::{DEAD_TOKENS_PER_SITE_MAX, TOKENS_PER_SITE_MAX};
 use sesame_proto::tuple::CLIENT_SEQ_WINDOW;
 use sesame_proto::{
-    codec, Command, CommandResult, Conflict, LogIndex, Op, Publish, Role, TokenRecord, Transaction,
+    codec, Command, CommandResult, Conflict, LogIndex, Op, PreviewRecord, Publish, Role,
+    TokenRecord, Transaction, PREVIEWS_PER_SITE_MAX,
 };
 use thiserror::Error;
 
@@ -162,7 +163,19 @@ impl Store {
                 "roots",
                 "versions",
                 "deleted_sites",
+                "feed_horizons",
+                "previews",
             ] {
+                // A snapshot from an older build may lack a newer (empty) table.
+                let present: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM snap.sqlite_master WHERE type = 'table' AND name = ?1)",
+                    params![table],
+                    |r| r.get(0),
+                )?;
+                if !present {
+                    tx.execute_batch(&format!("DELETE FROM main.{table};"))?;
+                    continue;
+                }
                 tx.execute_batch(&format!(
                     "DELETE FROM main.{table}; INSERT INTO main.{table} SELECT * FROM snap.{table};"
                 ))?;
@@ -220,7 +233,63 @@ fn apply_command(
         )),
         Command::Publish(p) => apply_publish(tx, index, p),
         Command::CompactFeed { site, before } => compact_feed(tx, site, *before),
+        Command::PruneVersions { site, before } => prune_versions(tx, site, *before),
+        Command::PutPreview(p) => put_preview(tx, p),
     }
+}
+
+fn prune_versions(
+    tx: &SqlTx<'_>,
+    site: &str,
+    before: LogIndex,
+) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: site.to_string(),
+        });
+    }
+    // The root's own version row stays, whatever its age: the history always holds what
+    // is served.
+    let removed = tx
+        .prepare_cached(
+            "DELETE FROM versions WHERE site = ?1 AND log_index < ?2
+               AND log_index NOT IN (SELECT log_index FROM roots WHERE site = ?1)",
+        )?
+        .execute(params![site, sql_int(before)])?;
+    Ok(CommandResult::VersionsPruned {
+        removed: removed as u64,
+    })
+}
+
+fn put_preview(tx: &SqlTx<'_>, p: &PreviewRecord) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, &p.site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: p.site.clone(),
+        });
+    }
+    let now = sql_int(p.created_at_ms);
+    tx.prepare_cached("DELETE FROM previews WHERE site = ?1 AND expires_at_ms <= ?2")?
+        .execute(params![p.site, now])?;
+    // Room for the new one: the oldest live previews go first.
+    tx.prepare_cached(
+        "DELETE FROM previews WHERE site = ?1 AND id_hash IN (
+             SELECT id_hash FROM previews WHERE site = ?1
+             ORDER BY created_at_ms DESC, id_hash LIMIT -1 OFFSET ?2)",
+    )?
+    .execute(params![p.site, (PREVIEWS_PER_SITE_MAX - 1) as i64])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO previews (site, id_hash, manifest, idx, created_at_ms, expires_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        p.site,
+        p.id_hash,
+        p.manifest,
+        sql_int(p.index),
+        now,
+        sql_int(p.expires_at_ms)
+    ])?;
+    Ok(CommandResult::PreviewStored)
 }
 
 fn compact_feed(tx: &SqlTx<'_>, site: &str, before: LogIndex) -> Result<CommandResult, StoreError> {
@@ -346,6 +415,7 @@ fn delete_site(
         "client_seqs",
         "client_txs",
         "feed_horizons",
+        "previews",
     ] {
         tx.prepare_cached(&format!("DELETE FROM {table} WHERE site = ?1"))?
             .execute(params![name])?;
@@ -385,6 +455,18 @@ fn apply_publish(
     let current = View::new(tx).root(&p.site)?.map(|r| r.manifest);
     if current != p.expected {
         return Ok(CommandResult::RootMoved { current });
+    }
+    // A rollback may only point at a version still in the history: a pruned version's
+    // files may be gone already.
+    if p.rollback {
+        let retained: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE site = ?1 AND manifest = ?2)",
+            )?
+            .query_row(params![p.site, p.manifest], |r| r.get(0))?;
+        if !retained {
+            return Ok(CommandResult::VersionGone);
+        }
     }
     tx.prepare_cached(
         "INSERT OR REPLACE INTO roots (site, manifest, idx, log_index, files, published_at_ms)

@@ -435,7 +435,8 @@ impl<'c> View<'c> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The newest version of a site that reflects commit `index` (not counting rollbacks).
+    /// The newest version of a site that reflects commit `index`: the one published for it,
+    /// or, once that left the history, a rollback to it.
     pub fn version_at(
         &self,
         site: &str,
@@ -448,9 +449,88 @@ impl<'c> View<'c> {
             .conn
             .prepare_cached(
                 "SELECT site, manifest, idx, log_index, files, published_at_ms, rollback FROM versions
-                 WHERE site = ?1 AND idx = ?2 AND rollback = 0 ORDER BY log_index DESC LIMIT 1",
+                 WHERE site = ?1 AND idx = ?2 ORDER BY rollback, log_index DESC LIMIT 1",
             )?
             .query_row(params![site, index], root_from_row)
+            .optional()?)
+    }
+
+    /// Where a prune of `site`'s history would cut (`Command::PruneVersions { before }`):
+    /// below the newest `keep` versions and below every version published at or after
+    /// `cutoff_ms`. `None`: nothing to prune. The root's version is never pruned.
+    pub fn prune_cut(
+        &self,
+        site: &str,
+        keep: usize,
+        cutoff_ms: u64,
+    ) -> Result<Option<LogIndex>, StoreError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let cutoff = i64::try_from(cutoff_ms).unwrap_or(i64::MAX);
+        // The newest version that is both beyond the newest `keep` and older than the cutoff.
+        let newest_old: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT MAX(log_index) FROM (
+                     SELECT log_index, published_at_ms FROM versions WHERE site = ?1
+                     ORDER BY log_index DESC LIMIT -1 OFFSET ?2)
+                 WHERE published_at_ms < ?3",
+            )?
+            .query_row(params![site, keep, cutoff], |r| r.get(0))?;
+        let Some(newest_old) = newest_old else {
+            return Ok(None);
+        };
+        // Only worth a command when it removes a row other than the root's.
+        let removable: bool = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM versions WHERE site = ?1 AND log_index <= ?2
+                   AND log_index NOT IN (SELECT log_index FROM roots WHERE site = ?1))",
+            )?
+            .query_row(params![site, newest_old], |r| r.get(0))?;
+        Ok(removable.then_some(newest_old as u64 + 1))
+    }
+
+    /// Every manifest `site` still needs at `now_ms`: its root's, its history's and its live
+    /// previews'. Files no manifest here names may be collected.
+    pub fn retained_manifests(
+        &self,
+        site: &str,
+        now_ms: u64,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT manifest FROM roots WHERE site = ?1
+             UNION SELECT manifest FROM versions WHERE site = ?1
+             UNION SELECT manifest FROM previews WHERE site = ?1 AND expires_at_ms > ?2",
+        )?;
+        let rows = stmt.query_map(params![site, now], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The live preview of `site` whose secret id hashes to `id_hash`.
+    pub fn preview(
+        &self,
+        site: &str,
+        id_hash: &str,
+        now_ms: u64,
+    ) -> Result<Option<sesame_proto::PreviewRecord>, StoreError> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT manifest, idx, created_at_ms, expires_at_ms FROM previews
+                 WHERE site = ?1 AND id_hash = ?2 AND expires_at_ms > ?3",
+            )?
+            .query_row(params![site, id_hash, now], |r| {
+                Ok(sesame_proto::PreviewRecord {
+                    site: site.to_string(),
+                    id_hash: id_hash.to_string(),
+                    manifest: r.get(0)?,
+                    index: r.get::<_, i64>(1)? as u64,
+                    created_at_ms: r.get::<_, i64>(2)? as u64,
+                    expires_at_ms: r.get::<_, i64>(3)? as u64,
+                })
+            })
             .optional()?)
     }
 

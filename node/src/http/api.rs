@@ -977,6 +977,12 @@ async fn rollback(
                 "the site published a new version meanwhile; nothing was rolled back; retry",
             ))
         }
+        CommandResult::VersionGone => {
+            return Err(ApiError::not_found(format!(
+                "the version at index {} left the history of site {site:?} meanwhile (see --history-keep); nothing was rolled back",
+                req.index
+            )))
+        }
         other => {
             return Err(ApiError::internal(format!(
                 "rollback: unexpected result {other:?}"

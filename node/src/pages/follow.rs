@@ -92,6 +92,8 @@ impl Follower {
         let mut seen = since;
         for root in roots {
             if self.pages.root_log_index(&root.site) < root.log_index {
+                // Garbage collection waits until the version is installed (see gc.rs).
+                let _pin = self.publisher.pin().await;
                 let manifest = self.fetch_version(&root).await.with_context(|| {
                     format!(
                         "install version {} of site {} (root at log index {})",

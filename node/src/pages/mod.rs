@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod export;
 pub mod follow;
+pub mod gc;
 pub mod janitor;
 pub mod projection;
 pub mod serve;

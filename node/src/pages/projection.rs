@@ -673,6 +673,8 @@ impl Projections {
         let started = Instant::now();
         let site = slot.site.clone();
         let manifest = projection.manifest.clone();
+        // Garbage collection waits until the version is committed and served (gc.rs).
+        let _pin = self.publisher.pin().await;
         let id = self
             .publisher
             .publish(&projection)
