@@ -184,6 +184,8 @@ pub struct Node {
     pub live: Arc<crate::live::Live>,
     pub clients: Arc<crate::clients::ClientContext>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The node's data directory (backups copy its store from there).
+    pub data_dir: std::path::PathBuf,
     admin_hash: String,
 }
 
@@ -587,6 +589,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         live,
         clients: client_ctx,
         metrics,
+        data_dir: config.data_dir.clone(),
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());

@@ -13,6 +13,8 @@ use sesame_proto::{Op, Role, Value};
 
 use crate::app::{NodeConfig, ADMIN_TOKEN_FILE};
 
+/// The node id of `sesame dev` (and of a restored node).
+pub const DEV_NODE_ID: u64 = 1;
 /// Where `sesame dev` keeps its data unless told otherwise.
 pub const DEV_DATA_DIR: &str = "./sesame-data";
 /// The HTTP address `sesame dev` listens on unless told otherwise.
@@ -105,6 +107,19 @@ pub enum Command {
     /// Load a file of JSON lines (as `export` writes them) into a site: checked whole first,
     /// then written in order in batches; resumes where an interrupted run stopped.
     Import { site: String, file: PathBuf },
+    /// Take an online backup of a node (admin token): its store (tuples, sites, tokens,
+    /// roots, history) and the published files those name, while writes go on. Written to
+    /// FILE.part and checked whole before it becomes FILE.
+    Backup { file: PathBuf },
+    /// Make a new single node in an empty folder from a backup (checked whole; nothing is
+    /// left behind if it is bad). Start it with `sesame dev --data DIR`.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Check a backup file and say what it holds.
+    VerifyBackup { file: PathBuf },
     /// Get one tuple.
     Get {
         site: String,
@@ -740,6 +755,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = crate::transfer::import(&remote.client()?, &site, &file).await?;
             print_json(&serde_json::json!({ "site": site, "imported": n }))
         }
+        Command::Backup { file } => {
+            let node = remote.node.split(',').next().unwrap_or_default().trim();
+            let summary = crate::backup::download(node, remote.token().as_deref(), &file).await?;
+            print_json(&summary)
+        }
+        Command::Restore { file, data } => {
+            let src = tokio::fs::File::open(&file)
+                .await
+                .with_context(|| format!("open {}", file.display()))?;
+            let restored = crate::backup::restore(
+                tokio::io::BufReader::with_capacity(1 << 20, src),
+                &data,
+                DEV_NODE_ID,
+            )
+            .await
+            .with_context(|| format!("restore {} into {}", file.display(), data.display()))?;
+            eprintln!(
+                "restored the store at index {} and {} published files into {}; start it with: sesame dev --data {}",
+                restored.info.applied_index,
+                restored.objects,
+                data.display(),
+                data.display()
+            );
+            print_json(&serde_json::json!({
+                "data": data.display().to_string(),
+                "applied_index": restored.info.applied_index,
+                "objects": restored.objects,
+                "store_bytes": restored.store_bytes,
+            }))
+        }
+        Command::VerifyBackup { file } => print_json(&crate::backup::verify(&file).await?),
         Command::Get {
             site,
             collection,

@@ -12,6 +12,7 @@
 //! `peer/` (QUIC with mutual TLS), and the write and read paths at the top.
 
 pub mod app;
+pub mod backup;
 pub mod cli;
 pub mod clients;
 pub mod cluster;

@@ -43,7 +43,8 @@ pub use config::{
 };
 pub use error::{ProjectError, TemplateError};
 pub use manifest::{
-    content_hash, Delta, FileEntry, Manifest, ManifestError, Root, MANIFEST_FORMAT, ROOT_FORMAT,
+    content_hash, is_hash, Delta, FileEntry, Manifest, ManifestError, Root, MANIFEST_FORMAT,
+    ROOT_FORMAT,
 };
 pub use paths::{
     content_type_for, encode_segment, template_kind, Escape, PageKind, NOT_FOUND_PATH, ROBOTS_PATH,

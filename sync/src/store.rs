@@ -82,6 +82,37 @@ impl Store {
         self.view().applied_index()
     }
 
+    /// Writes a consistent copy of the store file at `src` to `dest` (which must not
+    /// exist) from a connection of its own, while the store's writer goes on: the copy is
+    /// one read snapshot (an online backup).
+    pub fn copy_file(src: &Path, dest: &Path) -> Result<(), StoreError> {
+        let dest_str = dest.to_str().ok_or_else(|| StoreError::Snapshot {
+            path: dest.to_path_buf(),
+            message: "path is not UTF-8".into(),
+        })?;
+        let conn = Connection::open_with_flags(src, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute("VACUUM INTO ?1", params![dest_str])?;
+        Ok(())
+    }
+
+    /// Every `(site, manifest)` a store file still names: roots, history and previews.
+    pub fn published_manifests(path: &Path) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let mut stmt = conn.prepare(
+            "SELECT site, manifest FROM roots UNION SELECT site, manifest FROM versions
+             UNION SELECT site, manifest FROM previews ORDER BY 1, 2",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets a metadata value outside [`Store::apply`]: only for tools that rewrite a store
+    /// that no node runs on (restoring a backup as a new node).
+    pub fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        put_meta(&self.conn, key, value)
+    }
+
     /// A metadata value written by [`Store::apply`].
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         get_meta(&self.conn, key)

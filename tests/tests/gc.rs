@@ -151,7 +151,10 @@ async fn history_is_pruned_and_files_only_pruned_versions_used_are_collected() {
     // The pages only pruned versions had are deleted; the retained ones are whole.
     let deadline = Instant::now() + WAIT;
     while (0..5).any(|i| blobs_containing(&node, &format!("Alice Generation {i}<")) > 0) {
-        assert!(Instant::now() < deadline, "unused files were never collected");
+        assert!(
+            Instant::now() < deadline,
+            "unused files were never collected"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for i in 5..8 {

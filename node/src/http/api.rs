@@ -71,6 +71,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/export.zip", get(export_zip))
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
+        .route("/v1/backup", get(backup))
         .merge(crate::http::cluster::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
@@ -889,6 +890,41 @@ async fn export_zip(
             (http::header::CONTENT_DISPOSITION, disposition),
         ],
         zip,
+    )
+        .into_response())
+}
+
+/// Backups streaming at once from one node; each holds a store copy and keeps garbage
+/// collection waiting.
+const BACKUPS_CONCURRENT_MAX: usize = 2;
+static BACKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BACKUPS_CONCURRENT_MAX);
+
+/// An online backup of the whole node (admin): see `crate::backup` for the format.
+async fn backup(State(node): State<Arc<Node>>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let permit = BACKUPS.try_acquire().map_err(|_| {
+        ApiError::unavailable(format!(
+            "{BACKUPS_CONCURRENT_MAX} backups are running on this node; retry when one ends"
+        ))
+    })?;
+    let rx = crate::backup::stream(&node.data_dir, node.id, node.publisher.clone())
+        .await
+        .map_err(|e| ApiError::internal(format!("start the backup: {e:#}")))?;
+    let body = futures::stream::unfold((rx, permit), |(mut rx, permit)| async move {
+        rx.recv().await.map(|chunk| (chunk, (rx, permit)))
+    });
+    Ok((
+        [
+            (
+                http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"sesame-node-{}.backup\"", node.id),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
     )
         .into_response())
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sesame_projector::{ObjectKind, Publisher, PublishError};
+use sesame_projector::{ObjectKind, PublishError, Publisher};
 use sesame_proto::{Command, CommandResult};
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +109,10 @@ impl Collector {
     }
 
     /// One pass over every site: prune (leader), then sweep (owner of the store).
-    pub async fn collect(&self, last: &mut HashMap<String, BTreeSet<String>>) -> anyhow::Result<()> {
+    pub async fn collect(
+        &self,
+        last: &mut HashMap<String, BTreeSet<String>>,
+    ) -> anyhow::Result<()> {
         let leader = self.raft.view().is_leader();
         if leader {
             self.prune().await?;
@@ -135,7 +138,10 @@ impl Collector {
             if last.get(&site) == Some(&retained) {
                 continue;
             }
-            let swept = self.sweep(&site).await.with_context(|| format!("sweep site {site}"))?;
+            let swept = self
+                .sweep(&site)
+                .await
+                .with_context(|| format!("sweep site {site}"))?;
             if swept.young == 0 {
                 last.insert(site, retained);
             }

@@ -808,6 +808,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Makes an empty Raft log in `dir` that continues after `last` (the last-applied id of a
+/// restored store): the log counts as purged up to it, and the vote is `last`'s term, so
+/// `node_id` is elected in a later term and appends from the next index. For restore only.
+pub async fn start_after(
+    dir: &Path,
+    node_id: NodeId,
+    last: Option<LogId>,
+) -> Result<(), StorageError> {
+    let mut log =
+        LogStore::open(dir).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+    if let Some(last) = last {
+        log.save_vote(&Vote::new(last.leader_id.term, node_id))
+            .await?;
+        log.purge(last).await?;
+        log.save_committed(Some(last)).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

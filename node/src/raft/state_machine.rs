@@ -96,6 +96,27 @@ fn applied_state(store: &Store) -> Result<(Option<LogId>, StoredMembership), Sta
     Ok((last_applied, membership))
 }
 
+/// The last-applied log id of the store in `dir` (for restore).
+pub fn last_applied(dir: &Path) -> Result<Option<LogId>, StateMachineError> {
+    let store = Store::open(&dir.join(STATE_FILE_NAME))?;
+    Ok(applied_state(&store)?.0)
+}
+
+/// Makes the store in `dir` (a restored copy that no node runs on) the state of a new
+/// cluster of one voter, `node_id`: its data and last-applied id stay, its membership
+/// becomes that one node (addresses are learned when it starts). For restore only.
+pub fn reseat_single_voter(dir: &Path, node_id: super::NodeId) -> Result<(), StateMachineError> {
+    let mut store = Store::open(&dir.join(STATE_FILE_NAME))?;
+    let (last_applied, _) = applied_state(&store)?;
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([node_id])],
+        std::collections::BTreeMap::from([(node_id, super::Member::new("", ""))]),
+    );
+    let stored = StoredMembership::new(last_applied, membership);
+    store.set_meta(META_LAST_MEMBERSHIP, &encode_meta(&stored))?;
+    Ok(())
+}
+
 /// Applies one batch in one store transaction; returns one result per entry.
 fn apply_batch(
     store: &mut Store,
