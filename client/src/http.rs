@@ -386,6 +386,20 @@ impl Http {
             .await
     }
 
+    /// Renders the site at `ops` (not committed) and publishes it under a private preview
+    /// URL that expires after `ttl_s` seconds (the node's default when `None`). Answers
+    /// `{url, id, index, expires_at_ms, pages, errors}`.
+    pub async fn preview(
+        &self,
+        site: &str,
+        ops: &[sesame_proto::Op],
+        ttl_s: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/v1/sites/{}/preview", seg(site));
+        let body = serde_json::json!({ "ops": ops, "ttl_s": ttl_s });
+        self.call(Method::POST, &path, Some(&body)).await
+    }
+
     /// Who leads the cluster, and every member's progress (admin).
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/cluster", None).await

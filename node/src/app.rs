@@ -186,6 +186,8 @@ pub struct Node {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The node's data directory (backups copy its store from there).
     pub data_dir: std::path::PathBuf,
+    /// The object store is shared by every node (S3, R2) rather than a folder per node.
+    pub shared_store: bool,
     admin_hash: String,
 }
 
@@ -194,6 +196,18 @@ impl Node {
         // Both are hex hashes of equal length: nothing an attacker learns from timing helps
         // them find a preimage.
         hash == self.admin_hash
+    }
+
+    /// Fetches published versions this node lacks from its peers (for reads of versions
+    /// that are not the root, such as previews).
+    pub fn follower(&self) -> crate::pages::follow::Follower {
+        crate::pages::follow::Follower {
+            reads: self.reads.clone(),
+            pages: self.pages.clone(),
+            publisher: self.publisher.clone(),
+            link: self.cluster.link.clone(),
+            shared_store: self.shared_store,
+        }
     }
 
     /// Runs a read on a consistent snapshot of the tuple store, off the async runtime.
@@ -590,6 +604,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         clients: client_ctx,
         metrics,
         data_dir: config.data_dir.clone(),
+        shared_store: config.objects.is_some(),
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());

@@ -427,6 +427,17 @@ pub enum SiteCommand {
     Rebuild {
         site: String,
     },
+    /// Render the site at a proposed change without committing it, and print the private
+    /// URL it is served at until it expires: `sesame site preview SITE OPS_JSON`, with the
+    /// ops of a transaction (`'[{"put": {"collection": "profiles", "key": "alice",
+    /// "value": {"name": "Alice"}}}]'`).
+    Preview {
+        site: String,
+        ops: String,
+        /// Seconds until the preview expires.
+        #[arg(long)]
+        ttl_s: Option<u64>,
+    },
     /// Download the site's current version as a ZIP any static host can serve
     /// (`path/index.html` for clean URLs): `sesame site export SITE FILE.zip`.
     Export {
@@ -655,6 +666,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&remote.client()?.rollback(&site, index).await?)
             }
             SiteCommand::Rebuild { site } => print_json(&remote.client()?.rebuild(&site).await?),
+            SiteCommand::Preview { site, ops, ttl_s } => {
+                let ops: Vec<sesame_proto::Op> = serde_json::from_str(&ops)
+                    .context("OPS_JSON: a JSON array of ops, as in a transaction")?;
+                print_json(&remote.client()?.preview(&site, &ops, ttl_s).await?)
+            }
             SiteCommand::Export { site, file } => {
                 let zip = remote.client()?.export_zip(&site).await?;
                 let tmp = file.with_extension("zip.part");

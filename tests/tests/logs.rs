@@ -56,6 +56,26 @@ async fn json_logs_carry_request_ids_and_never_a_secret() {
         )
         .await
         .unwrap();
+    // A preview's id is the key to it: it is in its URL, never in the log.
+    let preview = editor
+        .preview(
+            "demo",
+            &[sesame_proto::Op::Put {
+                collection: "profiles".into(),
+                key: "zed".into(),
+                value: sesame_proto::Value::from_json(serde_json::json!({"name": "Zed?"})).unwrap(),
+                if_version: None,
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+    let preview_id = preview["id"].as_str().unwrap().to_string();
+    for path in ["zed", "no-such-page"] {
+        reqwest::get(format!("{}{path}", preview["url"].as_str().unwrap()))
+            .await
+            .unwrap();
+    }
     let client =
         sesame_client::Client::connect(sesame_client::Options::new([url.clone()], &secret))
             .await
@@ -88,6 +108,11 @@ async fn json_logs_carry_request_ids_and_never_a_secret() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(admin_token), "the admin token is in the log");
     assert!(!text.contains(&secret), "a site token is in the log");
+    assert!(!text.contains(&preview_id), "a preview id is in the log");
+    assert!(
+        text.contains("/_preview/demo/(id)"),
+        "preview requests are logged, without the id"
+    );
     let mut lines = 0;
     let mut with_id = 0;
     for line in text.lines().filter(|l| l.starts_with('{')) {

@@ -22,6 +22,17 @@ pub const HEADERS_MAX: usize = 64;
 /// Largest sum of request header names and values, in bytes.
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 
+/// The request path as logged: a preview's id is its key, so it is left out.
+fn loggable_path(path: &str) -> String {
+    match path.strip_prefix("/_preview/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((site, _)) => format!("/_preview/{site}/(id)"),
+            None => "/_preview/(id)".to_string(),
+        },
+        None => path.to_string(),
+    }
+}
+
 /// The middleware: see the module documentation.
 pub async fn every_answer(
     axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::app::Node>>,
@@ -31,7 +42,7 @@ pub async fn every_answer(
     use tracing::Instrument as _;
     let request_id = request_id(req.headers());
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let path = loggable_path(req.uri().path());
     // Everything logged while answering carries the request id (never a header or a body:
     // tokens stay out of the log).
     let span = tracing::info_span!("http", request_id = %request_id, %method, path = %path);

@@ -72,6 +72,19 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
         .route("/v1/backup", get(backup))
+        .route("/v1/sites/{site}/preview", post(preview))
+        .route(
+            "/_preview/{site}/{id}",
+            get(crate::pages::preview::serve_root),
+        )
+        .route(
+            "/_preview/{site}/{id}/",
+            get(crate::pages::preview::serve_root),
+        )
+        .route(
+            "/_preview/{site}/{id}/{*rest}",
+            get(crate::pages::preview::serve),
+        )
         .merge(crate::http::cluster::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
@@ -892,6 +905,60 @@ async fn export_zip(
         zip,
     )
         .into_response())
+}
+
+/// Renders the site at a proposed change and serves it under a private URL until it
+/// expires (`crate::pages::preview`). Editors of the site may ask.
+async fn preview(
+    State(node): State<Arc<Node>>,
+    caller: Caller,
+    p: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<crate::pages::preview::PreviewRequest>,
+) -> Result<Json<crate::pages::preview::PreviewBuilt>, ApiError> {
+    use crate::pages::preview::{
+        PreviewBusy, UnknownSite, PREVIEW_TTL_S_DEFAULT, PREVIEW_TTL_S_MAX,
+    };
+    let site = path(p)?;
+    check_site(&site)?;
+    caller.require(&site, Role::Editor)?;
+    let ttl = req.ttl_s.unwrap_or(PREVIEW_TTL_S_DEFAULT);
+    if ttl == 0 || ttl > PREVIEW_TTL_S_MAX {
+        return Err(ApiError::bad_request(format!(
+            "ttl_s is {ttl}; a preview lives 1 to {PREVIEW_TTL_S_MAX} seconds"
+        )));
+    }
+    // The same checks as a transaction's, so a preview shows only what could commit.
+    let tx = transaction_from(
+        &site,
+        TxRequest {
+            ops: req.ops,
+            client_id: None,
+            seq: None,
+        },
+    )?;
+    if tx
+        .ops
+        .iter()
+        .any(|op| matches!(op, sesame_proto::Op::Send { .. }))
+    {
+        return Err(ApiError::bad_request(
+            "a preview shows site data; mailbox sends are not site data",
+        ));
+    }
+    require_site(&node, &site).await?;
+    node.projections
+        .preview(&site, tx.ops, std::time::Duration::from_secs(ttl))
+        .await
+        .map(Json)
+        .map_err(|e| {
+            if e.downcast_ref::<PreviewBusy>().is_some() {
+                ApiError::unavailable(e.to_string())
+            } else if let Some(UnknownSite(site)) = e.downcast_ref::<UnknownSite>() {
+                ApiError::unknown_site(site)
+            } else {
+                ApiError::internal(format!("preview: {e:#}"))
+            }
+        })
 }
 
 /// Backups streaming at once from one node; each holds a store copy and keeps garbage

@@ -110,17 +110,24 @@ impl Follower {
     /// Makes sure the manifest a root names, and every file in it, are in this node's
     /// object store; returns the manifest.
     async fn fetch_version(&self, root: &RootRecord) -> anyhow::Result<Manifest> {
-        let site = &root.site;
-        let manifest = match self.publisher.get_manifest(site, &root.manifest).await {
+        self.ensure_version(&root.site, &root.manifest).await
+    }
+
+    /// Makes sure manifest `id` of `site`, and every file it names, are in this node's
+    /// object store (fetched from peers when this node has a folder of its own); returns
+    /// the manifest. The caller pins the publisher while it relies on the files.
+    pub async fn ensure_version(&self, site: &str, id: &str) -> anyhow::Result<Manifest> {
+        let root_manifest = id;
+        let manifest = match self.publisher.get_manifest(site, root_manifest).await {
             Ok(m) => m,
             Err(PublishError::NotFound { .. }) if !self.shared_store => {
                 let bytes = self
-                    .fetch(site, ObjectKind::Manifest, &root.manifest)
+                    .fetch(site, ObjectKind::Manifest, root_manifest)
                     .await?;
                 self.publisher
-                    .put_manifest_bytes(site, &root.manifest, bytes)
+                    .put_manifest_bytes(site, root_manifest, bytes)
                     .await?;
-                self.publisher.get_manifest(site, &root.manifest).await?
+                self.publisher.get_manifest(site, root_manifest).await?
             }
             Err(e) => return Err(e.into()),
         };

@@ -8,5 +8,6 @@ pub mod export;
 pub mod follow;
 pub mod gc;
 pub mod janitor;
+pub mod preview;
 pub mod projection;
 pub mod serve;

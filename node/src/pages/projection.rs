@@ -169,10 +169,10 @@ enum Rendered {
 /// The projector of every site. It runs on the leader only ([`Projections::run`] is started
 /// when this node becomes leader and cancelled when it stops being leader).
 pub struct Projections {
-    config: ProjectionConfig,
-    publisher: Arc<Publisher>,
-    reads: Reads,
-    writer: Arc<Writer>,
+    pub(crate) config: ProjectionConfig,
+    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) reads: Reads,
+    pub(crate) writer: Arc<Writer>,
     pages: Arc<Pages>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Whether `run` is running (this node leads).
@@ -183,12 +183,14 @@ pub struct Projections {
     /// Bumped whenever some site's projected index may have moved; waiters re-check.
     progress: watch::Sender<u64>,
     rounds: Semaphore,
+    /// Preview builds rendering now (`preview.rs`).
+    pub(crate) previews_rendering: Semaphore,
 }
 
 /// A site's tuples at one snapshot, for the renderer.
-struct SiteSource<'v> {
-    view: View<'v>,
-    site: &'v str,
+pub(crate) struct SiteSource<'v> {
+    pub(crate) view: View<'v>,
+    pub(crate) site: &'v str,
 }
 
 impl Source for SiteSource<'_> {
@@ -231,6 +233,7 @@ impl Projections {
             dispatched: watch::channel(0).0,
             progress: watch::channel(0).0,
             rounds: Semaphore::new(ROUNDS_CONCURRENT_MAX),
+            previews_rendering: Semaphore::new(crate::pages::preview::PREVIEWS_RENDERING_MAX),
         }
     }
 

@@ -340,7 +340,7 @@ impl Pages {
             .map(|v| v.manifest.index)
     }
 
-    async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
+    pub(crate) async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
         if let Some(b) = self
             .blobs
             .lock()
