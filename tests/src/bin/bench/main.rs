@@ -14,7 +14,9 @@
 //! - `live`: browsers over WebRTC: commit → DOM updated in Chromium, data-channel set-up,
 //!   node memory per channel ([`live`]);
 //! - `sync`: app clients over QUIC: commit → subscriber latency, initial sync of a large
-//!   collection, pushing an offline queue ([`sync`]).
+//!   collection, pushing an offline queue ([`sync`]);
+//! - `import`: `sesame import` of generated JSON lines, side by side with a plain SQLite
+//!   bulk insert of the same rows ([`import`]).
 //!
 //! Missing peers (`hugo`, `wrk`, `nginx`, `etcd`) are installed with `apt-get`. Every request goes
 //! to 127.0.0.1, every loop is bounded, and every process started here is stopped here.
@@ -23,6 +25,7 @@
 
 mod cluster;
 mod etcd;
+mod import;
 mod latency;
 mod live;
 mod projection;
@@ -50,6 +53,7 @@ enum Section {
     Serving,
     Sync,
     Live,
+    Import,
 }
 
 #[derive(Debug, Parser)]
@@ -59,7 +63,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "writes,cluster,projection,latency,serving,sync,live"
+        default_value = "writes,cluster,projection,latency,serving,sync,live,import"
     )]
     only: Vec<Section>,
     /// Small sizes everywhere, for a run of a minute or two; explicit size flags still win.
@@ -131,6 +135,10 @@ pub struct Args {
     #[arg(long)]
     sync_queue: Option<usize>,
 
+    /// import: tuples in the imported file [default: 1000000; 100000 with --quick].
+    #[arg(long)]
+    import_tuples: Option<usize>,
+
     /// live: edits whose commit → DOM time is measured [default: 100; 20 with --quick].
     #[arg(long)]
     live_edits: Option<usize>,
@@ -195,6 +203,9 @@ impl Args {
     pub fn live_channels(&self) -> usize {
         self.pick(self.live_channels, 200, 40).max(1)
     }
+    pub fn import_tuples(&self) -> usize {
+        self.pick(self.import_tuples, 1_000_000, 100_000)
+    }
     pub fn wrk_seconds(&self) -> u64 {
         self.pick(self.wrk_seconds, 10, 3).max(1)
     }
@@ -221,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
         Section::Serving,
         Section::Sync,
         Section::Live,
+        Section::Import,
     ] {
         if !args.only.contains(&section) {
             continue;
@@ -235,6 +247,7 @@ async fn main() -> anyhow::Result<()> {
             Section::Serving => serving::run(&args, tmp.path(), &mut rows).await,
             Section::Sync => sync::run(&args, tmp.path(), &mut rows).await,
             Section::Live => live::run(&args, tmp.path(), &mut rows).await,
+            Section::Import => import::run(&args, tmp.path(), &mut rows).await,
         };
         if let Err(e) = result {
             // One broken section should not hide the others' numbers.
