@@ -39,6 +39,7 @@ use crate::render::{
     not_serving, BatchInputs, PageJob, PageOutcome, Preloaded, ReadRequest, Rendered,
     LIST_LIMIT_MAX, READS_PER_PAGE_MAX,
 };
+use crate::site::{ASSETS, ROUTES};
 use crate::source::SourceError;
 
 /// Address space a worker process may use, by default (its `RLIMIT_AS`).
@@ -683,6 +684,15 @@ fn converse(
                 reads.observed.add_prefix(&collection, &prefix, None);
                 let answer = read_list(batch, collection, prefix, limit);
                 ToWorker::Listed(reads.note(answer))
+            }
+            FromWorker::Asset { key } => {
+                reads.count_one()?;
+                reads.observed.add_key(ASSETS, &key);
+                let answer = batch.inputs.assets.get(&key).cloned();
+                if let Some(asset) = &answer {
+                    reads.observed.add_key(ROUTES, &asset.path);
+                }
+                ToWorker::AssetIs(answer)
             }
             FromWorker::Started => {
                 return Err(Cause::Protocol("a second start".into()));
