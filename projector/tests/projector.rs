@@ -941,6 +941,10 @@ fn asset_url_of_an_unknown_asset_fails_the_page_until_the_asset_exists() {
     // the pages cannot name it (and keep their last good version).
     h.put("_routes", "/app.js", json!({ "template": "index" }));
     let p = h.apply();
+    assert_eq!(
+        p.pages_rendered, 4,
+        "the route's page, and the three that named the asset"
+    );
     assert!(
         p.errors
             .iter()
@@ -950,6 +954,7 @@ fn asset_url_of_an_unknown_asset_fails_the_page_until_the_asset_exists() {
     );
     h.delete("_routes", "/app.js");
     let p = h.apply();
+    assert_eq!(p.pages_rendered, 3);
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     assert!(h.page("/alice").contains(&versioned(&h, "/app.js")));
 }
