@@ -50,6 +50,8 @@ pub const TUPLES_READ_PER_PAGE_MAX: usize = 100_000;
 /// Hex digits of an asset's blake3 hash in the URLs `asset_url()` makes (`?v=<these>`): 64
 /// bits, so two versions of one asset never share a URL by chance.
 pub const ASSET_VERSION_HEX_LEN: usize = 16;
+/// The query parameter `asset_url()` puts an asset's content hash in.
+pub const ASSET_VERSION_PARAM: &str = "v";
 /// Stack of each render thread, in bytes: minijinja recurses for nested templates and macros
 /// (within the recursion limit), and a spawned thread's default stack is only 2 MiB.
 pub(crate) const RENDER_STACK_BYTES: usize = 8 << 20;
@@ -525,7 +527,10 @@ impl PageReads {
                         .hash
                         .get(..ASSET_VERSION_HEX_LEN)
                         .unwrap_or(&asset.hash);
-                    return Ok(format!("{base_url}{}?v={version}", asset.path));
+                    return Ok(format!(
+                        "{base_url}{}?{ASSET_VERSION_PARAM}={version}",
+                        asset.path
+                    ));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(self.source_failed(e)),

@@ -16,7 +16,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use sesame_projector::{FileEntry, Manifest, Publisher, ASSET_VERSION_HEX_LEN, NOT_FOUND_PATH};
+use sesame_projector::{
+    FileEntry, Manifest, Publisher, ASSET_VERSION_HEX_LEN, ASSET_VERSION_PARAM, NOT_FOUND_PATH,
+};
 use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
 
@@ -40,8 +42,6 @@ pub const HELD_REQUESTS_PER_SITE_MAX: usize = 64;
 pub const VERSION_HEADER: &str = "sesame-version";
 /// The `CDN-Cache-Control` header (RFC 9213): what a CDN obeys instead of `Cache-Control`.
 pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
-/// The query parameter `asset_url()` puts an asset's content hash in (`?v=<hash>`).
-pub const ASSET_VERSION_PARAM: &str = "v";
 
 /// Caching a page, in two parts: browsers read `Cache-Control`; a CDN that knows RFC 9213
 /// reads `CDN-Cache-Control` ([`PAGE_CDN_CACHE_CONTROL`]) and ignores `Cache-Control`.
@@ -432,11 +432,10 @@ fn not_found_headers(headers: &mut HeaderMap, version: Option<&SiteVersion>) {
 /// Whether the request's `?v=` names `hash`: at least [`ASSET_VERSION_HEX_LEN`] hex digits
 /// that start it (what `asset_url()` writes), at most all of it.
 fn names_version(query: Option<&str>, hash: &str) -> bool {
-    let prefix = format!("{ASSET_VERSION_PARAM}=");
     query
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .filter_map(|kv| kv.strip_prefix(prefix.as_str()))
+        .filter_map(|kv| kv.strip_prefix(ASSET_VERSION_PARAM)?.strip_prefix('='))
         .any(|v| v.len() >= ASSET_VERSION_HEX_LEN && hash.starts_with(v))
 }
 
