@@ -33,7 +33,7 @@ use crate::deps::PageDeps;
 use crate::error::{ProjectError, TemplateError};
 use crate::manifest::content_hash;
 use crate::paths::{template_kind, Escape};
-use crate::site::{asset_path, ASSETS, ROUTES};
+use crate::site::{asset_path, ASSETS};
 use crate::sitemap::xml_escape;
 use crate::source::{get_checked, list_checked, MemorySource, Source, SourceError};
 use crate::view::tuple_value;
@@ -303,7 +303,8 @@ pub(crate) trait PageReader: Send + Sync + 'static {
     fn get(&self, collection: &str, key: &str) -> Result<Option<Tuple>, SourceError>;
     fn list(&self, collection: &str, prefix: &str, limit: usize)
         -> Result<Vec<Tuple>, SourceError>;
-    /// The asset `_assets/<key>` as the site version being made serves it, if it does.
+    /// The asset `asset_url()` means by `key`, as the site version being made serves it
+    /// (see [`AssetIndex::find`]).
     fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError>;
 }
 
@@ -323,16 +324,13 @@ pub struct AssetIndex {
 }
 
 impl AssetIndex {
-    pub fn get(&self, key: &str) -> Option<&ServedAsset> {
-        self.by_key.get(key)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+    /// The asset `asset_url()` means by `key` (its argument without a leading `/`): the
+    /// one at `_assets/<key>`, or else at `_assets//<key>`. Both are served at `/<key>`,
+    /// and only the one that owns the path is in the index.
+    pub fn find(&self, key: &str) -> Option<&ServedAsset> {
+        self.by_key
+            .get(key)
+            .or_else(|| self.by_key.get(&format!("/{key}")))
     }
 }
 
@@ -390,7 +388,7 @@ impl PageReader for Reader {
     }
 
     fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError> {
-        Ok(self.assets.get(key).cloned())
+        Ok(self.assets.find(key).cloned())
     }
 }
 
@@ -508,38 +506,25 @@ impl PageReads {
         self.begin(ASSETS)?;
         let key = name.strip_prefix('/').unwrap_or(name);
         let path = asset_path(key).map_err(|e| invalid(format!("asset_url({name:?}): {e}")))?;
-        // Keys `style.css` and `/style.css` are both served at `/style.css`; the page
-        // depends on both, and on a route at that path (a route takes precedence over an
-        // asset, so one created there takes the path from it). Recorded before looking:
-        // creating a missing asset must render the page again.
-        let keys = [key.to_string(), format!("/{key}")];
-        {
-            let mut log = self.log();
-            for k in keys.iter().filter(|k| validate_key(k).is_ok()) {
-                log.deps.add_key(ASSETS, k);
+        // Recorded before looking: creating a missing asset must render the page again.
+        self.log().deps.add_asset_url(key, &path);
+        match self.reader.asset(key) {
+            Ok(Some(asset)) => {
+                let version = asset
+                    .hash
+                    .get(..ASSET_VERSION_HEX_LEN)
+                    .unwrap_or(&asset.hash);
+                Ok(format!(
+                    "{base_url}{}?{ASSET_VERSION_PARAM}={version}",
+                    asset.path
+                ))
             }
-            log.deps.add_key(ROUTES, &path);
+            Ok(None) => Err(invalid(format!(
+                "asset_url({name:?}): the site serves no asset {key:?} (there is no tuple \
+                 {ASSETS}/{key}, it has never decoded, or a route takes its path {path})"
+            ))),
+            Err(e) => Err(self.source_failed(e)),
         }
-        for k in &keys {
-            match self.reader.asset(k) {
-                Ok(Some(asset)) => {
-                    let version = asset
-                        .hash
-                        .get(..ASSET_VERSION_HEX_LEN)
-                        .unwrap_or(&asset.hash);
-                    return Ok(format!(
-                        "{base_url}{}?{ASSET_VERSION_PARAM}={version}",
-                        asset.path
-                    ));
-                }
-                Ok(None) => {}
-                Err(e) => return Err(self.source_failed(e)),
-            }
-        }
-        Err(invalid(format!(
-            "asset_url({name:?}): the site serves no asset {key:?} (there is no tuple \
-             {ASSETS}/{key}, it has never decoded, or a route takes its path {path})"
-        )))
     }
 
     fn finish(&self) -> ReadLog {

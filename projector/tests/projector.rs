@@ -913,6 +913,19 @@ fn asset_url_names_the_served_bytes_and_pages_follow_the_asset() {
     let p = h.apply();
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     assert!(h.page("/alice").contains(&versioned(&h, "/style.css")));
+
+    // An asset whose key has the leading slash is found without it, too.
+    h.put("_assets", "/lead.css", json!("i {}"));
+    h.template(
+        "base.html",
+        &BASE_HTML.replace(
+            "{{ site.base_url }}/style.css",
+            "{{ asset_url('lead.css') }}",
+        ),
+    );
+    let p = h.apply();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(h.page("/alice").contains(&versioned(&h, "/lead.css")));
 }
 
 #[test]

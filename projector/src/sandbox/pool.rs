@@ -39,7 +39,7 @@ use crate::render::{
     not_serving, BatchInputs, PageJob, PageOutcome, Preloaded, ReadRequest, Rendered,
     LIST_LIMIT_MAX, READS_PER_PAGE_MAX,
 };
-use crate::site::{ASSETS, ROUTES};
+use crate::site::asset_path;
 use crate::source::SourceError;
 
 /// Address space a worker process may use, by default (its `RLIMIT_AS`).
@@ -687,10 +687,9 @@ fn converse(
             }
             FromWorker::Asset { key } => {
                 reads.count_one()?;
-                reads.observed.add_key(ASSETS, &key);
-                let answer = batch.inputs.assets.get(&key).cloned();
-                if let Some(asset) = &answer {
-                    reads.observed.add_key(ROUTES, &asset.path);
+                let answer = batch.inputs.assets.find(&key).cloned();
+                if let Ok(path) = asset_path(&key) {
+                    reads.observed.add_asset_url(&key, &path);
                 }
                 ToWorker::AssetIs(answer)
             }
