@@ -1,6 +1,7 @@
 //! REDbot (<https://redbot.org>, PyPI `redbot`), the HTTP linter, against a node on
-//! loopback: a page, an `asset_url()` asset with its `?v=`, a 304 and a 404 must draw no
-//! warning and no bad note beyond the explicit allow-list below, each entry with its reason.
+//! loopback: a page, an `asset_url()` asset with its `?v=` (and with a wrong one), a 304
+//! and a 404 must draw no warning and no bad note beyond the explicit allow-list below, each
+//! entry with its reason.
 //! REDbot's own revalidation check (it repeats a request with `If-None-Match`) must find a
 //! 304 that keeps the headers the 200 had, for the page and the asset alike.
 //!
@@ -287,6 +288,13 @@ async fn redbot_finds_nothing_wrong_with_pages_assets_304s_and_404s() {
         ("asset", asset, vec![], 200),
         ("304", page, vec![format!("If-None-Match: {etag}")], 304),
         ("404", format!("{url}/demo/nobody"), vec![], 404),
+        // A `?v=` that does not name the file: served like a page.
+        (
+            "stale asset",
+            format!("{url}/demo/style.css?v=0123456789abcdef"),
+            vec![],
+            200,
+        ),
     ];
     let reports = futures::future::join_all(
         checks
@@ -317,9 +325,17 @@ async fn redbot_finds_nothing_wrong_with_pages_assets_304s_and_404s() {
             check.0
         );
     }
-    // The asset is fresh for a long time; the page must be revalidated each time.
+    // The asset is fresh for a long time; the page (and a file at a wrong `?v=`) must be
+    // revalidated each time.
     assert!(reports[1].has("FRESHNESS_FRESH"), "asset freshness");
     assert!(reports[0].has("FRESHNESS_NO_CACHE"), "page freshness");
+    assert!(
+        reports[4].has("FRESHNESS_NO_CACHE"),
+        "stale asset freshness"
+    );
+    for (check, report) in checks.iter().zip(&reports) {
+        assert!(report.has("CONTENT_TYPE_OPTIONS"), "{}: nosniff", check.0);
+    }
     node.stop().await.unwrap();
 }
 
