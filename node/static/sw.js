@@ -85,7 +85,16 @@ self.addEventListener("fetch", function (event) {
   var req = event.request;
   if (req.method !== "GET") return;
   var url = new URL(req.url);
-  if (url.origin !== self.location.origin || url.search) return;
+  if (url.origin !== self.location.origin) return;
+  // `?v=<hash>` (what the template function asset_url() writes) names the content of the
+  // file at the path, not another resource: it is served from the version like the bare
+  // path, when that version's file is that content. Other queries go to the node.
+  var version = "";
+  if (url.search) {
+    var v = /^\?v=([0-9a-f]{16,64})$/.exec(url.search);
+    if (!v) return;
+    version = v[1];
+  }
   var path = scopePath(url);
   if (path === null) return;
   var navigate = req.mode === "navigate";
@@ -104,7 +113,7 @@ self.addEventListener("fetch", function (event) {
           pinned[event.resultingClientId] = m;
           forgetGoneClients();
         }
-        return serve(m, path, req);
+        return serve(m, path, req, version);
       })
       .catch(function () { return fetch(req); })
   );
@@ -119,9 +128,9 @@ function forgetGoneClients() {
   });
 }
 
-function serve(m, path, req) {
+function serve(m, path, req, version) {
   var f = m && (m.files[path] || m.files[path + "/"]);
-  if (!f) return fetch(req);
+  if (!f || (version && f.hash.indexOf(version) !== 0)) return fetch(req);
   visited[path] = true;
   return fetchFile(f.hash).then(function (r) {
     var headers = new Headers(r.headers);

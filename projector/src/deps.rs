@@ -7,9 +7,12 @@
 //! - `list(coll, prefix=p, limit=n)` → every key starting with `p`; when the result was cut by
 //!   the limit, only keys up to the last one returned (a change past it cannot alter the
 //!   first `n`);
-//! - a template that loads a computed name → every key of `_templates`.
+//! - a template that loads a computed name → every key of `_templates`;
+//! - `asset_url(key)` → the asset's keys and a route at its path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::site::{ASSETS, ROUTES};
 
 /// Everything one render read, normalised so that each key range appears once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
@@ -36,6 +39,18 @@ impl PageDeps {
             (None, _) | (_, None) => None,
             (Some(old), Some(new)) => Some(old.max(new.to_string())),
         };
+    }
+
+    /// What `asset_url()` of the asset with `key` (no leading `/`), served at `path`,
+    /// depends on: the keys `key` and `/<key>` of `_assets` (both are served at `path`, see
+    /// `AssetIndex::find`), and a route at `path`, which takes precedence over an asset.
+    pub fn add_asset_url(&mut self, key: &str, path: &str) {
+        for key in [key.to_string(), format!("/{key}")] {
+            if sesame_proto::validate_key(&key).is_ok() {
+                self.add_key(ASSETS, &key);
+            }
+        }
+        self.add_key(ROUTES, path);
     }
 
     pub fn merge(&mut self, other: PageDeps) {

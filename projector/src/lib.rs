@@ -56,7 +56,8 @@ pub use projector::{
 };
 pub use publish::{ObjectKind, PublishError, Publisher, StoredObject, BLOB_PUTS_CONCURRENT_MAX};
 pub use render::{
-    safe_url, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,
+    safe_url, ASSET_VERSION_HEX_LEN, ASSET_VERSION_PARAM, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+    READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,
 };
 pub use site::{ASSETS, ROUTES, TEMPLATES};
 pub use sitemap::{sitemaps, SITEMAP_URLS_MAX};

@@ -31,7 +31,7 @@ use crate::manifest::{content_hash, Delta, FileEntry, Manifest, MANIFEST_FORMAT}
 use crate::paths::{
     self, is_sitemap_path, template_kind, NOT_FOUND_PATH, NOT_FOUND_TEMPLATE, ROBOTS_PATH,
 };
-use crate::render::{self, BatchInputs, PageJob, Preloaded, TemplateSet};
+use crate::render::{self, AssetIndex, BatchInputs, PageJob, Preloaded, ServedAsset, TemplateSet};
 use crate::site::{self, Route, ASSETS, ROUTES, TEMPLATES};
 use crate::sitemap;
 use crate::source::{get_checked, list_checked, Source, SourceError};
@@ -131,6 +131,8 @@ impl Claim {
 #[derive(Debug, Default)]
 struct Claims {
     by_path: BTreeMap<String, BTreeSet<Claim>>,
+    /// Every asset claim, key → path: where `asset_url()` looks (see [`Claims::served_assets`]).
+    asset_paths: BTreeMap<String, String>,
     pages: usize,
     assets: usize,
 }
@@ -142,6 +144,9 @@ impl Claims {
 
     fn add(&mut self, path: &str, claim: Claim) {
         let is_page = claim.is_page();
+        if let Claim::Asset { key } = &claim {
+            self.asset_paths.insert(key.clone(), path.to_string());
+        }
         if self
             .by_path
             .entry(path.to_string())
@@ -160,6 +165,9 @@ impl Claims {
         let Some(claims) = self.by_path.get_mut(path) else {
             return;
         };
+        if let Claim::Asset { key } = claim {
+            self.asset_paths.remove(key);
+        }
         if claims.remove(claim) {
             if claim.is_page() {
                 self.pages -= 1;
@@ -170,6 +178,25 @@ impl Claims {
         if claims.is_empty() {
             self.by_path.remove(path);
         }
+    }
+
+    /// The assets `files` serves: those that own their path and have a file there, with
+    /// the hash of that file (what a request for the path gets).
+    fn served_assets(&self, files: &BTreeMap<String, FileEntry>) -> AssetIndex {
+        self.asset_paths
+            .iter()
+            .filter(|(key, path)| {
+                matches!(self.owner(path), Some(Claim::Asset { key: owner }) if owner == *key)
+            })
+            .filter_map(|(key, path)| {
+                let file = files.get(path)?;
+                let served = ServedAsset {
+                    path: path.clone(),
+                    hash: file.hash.clone(),
+                };
+                Some((key.clone(), served))
+            })
+            .collect()
     }
 }
 
@@ -766,11 +793,13 @@ impl SiteProjector {
         if jobs.is_empty() {
             return Ok(());
         }
+        // Every dirty asset was resolved above, so this is what the new version serves.
         let inputs = BatchInputs {
             site: self.site.clone(),
             base_url: self.config.base_url().to_string(),
             templates: self.template_set(),
             page_bytes_max: self.config.page_bytes_max,
+            assets: Arc::new(self.claims.served_assets(&self.files)),
         };
         let preloaded = Arc::new(preloaded);
         let jobs: Arc<[PageJob]> = jobs.into();

@@ -1,6 +1,7 @@
 //! Rendering pages with minijinja: the template environment, the `get`/`list` functions that
-//! record what a page read, the sandbox limits minijinja enforces (fuel, recursion, output
-//! size), canonical links, and a renderer on threads of this process.
+//! record what a page read, `asset_url` (an asset's URL named by its content), the sandbox
+//! limits minijinja enforces (fuel, recursion, output size), canonical links, and a renderer
+//! on threads of this process.
 //!
 //! [`render_page`] is the one page renderer. Two runners call it:
 //! - [`crate::sandbox::RenderPool`], worker processes that bound each page's memory and
@@ -32,6 +33,7 @@ use crate::deps::PageDeps;
 use crate::error::{ProjectError, TemplateError};
 use crate::manifest::content_hash;
 use crate::paths::{template_kind, Escape};
+use crate::site::{asset_path, ASSETS};
 use crate::sitemap::xml_escape;
 use crate::source::{get_checked, list_checked, MemorySource, Source, SourceError};
 use crate::view::tuple_value;
@@ -45,6 +47,11 @@ pub const READS_PER_PAGE_MAX: usize = 10_000;
 /// Most tuples one page render may read, over all its calls. Fuel does not count the
 /// tuples a single `list()` returns, so this bounds memory and time per page separately.
 pub const TUPLES_READ_PER_PAGE_MAX: usize = 100_000;
+/// Hex digits of an asset's blake3 hash in the URLs `asset_url()` makes (`?v=<these>`): 64
+/// bits, so two versions of one asset never share a URL by chance.
+pub const ASSET_VERSION_HEX_LEN: usize = 16;
+/// The query parameter `asset_url()` puts an asset's content hash in.
+pub const ASSET_VERSION_PARAM: &str = "v";
 /// Stack of each render thread, in bytes: minijinja recurses for nested templates and macros
 /// (within the recursion limit), and a spawned thread's default stack is only 2 MiB.
 pub(crate) const RENDER_STACK_BYTES: usize = 8 << 20;
@@ -291,11 +298,48 @@ impl ReadRequest {
     }
 }
 
-/// Where a render's `get` and `list` calls are answered.
+/// Where a render's `get`, `list` and `asset_url` calls are answered.
 pub(crate) trait PageReader: Send + Sync + 'static {
     fn get(&self, collection: &str, key: &str) -> Result<Option<Tuple>, SourceError>;
     fn list(&self, collection: &str, prefix: &str, limit: usize)
         -> Result<Vec<Tuple>, SourceError>;
+    /// The asset `asset_url()` means by `key`, as the site version being made serves it
+    /// (see [`AssetIndex::find`]).
+    fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError>;
+}
+
+/// An asset as the site version being made serves it: where, and the blake3 hash of the
+/// bytes served there (the asset's last good file, should its tuple now be broken).
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct ServedAsset {
+    pub path: String,
+    pub hash: String,
+}
+
+/// The assets a site version serves, by key: what `asset_url()` looks up. Only assets that
+/// own their path (no route claims it first) and have a file are in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AssetIndex {
+    by_key: HashMap<String, ServedAsset>,
+}
+
+impl AssetIndex {
+    /// The asset `asset_url()` means by `key` (its argument without a leading `/`): the
+    /// one at `_assets/<key>`, or else at `_assets//<key>`. Both are served at `/<key>`,
+    /// and only the one that owns the path is in the index.
+    pub fn find(&self, key: &str) -> Option<&ServedAsset> {
+        self.by_key
+            .get(key)
+            .or_else(|| self.by_key.get(&format!("/{key}")))
+    }
+}
+
+impl FromIterator<(String, ServedAsset)> for AssetIndex {
+    fn from_iter<I: IntoIterator<Item = (String, ServedAsset)>>(iter: I) -> AssetIndex {
+        AssetIndex {
+            by_key: iter.into_iter().collect(),
+        }
+    }
 }
 
 /// A way to the data: memory when the batch holds the collection, else a channel to the
@@ -305,6 +349,7 @@ pub(crate) trait PageReader: Send + Sync + 'static {
 pub(crate) struct Reader {
     pub(crate) preloaded: Arc<Preloaded>,
     pub(crate) remote: mpsc::Sender<ReadRequest>,
+    pub(crate) assets: Arc<AssetIndex>,
 }
 
 impl PageReader for Reader {
@@ -340,6 +385,10 @@ impl PageReader for Reader {
         };
         self.remote.send(request).map_err(|_| not_serving())?;
         answer.recv().map_err(|_| not_serving())?
+    }
+
+    fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError> {
+        Ok(self.assets.find(key).cloned())
     }
 }
 
@@ -449,6 +498,35 @@ impl PageReads {
         Ok(tuples.into_iter().map(tuple_value).collect())
     }
 
+    /// `asset_url(name)`: the URL of the asset `_assets/<name>` (a leading `/` optional) with
+    /// the start of its content hash in the query, `<base_url>/style.css?v=<16 hex>`, so the
+    /// URL changes whenever the bytes do and can be cached for good (see the node's
+    /// `pages/serve.rs`). The page depends on the asset: editing it renders the page again.
+    fn asset_url(&self, name: &str, base_url: &str) -> Result<String, minijinja::Error> {
+        self.begin(ASSETS)?;
+        let key = name.strip_prefix('/').unwrap_or(name);
+        let path = asset_path(key).map_err(|e| invalid(format!("asset_url({name:?}): {e}")))?;
+        // Recorded before looking: creating a missing asset must render the page again.
+        self.log().deps.add_asset_url(key, &path);
+        match self.reader.asset(key) {
+            Ok(Some(asset)) => {
+                let version = asset
+                    .hash
+                    .get(..ASSET_VERSION_HEX_LEN)
+                    .unwrap_or(&asset.hash);
+                Ok(format!(
+                    "{base_url}{}?{ASSET_VERSION_PARAM}={version}",
+                    asset.path
+                ))
+            }
+            Ok(None) => Err(invalid(format!(
+                "asset_url({name:?}): the site serves no asset {key:?} (there is no tuple \
+                 {ASSETS}/{key}, it has never decoded, or a route takes its path {path})"
+            ))),
+            Err(e) => Err(self.source_failed(e)),
+        }
+    }
+
     fn finish(&self) -> ReadLog {
         std::mem::take(&mut *self.log())
     }
@@ -496,6 +574,8 @@ pub struct BatchInputs {
     pub base_url: String,
     pub templates: Arc<TemplateSet>,
     pub page_bytes_max: usize,
+    /// What `asset_url()` finds: the assets as the version being made serves them.
+    pub assets: Arc<AssetIndex>,
 }
 
 /// What [`render_page`] needs besides the job: the environment for the page's kind and the
@@ -548,6 +628,7 @@ pub fn render_batch(
             let reader: Arc<dyn PageReader> = Arc::new(Reader {
                 preloaded: Arc::clone(&preloaded),
                 remote: requests.clone(),
+                assets: Arc::clone(&inputs.assets),
             });
             let next_job = &next_job;
             let env_for = &env_for;
@@ -641,12 +722,17 @@ pub(crate) fn render_page(
             reads.list(collection, &kwargs)
         })
     };
+    let asset_url = {
+        let reads = Arc::clone(&reads);
+        let base_url = cx.base_url.to_string();
+        JValue::from_function(move |name: &str| reads.asset_url(name, &base_url))
+    };
     let page = context! {
         path => job.path.as_str(),
         key => job.key.as_deref(),
         tuple => job.tuple.clone().map(tuple_value),
     };
-    let ctx = context! { site => cx.site.clone(), page, get, list };
+    let ctx = context! { site => cx.site.clone(), page, get, list, asset_url };
 
     let mut out = LimitedWriter {
         buf: Vec::new(),

@@ -845,3 +845,129 @@ fn incremental_projections_match_full_renders() {
         );
     }
 }
+
+/// The URL `asset_url()` writes for the file served at `path` now.
+fn versioned(h: &Harness, path: &str) -> String {
+    let hash = &h.projector.manifest().unwrap().files[path].hash;
+    format!(
+        "{BASE_URL}{path}?v={}",
+        &hash[..sesame_projector::ASSET_VERSION_HEX_LEN]
+    )
+}
+
+#[test]
+fn asset_url_names_the_served_bytes_and_pages_follow_the_asset() {
+    let mut h = Harness::demo();
+    h.template(
+        "base.html",
+        &BASE_HTML.replace(
+            "{{ site.base_url }}/style.css",
+            "{{ asset_url('style.css') }}",
+        ),
+    );
+    let p = h.full();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    let first = versioned(&h, "/style.css");
+    assert!(
+        first.ends_with(&format!(
+            "?v={}",
+            &sesame_projector::content_hash(STYLE.as_bytes())[..16]
+        )),
+        "the hash of the bytes served: {first}"
+    );
+    for page in ["/", "/alice", "/bob"] {
+        assert!(
+            h.page(page).contains(&format!("href=\"{first}\"")),
+            "{page}: {}",
+            h.page(page)
+        );
+    }
+
+    // Editing the asset re-renders the pages that use it, with the new URL.
+    h.put("_assets", "style.css", json!("body { color: red; }"));
+    let p = h.apply();
+    assert_eq!(p.pages_rendered, 3);
+    let second = versioned(&h, "/style.css");
+    assert_ne!(first, second);
+    assert!(h.page("/alice").contains(&second), "{}", h.page("/alice"));
+    // A page that does not use it is not rendered again.
+    h.put("_assets", "other.css", json!("p {}"));
+    assert_eq!(h.apply().pages_rendered, 0);
+
+    // A broken asset keeps its last good file, and the URL keeps naming those bytes.
+    h.put("_assets", "style.css", json!(5));
+    let p = h.apply();
+    assert!(p.errors.iter().any(|e| e.template == "_assets/style.css"));
+    assert_eq!(versioned(&h, "/style.css"), second);
+    assert!(h.page("/alice").contains(&second));
+
+    // With a leading slash, the same asset.
+    h.put("_assets", "style.css", json!("b {}"));
+    h.template(
+        "base.html",
+        &BASE_HTML.replace(
+            "{{ site.base_url }}/style.css",
+            "{{ asset_url('/style.css') }}",
+        ),
+    );
+    let p = h.apply();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(h.page("/alice").contains(&versioned(&h, "/style.css")));
+
+    // An asset whose key has the leading slash is found without it, too.
+    h.put("_assets", "/lead.css", json!("i {}"));
+    h.template(
+        "base.html",
+        &BASE_HTML.replace(
+            "{{ site.base_url }}/style.css",
+            "{{ asset_url('lead.css') }}",
+        ),
+    );
+    let p = h.apply();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(h.page("/alice").contains(&versioned(&h, "/lead.css")));
+}
+
+#[test]
+fn asset_url_of_an_unknown_asset_fails_the_page_until_the_asset_exists() {
+    let mut h = Harness::demo();
+    h.template(
+        "base.html",
+        &BASE_HTML.replace("{{ site.base_url }}/style.css", "{{ asset_url('app.js') }}"),
+    );
+    let p = h.full();
+    let e = only_error(&p.errors);
+    assert_eq!(e.template, "base.html", "{e}");
+    assert!(
+        e.message.contains("asset_url(\"app.js\")") && e.message.contains("no asset \"app.js\""),
+        "{e}"
+    );
+    assert!(h.file("/alice").is_none());
+
+    // Creating the asset renders the pages that asked for it.
+    h.put("_assets", "app.js", json!("let x = 1;"));
+    let p = h.apply();
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(h.page("/alice").contains(&versioned(&h, "/app.js")));
+
+    // A route at the asset's path takes precedence: the asset is no longer served there, so
+    // the pages cannot name it (and keep their last good version).
+    h.put("_routes", "/app.js", json!({ "template": "index" }));
+    let p = h.apply();
+    assert_eq!(
+        p.pages_rendered, 4,
+        "the route's page, and the three that named the asset"
+    );
+    assert!(
+        p.errors
+            .iter()
+            .any(|e| e.template == "base.html" && e.message.contains("app.js")),
+        "{:?}",
+        p.errors
+    );
+    h.delete("_routes", "/app.js");
+    let p = h.apply();
+    assert_eq!(p.pages_rendered, 3);
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert!(h.page("/alice").contains(&versioned(&h, "/app.js")));
+}

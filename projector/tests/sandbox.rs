@@ -331,3 +331,43 @@ fn a_store_failure_fails_the_batch_not_the_pool() {
     let mut h = Harness::demo_with(pooled(&pool));
     assert!(h.full().errors.is_empty());
 }
+
+#[test]
+fn asset_url_in_workers_matches_threads() {
+    let pool = pool_with(worker(), 1);
+    let mut threads = Harness::demo();
+    let mut workers = Harness::demo_with(pooled(&pool));
+    let layout = BASE_HTML.replace(
+        "{{ site.base_url }}/style.css",
+        "{{ asset_url('style.css') }}",
+    );
+    for h in [&mut threads, &mut workers] {
+        h.template("base.html", &layout);
+    }
+    let (a, b) = (threads.full(), workers.full());
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    assert_eq!(a.manifest_id, b.manifest_id);
+    let hash = &b.manifest.files["/style.css"].hash;
+    assert!(workers
+        .page("/alice")
+        .contains(&format!("{BASE_URL}/style.css?v={}\"", &hash[..16])));
+
+    for h in [&mut threads, &mut workers] {
+        h.put("_assets", "style.css", json!("body { color: red; }"));
+    }
+    let (a, b) = (threads.apply(), workers.apply());
+    assert_eq!((a.pages_rendered, b.pages_rendered), (3, 3));
+    assert_eq!(a.manifest_id, b.manifest_id);
+
+    // An unknown asset is the same error in a worker.
+    for h in [&mut threads, &mut workers] {
+        h.template("base.html", &layout.replace("style.css", "nope.css"));
+    }
+    let (a, b) = (threads.apply(), workers.apply());
+    assert_eq!(a.errors, b.errors);
+    assert!(
+        error_at(&b.errors, "/").message.contains("nope.css"),
+        "{:?}",
+        b.errors
+    );
+}

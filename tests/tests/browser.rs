@@ -286,6 +286,8 @@ async fn the_service_worker_serves_one_version_at_a_time_and_offline() {
         text(&b, "h1").await.contains("Bob"),
         "served from the worker's cache"
     );
+    // Its stylesheet too, at the content-addressed URL asset_url() wrote.
+    assert_eq!(markers(&b).await, ("v2".to_string(), "v2".to_string()));
     screenshot(&b, "demo-bob-offline.png").await;
     b.close().await.unwrap();
 }

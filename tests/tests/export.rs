@@ -58,7 +58,7 @@ async fn a_site_exports_as_a_zip_a_static_host_serves() {
         !alice.contains(&format!("{url}/demo/")),
         "links point back at the node"
     );
-    assert!(alice.contains("href=\"/style.css\""), "{alice}");
+    assert!(alice.contains("href=\"/style.css?v="), "{alice}");
 
     // No token, no copy.
     let anon = reqwest::get(format!("{url}/v1/sites/demo/export.zip"))

@@ -1,6 +1,7 @@
 //! End to end against a real node: committed tuples become published, served pages.
-//! Publishing, incremental re-rendering, read-your-writes, caching headers, atomic versions,
-//! template failure and recovery, rollback, restarts, odd paths, rate limits, subdomains.
+//! Publishing, incremental re-rendering, read-your-writes, caching headers (also of 304s,
+//! 404s and content-addressed assets), atomic versions, template failure and recovery,
+//! rollback, restarts, odd paths, rate limits, subdomains.
 
 use std::time::Duration;
 
@@ -266,11 +267,7 @@ async fn read_your_writes_etags_and_bounded_waits() {
         etag.starts_with('"') && etag.len() == 66,
         "strong blake3 ETag: {etag}"
     );
-    let cc = page.headers["cache-control"].to_str().unwrap();
-    assert!(
-        cc.contains("s-maxage") && cc.contains("stale-while-revalidate"),
-        "{cc}"
-    );
+    assert_eq!(page.headers["cache-control"], "no-cache");
     let same = get_with(&node, "/demo/alice", |r| r.header(IF_NONE_MATCH, &etag)).await;
     assert_eq!(same.status, StatusCode::NOT_MODIFIED);
     assert!(same.body.is_empty());
@@ -1146,5 +1143,152 @@ async fn demo_links_keep_javascript_urls_out() {
     assert!(page
         .body
         .contains(r#"href="https://example.com/mallory?a=1&amp;b=2""#));
+    node.stop().await.unwrap();
+}
+
+/// What browsers and CDNs are told about pages, 304s, 404s and `asset_url()` assets.
+const PAGE_CC: &str = "no-cache";
+const PAGE_CDN_CC: &str = "max-age=10, stale-while-revalidate=60, stale-if-error=86400";
+const IMMUTABLE_CC: &str = "max-age=31536000, immutable";
+const NOT_FOUND_CC: &str = "no-cache";
+const NOT_FOUND_CDN_CC: &str = "max-age=10";
+
+impl Page {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// The stylesheet link of a demo page, as a path on the node.
+fn stylesheet(node: &TestNode, page: &Page) -> String {
+    let (_, rest) = page
+        .body
+        .split_once(r#"<link rel="stylesheet" href=""#)
+        .unwrap_or_else(|| panic!("no stylesheet link in {}", page.body));
+    let href = rest.split('"').next().unwrap();
+    href.strip_prefix(&node.node.url())
+        .unwrap_or_else(|| panic!("{href} is not on the node"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn caching_headers_for_pages_304s_404s_and_versioned_assets() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+
+    // A page: browsers revalidate every time (a cheap 304), CDNs keep it briefly.
+    let page = get(&node, "/demo/alice", Some(index)).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_eq!(page.header("cache-control"), Some(PAGE_CC));
+    assert_eq!(page.header("cdn-cache-control"), Some(PAGE_CDN_CC));
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    let etag = page.header("etag").unwrap().to_string();
+
+    // Its 304 carries the same ETag, caching and version headers.
+    let not_modified = get_with(&node, "/demo/alice", |r| r.header(IF_NONE_MATCH, &etag)).await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    for name in [
+        "etag",
+        "cache-control",
+        "cdn-cache-control",
+        "sesame-version",
+    ] {
+        assert_eq!(not_modified.header(name), page.header(name), "{name}");
+    }
+    assert_eq!(
+        not_modified.header("x-content-type-options"),
+        Some("nosniff")
+    );
+
+    // A 404 with the site's own 404 page: short caching, no validator, never a 304.
+    let missing = get(&node, "/demo/nobody", None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.body.contains("Not found"), "{}", missing.body);
+    assert_eq!(missing.header("cache-control"), Some(NOT_FOUND_CC));
+    assert_eq!(missing.header("cdn-cache-control"), Some(NOT_FOUND_CDN_CC));
+    assert_eq!(missing.header("etag"), None);
+    assert_eq!(
+        missing.header("sesame-version"),
+        page.header("sesame-version")
+    );
+    let conditional = get_with(&node, "/demo/nobody", |r| r.header(IF_NONE_MATCH, "*")).await;
+    assert_eq!(conditional.status, StatusCode::NOT_FOUND);
+    // A site that does not exist: the same caching.
+    let no_site = get(&node, "/nosite/x", None).await;
+    assert_eq!(no_site.status, StatusCode::NOT_FOUND);
+    assert_eq!(no_site.header("cache-control"), Some(NOT_FOUND_CC));
+    assert_eq!(no_site.header("cdn-cache-control"), Some(NOT_FOUND_CDN_CC));
+
+    // The layout links the stylesheet by asset_url(): its URL names the bytes served.
+    let css_url = stylesheet(&node, &page);
+    let bare = get(&node, "/demo/style.css", None).await;
+    let css_hash = bare.header("etag").unwrap().trim_matches('"').to_string();
+    assert_eq!(css_url, format!("/demo/style.css?v={}", &css_hash[..16]));
+    assert_eq!(bare.header("cache-control"), Some(PAGE_CC), "no ?v=");
+    let asset = get(&node, &css_url, None).await;
+    assert_eq!(asset.status, StatusCode::OK);
+    assert_eq!(asset.body, bare.body);
+    assert_eq!(asset.header("cache-control"), Some(IMMUTABLE_CC));
+    assert_eq!(
+        asset.header("cdn-cache-control"),
+        None,
+        "a CDN reads Cache-Control"
+    );
+    assert_eq!(asset.header("x-content-type-options"), Some("nosniff"));
+    let asset_304 = get_with(&node, &css_url, |r| {
+        r.header(IF_NONE_MATCH, asset.header("etag").unwrap())
+    })
+    .await;
+    assert_eq!(asset_304.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(asset_304.header("cache-control"), Some(IMMUTABLE_CC));
+    assert_eq!(asset_304.header("etag"), asset.header("etag"));
+    // The whole hash names it too; a bogus or too short one does not.
+    let full = get(&node, &format!("/demo/style.css?v={css_hash}"), None).await;
+    assert_eq!(full.header("cache-control"), Some(IMMUTABLE_CC));
+    for query in [
+        "v=0123456789abcdef".to_string(),
+        format!("v={}", &css_hash[..8]),
+        format!("v={}", css_hash.to_uppercase()),
+        format!("x={}", &css_hash[..16]),
+    ] {
+        let other = get(&node, &format!("/demo/style.css?{query}"), None).await;
+        assert_eq!(other.status, StatusCode::OK);
+        assert_eq!(other.header("cache-control"), Some(PAGE_CC), "{query}");
+        assert_eq!(
+            other.header("cdn-cache-control"),
+            Some(PAGE_CDN_CC),
+            "{query}"
+        );
+    }
+
+    // Editing the stylesheet re-renders the pages with a new URL; the old URL now answers
+    // the new bytes, so never as immutable.
+    let w = admin
+        .put(
+            SITE,
+            "_assets",
+            "style.css",
+            json!("body { color: red; }"),
+            None,
+        )
+        .await
+        .unwrap();
+    let edited = get(&node, "/demo/alice", Some(w.index)).await;
+    let new_url = stylesheet(&node, &edited);
+    assert_ne!(new_url, css_url);
+    let new_asset = get(&node, &new_url, None).await;
+    assert_eq!(new_asset.body, "body { color: red; }");
+    assert_eq!(new_asset.header("cache-control"), Some(IMMUTABLE_CC));
+    let stale = get(&node, &css_url, None).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.body, "body { color: red; }");
+    assert_eq!(stale.header("cache-control"), Some(PAGE_CC));
+    assert_eq!(stale.header("cdn-cache-control"), Some(PAGE_CDN_CC));
+    assert_eq!(stale.header("etag"), new_asset.header("etag"));
+    assert!(
+        get(&node, "/demo/", None).await.body.contains(&new_url),
+        "every page using the asset follows it"
+    );
     node.stop().await.unwrap();
 }

@@ -16,7 +16,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use sesame_projector::{FileEntry, Manifest, Publisher, NOT_FOUND_PATH};
+use sesame_projector::{
+    FileEntry, Manifest, Publisher, ASSET_VERSION_HEX_LEN, ASSET_VERSION_PARAM, NOT_FOUND_PATH,
+};
 use sesame_proto::names::is_unreserved;
 use sesame_proto::{validate_site, LogIndex};
 
@@ -38,9 +40,50 @@ pub const HELD_REQUESTS_MAX: usize = 256;
 pub const HELD_REQUESTS_PER_SITE_MAX: usize = 64;
 /// Header naming the commit index of the version served.
 pub const VERSION_HEADER: &str = "sesame-version";
-/// What CDNs and browsers are told: revalidate in the browser (the ETag makes that a cheap
-/// 304), keep it briefly at the edge, and serve stale while refetching.
-const CACHE_CONTROL: &str = "public, max-age=0, s-maxage=10, stale-while-revalidate=60";
+/// The `CDN-Cache-Control` header (RFC 9213): what a CDN obeys instead of `Cache-Control`.
+pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+
+/// Caching a page, in two parts: browsers read `Cache-Control`; a CDN that knows RFC 9213
+/// reads `CDN-Cache-Control` ([`PAGE_CDN_CACHE_CONTROL`]) and ignores `Cache-Control`.
+///
+/// `no-cache`: a browser (and any shared cache that does not know `CDN-Cache-Control`) may
+/// keep the page but asks before each use; the strong ETag makes the question a bodiless
+/// 304. A reader therefore sees an edit on the next load, never a stale copy from its own
+/// cache. There is deliberately no `s-maxage` for the edge here: `s-maxage` implies
+/// `proxy-revalidate` (RFC 9111, 5.2.2.10), which forbids a shared cache to serve a stale
+/// response, so a `stale-while-revalidate` beside it would be void.
+///
+/// None of these headers says `public`: it only lets caches keep answers to requests that
+/// carried `Authorization` (RFC 9111, 5.2.2.9). Pages are the same for everyone and need no
+/// credentials, so it would add nothing (REDbot flags it as unnecessary).
+const PAGE_CACHE_CONTROL: &str = "no-cache";
+/// What a CDN does with a page:
+/// - `max-age=10`: answer from its copy for 10 s, so a crowd on one page costs each edge
+///   location one request to the origin per 10 s, and an edit reaches every reader within
+///   about 10 s (each manifest's delta names the paths to purge for sooner).
+/// - `stale-while-revalidate=60`: for a minute after that, answer at once from the old copy
+///   while fetching the new one in the background, so no reader of a popular page waits on
+///   the origin; a copy served is then at most 70 s old.
+/// - `stale-if-error=86400`: when no node answers (or they answer 5xx), serve the last copy
+///   for up to a day rather than an error: a page was correct once, and its site is static.
+///   (A `Sesame-Min-Index` wait that times out is a 503, but only a request with the same
+///   `?_min=` could be answered with a copy, and that copy reflects the index.)
+const PAGE_CDN_CACHE_CONTROL: &str = "max-age=10, stale-while-revalidate=60, stale-if-error=86400";
+/// A file requested with `?v=` naming its own content hash (the URLs `asset_url()` makes):
+/// that URL can only ever answer these bytes, so every cache may keep it for a year without
+/// asking, and a browser need not even revalidate on reload (`immutable`, RFC 8246). Sent
+/// without `CDN-Cache-Control`: a CDN then reads this one (RFC 9213, 2.1).
+const IMMUTABLE_CACHE_CONTROL: &str = "max-age=31536000, immutable";
+/// A 404 (no such site, nothing published yet, or no such page, also when the site's own
+/// 404 page is the body): browsers ask again every time, so a page created a moment ago
+/// shows on the next load; a CDN keeps the answer 10 s, the same bound as for an edit, so a
+/// flood of requests for missing URLs (scanners, a broken link on a popular page) costs the
+/// origin one request per URL per 10 s. No `stale-while-revalidate` or `stale-if-error`: a
+/// stale 404 would hide a page that exists. No ETag either: a 404 is never answered with a
+/// 304, so a validator would only invite pointless conditional requests.
+const NOT_FOUND_CACHE_CONTROL: &str = "no-cache";
+/// See [`NOT_FOUND_CACHE_CONTROL`].
+const NOT_FOUND_CDN_CACHE_CONTROL: &str = "max-age=10";
 
 /// How serving behaves.
 #[derive(Debug, Clone)]
@@ -364,6 +407,38 @@ fn plain(status: StatusCode, message: impl Into<String>) -> Response {
     resp
 }
 
+/// A plain-text 404, cached as [`NOT_FOUND_CACHE_CONTROL`] says.
+fn not_found(message: &str, version: Option<&SiteVersion>) -> Response {
+    let mut resp = plain(StatusCode::NOT_FOUND, message);
+    not_found_headers(resp.headers_mut(), version);
+    resp
+}
+
+/// The caching headers of every 404, and the version that answered it if a site did.
+fn not_found_headers(headers: &mut HeaderMap, version: Option<&SiteVersion>) {
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(NOT_FOUND_CACHE_CONTROL),
+    );
+    headers.insert(
+        CDN_CACHE_CONTROL,
+        HeaderValue::from_static(NOT_FOUND_CDN_CACHE_CONTROL),
+    );
+    if let Some(version) = version {
+        headers.insert(VERSION_HEADER, version.version_header.clone());
+    }
+}
+
+/// Whether the request's `?v=` names `hash`: at least [`ASSET_VERSION_HEX_LEN`] hex digits
+/// that start it (what `asset_url()` writes), at most all of it.
+fn names_version(query: Option<&str>, hash: &str) -> bool {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.strip_prefix(ASSET_VERSION_PARAM)?.strip_prefix('='))
+        .any(|v| v.len() >= ASSET_VERSION_HEX_LEN && hash.starts_with(v))
+}
+
 /// Where a request for a page goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target<'a> {
@@ -530,7 +605,7 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
     let target = site_and_path(&pages.config, headers, req.uri().path());
     let (site, raw_path) = (target.site.as_ref(), target.path);
     if validate_site(site).is_err() {
-        return plain(StatusCode::NOT_FOUND, "no such site");
+        return not_found("no such site", None);
     }
     // "/demo" → "/demo/": the site's root page, where its relative links resolve.
     if !target.by_host && req.uri().path().len() == site.len() + 1 {
@@ -564,10 +639,7 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
         .get(site)
         .cloned()
     else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "no such site, or nothing published yet",
-        );
+        return not_found("no such site, or nothing published yet", None);
     };
     let (file, status) = match version.file(&path) {
         Some(f) => (f, StatusCode::OK),
@@ -587,11 +659,11 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
             }
             match version.file(NOT_FOUND_PATH) {
                 Some(f) => (f, StatusCode::NOT_FOUND),
-                None => return plain(StatusCode::NOT_FOUND, "not found"),
+                None => return not_found("not found", Some(&*version)),
             }
         }
     };
-    let mut resp_headers = HeaderMap::with_capacity(5);
+    let mut resp_headers = HeaderMap::with_capacity(6);
     let Some((etag, content_type)) = file_headers(file) else {
         tracing::error!(
             "serve {site}{path}: the manifest has a header-unsafe hash or content type"
@@ -601,14 +673,31 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
             "this file cannot be served",
         );
     };
-    resp_headers.insert(header::ETAG, etag);
-    resp_headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(CACHE_CONTROL),
-    );
-    resp_headers.insert(VERSION_HEADER, version.version_header.clone());
-    if status == StatusCode::OK && etag_matches(headers, &file.hash) {
-        return (StatusCode::NOT_MODIFIED, resp_headers).into_response();
+    if status == StatusCode::NOT_FOUND {
+        not_found_headers(&mut resp_headers, Some(&*version));
+    } else {
+        // A 304 carries the same headers as the 200 it stands for (RFC 9110, 15.4.5), so a
+        // cache that refreshes its copy with them keeps the same policy.
+        resp_headers.insert(header::ETAG, etag);
+        if names_version(req.uri().query(), &file.hash) {
+            resp_headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(IMMUTABLE_CACHE_CONTROL),
+            );
+        } else {
+            resp_headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(PAGE_CACHE_CONTROL),
+            );
+            resp_headers.insert(
+                CDN_CACHE_CONTROL,
+                HeaderValue::from_static(PAGE_CDN_CACHE_CONTROL),
+            );
+        }
+        resp_headers.insert(VERSION_HEADER, version.version_header.clone());
+        if etag_matches(headers, &file.hash) {
+            return (StatusCode::NOT_MODIFIED, resp_headers).into_response();
+        }
     }
     resp_headers.insert(header::CONTENT_TYPE, content_type);
     match pages.body(site, &file.hash).await {
@@ -802,6 +891,27 @@ mod tests {
         );
         assert!(etag_matches(&h, "abc"));
         assert!(!etag_matches(&h, "abd"));
+    }
+
+    #[test]
+    fn only_a_version_that_starts_the_hash_names_it() {
+        let hash = "0123456789abcdef".repeat(4);
+        assert!(names_version(Some("v=0123456789abcdef"), &hash));
+        assert!(names_version(Some(&format!("v={hash}")), &hash));
+        assert!(names_version(Some("_min=3&v=0123456789abcdef0"), &hash));
+        for query in [
+            None,
+            Some(""),
+            Some("v="),
+            Some("v=0123456789abcde"),
+            Some("v=0123456789ABCDEF"),
+            Some("v=1123456789abcdef"),
+            Some("x=0123456789abcdef"),
+            Some("vv=0123456789abcdef"),
+        ] {
+            assert!(!names_version(query, &hash), "{query:?}");
+        }
+        assert!(!names_version(Some(&format!("v={hash}0")), &hash));
     }
 
     #[test]

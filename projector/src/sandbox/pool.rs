@@ -39,6 +39,7 @@ use crate::render::{
     not_serving, BatchInputs, PageJob, PageOutcome, Preloaded, ReadRequest, Rendered,
     LIST_LIMIT_MAX, READS_PER_PAGE_MAX,
 };
+use crate::site::asset_path;
 use crate::source::SourceError;
 
 /// Address space a worker process may use, by default (its `RLIMIT_AS`).
@@ -683,6 +684,14 @@ fn converse(
                 reads.observed.add_prefix(&collection, &prefix, None);
                 let answer = read_list(batch, collection, prefix, limit);
                 ToWorker::Listed(reads.note(answer))
+            }
+            FromWorker::Asset { key } => {
+                reads.count_one()?;
+                let answer = batch.inputs.assets.find(&key).cloned();
+                if let Ok(path) = asset_path(&key) {
+                    reads.observed.add_asset_url(&key, &path);
+                }
+                ToWorker::AssetIs(answer)
             }
             FromWorker::Started => {
                 return Err(Cause::Protocol("a second start".into()));

@@ -10,7 +10,8 @@
 //! [`FromWorker::Started`] once its limits are set. Then, per page, the pool sends
 //! [`ToWorker::Render`]; the worker asks for templates ([`FromWorker::LoadTemplate`]) and
 //! reads ([`FromWorker::Get`], [`FromWorker::List`]) one at a time, each answered before it
-//! goes on, and ends with [`FromWorker::Done`].
+//! goes on, and ends with [`FromWorker::Done`]. `asset_url()` asks about an asset the same
+//! way ([`FromWorker::Asset`]).
 
 use std::io::{self, Read, Write};
 
@@ -20,12 +21,12 @@ use thiserror::Error;
 
 use crate::deps::PageDeps;
 use crate::error::TemplateError;
-use crate::render::PageJob;
+use crate::render::{PageJob, ServedAsset};
 
 /// First bytes of every frame ("Sesame render worker").
 pub(crate) const MAGIC: [u8; 3] = *b"SRW";
 /// Bumped whenever a message changes incompatibly; a worker from another build is refused.
-pub(crate) const PROTOCOL_VERSION: u8 = 1;
+pub(crate) const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame body either side writes or reads, in bytes.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
@@ -49,6 +50,8 @@ pub(crate) enum ToWorker<R = Box<RenderJob>> {
     Got(Result<Option<Tuple>, String>),
     /// The answer to [`FromWorker::List`].
     Listed(Result<Vec<Tuple>, String>),
+    /// The answer to [`FromWorker::Asset`]: where the asset is served and its hash, if it is.
+    AssetIs(Option<ServedAsset>),
 }
 
 /// One page to render, with what the worker needs to know about its batch.
@@ -90,6 +93,10 @@ pub(crate) enum FromWorker {
         collection: String,
         prefix: String,
         limit: u64,
+    },
+    /// For `asset_url()`: how the version being made serves `_assets/<key>`.
+    Asset {
+        key: String,
     },
     Done {
         deps: PageDeps,

@@ -24,7 +24,7 @@ use crate::deps::PageDeps;
 use crate::error::TemplateError;
 use crate::paths::{template_kind, Escape};
 use crate::render::{
-    environment, render_page, site_value, PageContext, PageReader, RENDER_STACK_BYTES,
+    environment, render_page, site_value, PageContext, PageReader, ServedAsset, RENDER_STACK_BYTES,
 };
 use crate::source::SourceError;
 
@@ -122,6 +122,7 @@ fn what(message: &ToWorker) -> &'static str {
         ToWorker::Template(_) => "a template",
         ToWorker::Got(_) => "a tuple",
         ToWorker::Listed(_) => "tuples",
+        ToWorker::AssetIs(_) => "an asset",
     }
 }
 
@@ -238,7 +239,7 @@ impl Link {
     }
 }
 
-/// `get` and `list` of a render in a worker: answered by the pool.
+/// `get`, `list` and `asset_url` of a render in a worker: answered by the pool.
 struct PipeReader {
     link: Arc<Link>,
 }
@@ -272,6 +273,16 @@ impl PageReader for PipeReader {
         };
         match self.link.ask(&question).map_err(lost)? {
             ToWorker::Listed(answer) => answer.map_err(SourceError::new),
+            other => Err(lost(format!("it answered with {}", what(&other)))),
+        }
+    }
+
+    fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError> {
+        let question = FromWorker::Asset {
+            key: key.to_string(),
+        };
+        match self.link.ask(&question).map_err(lost)? {
+            ToWorker::AssetIs(answer) => Ok(answer),
             other => Err(lost(format!("it answered with {}", what(&other)))),
         }
     }
