@@ -36,6 +36,9 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub client_sessions: Gauge,
     pub live_channels: Gauge,
+    pub purged_urls: Counter,
+    pub purge_errors: Counter,
+    pub purge_dropped_urls: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +71,9 @@ impl Metrics {
             client_connections: Gauge::default(),
             client_sessions: Gauge::default(),
             live_channels: Gauge::default(),
+            purged_urls: Counter::default(),
+            purge_errors: Counter::default(),
+            purge_dropped_urls: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -164,6 +170,21 @@ impl Metrics {
             "live_channels",
             "Browsers' data channels, open or opening",
             m.live_channels.clone(),
+        );
+        r.register(
+            "purged_urls",
+            "URLs a CDN purge target acknowledged (leader)",
+            m.purged_urls.clone(),
+        );
+        r.register(
+            "purge_errors",
+            "Purge calls that failed (each is retried unless refused for good)",
+            m.purge_errors.clone(),
+        );
+        r.register(
+            "purge_dropped_urls",
+            "Changed URLs never purged: the purge backlog overflowed or the target refused them",
+            m.purge_dropped_urls.clone(),
         );
         Metrics { registry: r, ..m }
     }
