@@ -343,6 +343,39 @@ async fn webhook_gets_exactly_the_changed_urls() {
         "the layout change undone: {calls:#?}"
     );
 
+    // A deleted site's every URL goes.
+    let seen = receiver.calls().len();
+    let deleted = admin.delete_site(SITE).await.unwrap().index;
+    let all = urls_of(
+        &base,
+        &[
+            "/",
+            "/alice",
+            "/bob",
+            "/carol",
+            "/404.html",
+            "/style.css",
+            "/robots.txt",
+            "/sitemap.xml",
+        ],
+    );
+    let sent_since = |calls: &[Call]| -> BTreeSet<String> {
+        calls
+            .iter()
+            .skip(seen)
+            .flat_map(|c| c.body["urls"].as_array().unwrap().clone())
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_calls(&receiver, "the deleted site's URLs", |calls| {
+        sent_since(calls) == all
+    })
+    .await;
+    for call in receiver.calls().iter().skip(seen) {
+        assert_eq!(call.body["site"], SITE);
+        assert!(call.body["index"].as_u64().unwrap() >= deleted, "{call:?}");
+    }
+
     let metrics = reqwest::get(format!("{}/metrics", node.node.url()))
         .await
         .unwrap()
@@ -613,4 +646,58 @@ async fn cloudflare_gets_its_request_shape() {
     let log = std::fs::read_to_string(dir.path().join("node.log")).unwrap();
     assert!(!log.contains(TOKEN), "the token is never logged");
     node.kill().unwrap();
+}
+
+/// A purge target the node cannot use stops it at start, saying why.
+#[tokio::test]
+async fn purge_flags_are_checked_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let refused = |args: &[&str], token: Option<&str>| {
+        let mut command = std::process::Command::new(sesame_tests::sesame_binary());
+        command
+            .args(["dev", "--data", &data, "--http", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("SESAME_CLOUDFLARE_TOKEN")
+            .env_remove("SESAME_CLOUDFLARE_API");
+        if let Some(token) = token {
+            command.env("SESAME_CLOUDFLARE_TOKEN", token);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["--purge-url", "http://127.0.0.1:1/purge"], None);
+    assert!(err.contains("purging needs --public-url"), "{err}");
+    let public = ["--public-url", "https://example.com"];
+    let err = refused(
+        &[&public[..], &["--purge-cloudflare", "abc123"]].concat(),
+        None,
+    );
+    assert!(err.contains("SESAME_CLOUDFLARE_TOKEN"), "{err}");
+    let err = refused(
+        &[&public[..], &["--purge-cloudflare", "abc/123"]].concat(),
+        Some("t0ken-never-shown"),
+    );
+    assert!(err.contains("letters and digits"), "{err}");
+    assert!(!err.contains("t0ken-never-shown"), "{err}");
+    let err = refused(
+        &[
+            &public[..],
+            &["--purge-url", "ftp://example.com/x?key=s3cret"],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(err.contains("http:// or https://"), "{err}");
+    assert!(!err.contains("s3cret"), "the URL may hold a secret: {err}");
+    let err = refused(
+        &[
+            &public[..],
+            &["--purge-url", "http://127.0.0.1:1/x", "--purge-batch", "0"],
+        ]
+        .concat(),
+        None,
+    );
+    assert!(err.contains("purge batch"), "{err}");
 }
