@@ -25,8 +25,9 @@
 //! Sending never holds up publishing: URLs go into a bounded queue ([`PurgeConfig::queue_urls_max`]),
 //! one per site, where a URL already waiting is not queued twice. One task sends the queue in
 //! batches of at most [`PurgeConfig::batch_urls_max`] URLs of one site, taking the sites in
-//! turn, and paces them to [`PurgeConfig::urls_per_minute`] (Cloudflare Free: 30 URLs a call,
-//! 1,000 URLs a minute; those are the Cloudflare defaults). A batch that fails with a network
+//! turn, and paces them to [`PurgeConfig::urls_per_minute`]: calls spaced evenly, and no
+//! minute carrying more (Cloudflare Free: 30 URLs a call, 1,000 URLs a minute; those are the
+//! Cloudflare defaults). A batch that fails with a network
 //! error, a timeout, 408, 429 or a 5xx goes back to the front of its site's queue and is
 //! retried after an exponential backoff (or the `Retry-After` the target asked for); a batch
 //! refused for good (another 4xx, or Cloudflare answering `"success": false`) is dropped and
@@ -491,6 +492,7 @@ impl Purger {
     /// failures.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut next_send = Instant::now();
+        let mut window = Window::new(self.config.urls_per_minute);
         let mut failures: u32 = 0;
         loop {
             // Wait for URLs. `notified` is created before the check, so a wake-up between
@@ -513,6 +515,14 @@ impl Purger {
             let Some(batch) = self.take_batch() else {
                 continue;
             };
+            // Even spacing alone lets a minute carry one batch more than the rate.
+            let ready = window.ready_at(batch.urls.len(), Instant::now());
+            tokio::select! {
+                // Shutting down: the queue is in memory and goes anyway.
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(ready) => {}
+            }
+            window.record(batch.urls.len(), Instant::now());
             let sent = self.send(&batch).await;
             next_send = Instant::now() + self.pace(batch.urls.len());
             match sent {
@@ -608,6 +618,66 @@ impl Purger {
             }
         }
         Ok(())
+    }
+}
+
+/// The calls of the last minute, so that no minute carries more URLs than the rate (every
+/// call counts, failed ones too: a target counts what it was asked).
+struct Window {
+    /// URLs per minute; 0: no limit.
+    rate: usize,
+    /// When each call of the last minute was made, and its URLs, oldest first.
+    calls: VecDeque<(Instant, usize)>,
+    /// The URLs of `calls`.
+    urls: usize,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Window {
+    fn new(urls_per_minute: u32) -> Window {
+        Window {
+            rate: urls_per_minute as usize,
+            calls: VecDeque::new(),
+            urls: 0,
+        }
+    }
+
+    /// When a call of `n` URLs keeps the last minute within the rate (at `now` or later).
+    fn ready_at(&mut self, n: usize, now: Instant) -> Instant {
+        while let Some(&(at, urls)) = self.calls.front() {
+            if now.saturating_duration_since(at) < MINUTE {
+                break;
+            }
+            self.calls.pop_front();
+            self.urls -= urls;
+        }
+        if self.rate == 0 {
+            return now;
+        }
+        let mut over = (self.urls + n).saturating_sub(self.rate);
+        for &(at, urls) in &self.calls {
+            if over == 0 {
+                break;
+            }
+            over = over.saturating_sub(urls);
+            if over == 0 {
+                return at + MINUTE;
+            }
+        }
+        // Within the rate, or a call larger than the rate: it waits for an empty minute.
+        match (over, self.calls.back()) {
+            (0, _) | (_, None) => now,
+            (_, Some(&(at, _))) => at + MINUTE,
+        }
+    }
+
+    fn record(&mut self, n: usize, at: Instant) {
+        if self.rate == 0 {
+            return;
+        }
+        self.calls.push_back((at, n));
+        self.urls += n;
     }
 }
 
@@ -848,6 +918,33 @@ mod tests {
         })
         .collect();
         assert_eq!(order, ["demo", "other", "demo", "other"]);
+    }
+
+    #[test]
+    fn no_minute_carries_more_than_the_rate() {
+        let t0 = Instant::now();
+        let mut w = Window::new(100);
+        assert_eq!(w.ready_at(30, t0), t0);
+        w.record(30, t0);
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(w.ready_at(30, t1), t1);
+        w.record(30, t1);
+        let t2 = t0 + Duration::from_secs(20);
+        assert_eq!(w.ready_at(30, t2), t2);
+        w.record(30, t2);
+        let t3 = t0 + Duration::from_secs(30);
+        assert_eq!(w.ready_at(10, t3), t3, "100 in all");
+        assert_eq!(
+            w.ready_at(30, t3),
+            t0 + MINUTE,
+            "130 would be over: when the first call leaves the minute"
+        );
+        assert_eq!(w.ready_at(50, t3), t1 + MINUTE, "two calls must leave");
+        assert_eq!(w.ready_at(30, t0 + MINUTE), t0 + MINUTE);
+        let mut tiny = Window::new(10);
+        tiny.record(5, t0);
+        assert_eq!(tiny.ready_at(30, t1), t0 + MINUTE, "larger than the rate");
+        assert_eq!(Window::new(0).ready_at(1_000_000, t0), t0);
     }
 
     #[test]
