@@ -19,6 +19,7 @@ use sesame_node::pages::bundle;
 use sesame_node::pages::purge::PurgeConfig;
 use sesame_proto::api::{PurgeStatus, TxRequest};
 use sesame_proto::Op;
+use sesame_tests::cluster::{ClusterOptions, TestCluster};
 use sesame_tests::TestNode;
 
 const SITE: &str = "demo";
@@ -30,6 +31,7 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Call {
     at: Instant,
     path: String,
+    query: Option<String>,
     authorization: Option<String>,
     body: Value,
     /// What the receiver answered.
@@ -101,6 +103,7 @@ async fn receive(
     r.calls.lock().unwrap().push(Call {
         at: Instant::now(),
         path: uri.path().to_string(),
+        query: uri.query().map(str::to_string),
         authorization: headers
             .get("authorization")
             .map(|v| v.to_str().unwrap().to_string()),
@@ -147,11 +150,16 @@ async fn deploy_demo(admin: &Http) -> u64 {
 
 /// GETs `path` of the site once it reflects `index`; returns the version served and the body.
 async fn page(node: &TestNode, path: &str, index: u64) -> (u64, String) {
+    page_at(&node.node.url(), path, index).await
+}
+
+/// [`page`] from the node at `url`.
+async fn page_at(url: &str, path: &str, index: u64) -> (u64, String) {
     let deadline = Instant::now() + WAIT;
     let client = reqwest::Client::new();
     loop {
         let resp = client
-            .get(format!("{}/{SITE}{path}", node.node.url()))
+            .get(format!("{url}/{SITE}{path}"))
             .header("Sesame-Min-Index", index.to_string())
             .send()
             .await
@@ -700,4 +708,89 @@ async fn purge_flags_are_checked_at_start() {
         None,
     );
     assert!(err.contains("purge batch"), "{err}");
+}
+
+/// The public URL of the cluster's nodes.
+const PUBLIC: &str = "https://sesame.test";
+
+/// In a cluster only the leader purges (followers install the same versions and send
+/// nothing), and after a failover the new leader purges what it publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_purges_and_a_new_leader_takes_over() {
+    let (receiver, addr) = Receiver::start(false).await;
+    let options = ClusterOptions {
+        adjust: Some(Arc::new(move |id, c: &mut sesame_node::NodeConfig| {
+            c.debounce = Duration::from_millis(5);
+            // One public URL, as behind a CDN: every leader renders the same pages.
+            c.public_url = Some(PUBLIC.into());
+            let mut purge = webhook(addr);
+            purge.target = sesame_node::pages::purge::PurgeTarget::Webhook {
+                url: format!("http://{addr}/purge?node={id}"),
+            };
+            c.purge = Some(purge);
+        })),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = TestCluster::start(3, options).await.unwrap();
+    let leader = cluster.wait_leader(WAIT).await.unwrap();
+    let from = |id: u64| Some(format!("node={id}"));
+    let admin = cluster.admin(leader);
+    let deployed = deploy_demo(&admin).await;
+    page_at(&cluster.node(leader).url(), "/alice", deployed).await;
+    drained(&admin).await;
+
+    let seen = receiver.calls().len();
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            alice(ALICE_BIO, "https://example.com/alice2"),
+            None,
+        )
+        .await
+        .unwrap()
+        .index;
+    let (version, _) = page_at(&cluster.node(leader).url(), "/alice", w).await;
+    // Every node serves the new version; the followers purge nothing of it.
+    for id in cluster.running() {
+        let (served, body) = page_at(&cluster.node(id).url(), "/alice", w).await;
+        assert!(served >= version && body.contains("alice2"), "node {id}");
+        let status = drained(&cluster.admin(id)).await;
+        if id != leader {
+            assert_eq!(status.purged_urls_total, 0, "follower {id}: {status:?}");
+        }
+    }
+    let calls = receiver.accepted_since(seen);
+    assert!(calls.iter().all(|c| c.query == from(leader)), "{calls:#?}");
+    let base = format!("{PUBLIC}/{SITE}");
+    assert_eq!(webhook_urls(&calls, version), urls_of(&base, &["/alice"]));
+    assert!(
+        receiver.calls().iter().all(|c| c.query == from(leader)),
+        "only the leader ever purged"
+    );
+
+    cluster.stop_node(leader).await.unwrap();
+    let next = cluster.wait_leader(WAIT).await.unwrap();
+    assert_ne!(next, leader);
+    let admin = cluster.admin(next);
+    let seen = receiver.calls().len();
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            alice(ALICE_BIO, "https://example.com/alice3"),
+            None,
+        )
+        .await
+        .unwrap()
+        .index;
+    let (version, body) = page_at(&cluster.node(next).url(), "/alice", w).await;
+    assert!(body.contains("alice3"), "{body}");
+    drained(&admin).await;
+    let calls = receiver.accepted_since(seen);
+    assert!(calls.iter().all(|c| c.query == from(next)), "{calls:#?}");
+    assert_eq!(webhook_urls(&calls, version), urls_of(&base, &["/alice"]));
+    cluster.stop().await.unwrap();
 }
