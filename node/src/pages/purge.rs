@@ -22,23 +22,24 @@
 //! the not-found page when only the not-found page changed: they refresh after their cache
 //! time (`s-maxage=10`).
 //!
-//! Sending never holds up publishing: URLs go into a bounded queue ([`PurgeConfig::queue_urls_max`]),
-//! one per site, where a URL already waiting is not queued twice. One task sends the queue in
-//! batches of at most [`PurgeConfig::batch_urls_max`] URLs of one site, taking the sites in
-//! turn, and paces them to [`PurgeConfig::urls_per_minute`]: calls spaced evenly, and no
-//! minute carrying more (Cloudflare Free: 30 URLs a call, 1,000 URLs a minute; those are the
-//! Cloudflare defaults). A batch that fails with a network
-//! error, a timeout, 408, 429 or a 5xx goes back to the front of its site's queue and is
-//! retried after an exponential backoff (or the `Retry-After` the target asked for); a batch
-//! refused for good (another 4xx, or Cloudflare answering `"success": false`) is dropped and
-//! reported. When the queue is full, new URLs are dropped: the site's status says how many
-//! (`purge.dropped_urls_total`, with `last_error` saying the backlog overflowed), and the
-//! CDN serves its copies of them until their cache time ends. Each site's status reports its
-//! backlog, its last error and its last success (`GET /v1/sites/{site}/status`, `purge`).
+//! Sending never holds up publishing: URLs wait in a bounded queue (at most
+//! [`PurgeConfig::queue_urls_max`] over all sites, kept per site), where a URL already waiting
+//! is not queued twice. One task sends them in batches of at most
+//! [`PurgeConfig::batch_urls_max`] URLs of one site, taking the sites in turn, paced to
+//! [`PurgeConfig::urls_per_minute`]: calls spaced evenly, and no minute carrying more
+//! (Cloudflare Free: 30 URLs a call, 1,000 URLs a minute; those are the Cloudflare defaults).
+//! A batch that fails with a network error, a timeout, 408, 429 or a 5xx goes back to the
+//! front of its site's queue and is retried after an exponential backoff (or the
+//! `Retry-After` the target asked for); a batch refused for good (another 4xx, or Cloudflare
+//! answering `"success": false`) is dropped and reported. When the queue is full, new URLs
+//! are dropped: the site's status says how many (`purge.dropped_urls_total`, with
+//! `last_error` saying the backlog overflowed), and the CDN serves its copies of them until
+//! their cache time ends. Each site's status reports its backlog, its last error and its last
+//! success (`GET /v1/sites/{site}/status`, `purge`).
 //!
-//! The queue lives in the leader's memory: a leader that stops leading sends what it had
-//! queued, but purges queued on a node that crashes are lost (their cache time bounds the
-//! harm). The Cloudflare token is never logged and never in a status.
+//! The queue lives in the leader's memory: a leader that stops leading still sends what it
+//! had queued, but what is queued when a node stops or crashes is lost (their cache time
+//! bounds the harm). The Cloudflare token is never logged and never in a status.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +79,9 @@ pub const QUEUE_URLS_MAX_DEFAULT: usize = 100_000;
 pub const QUEUE_URLS_LIMIT: usize = 10_000_000;
 /// First wait after a failed call; it doubles with each failure in a row.
 pub const BACKOFF_MS_DEFAULT: u64 = 1_000;
+/// Shortest first wait after a failed call that may be configured: a failing target is
+/// never called in a tight loop.
+pub const BACKOFF_MS_MIN: u64 = 10;
 /// Longest wait between retries, unless the target asks for longer with `Retry-After`.
 const BACKOFF_MS_MAX: u64 = 60_000;
 /// Longest `Retry-After` honoured.
@@ -182,6 +186,11 @@ impl PurgeConfig {
             (1..=QUEUE_URLS_LIMIT).contains(&self.queue_urls_max),
             "the purge queue is {} URLs; it must be 1 to {QUEUE_URLS_LIMIT}",
             self.queue_urls_max
+        );
+        anyhow::ensure!(
+            self.backoff >= Duration::from_millis(BACKOFF_MS_MIN),
+            "the first wait after a failed purge is {:?}; it must be at least {BACKOFF_MS_MIN} ms",
+            self.backoff
         );
         match &self.target {
             PurgeTarget::Cloudflare { zone, token, api } => {
@@ -472,7 +481,8 @@ impl Purger {
                 dropped = batch.urls.len() as u64;
                 sq.dropped_total += dropped;
             } else {
-                // Those queued again meanwhile stay where they are.
+                // Those queued again meanwhile stay where they are. The queue may go past
+                // its limit by this one batch: those URLs were taken from it.
                 for url in batch.urls.into_iter().rev() {
                     if sq.queued.insert(url.clone()) {
                         sq.urls.push_front(url);
@@ -973,6 +983,9 @@ mod tests {
         assert!(PurgeConfig::cloudflare("abc", " ").check().is_err());
         let mut c = PurgeConfig::webhook("http://127.0.0.1:1/x");
         c.batch_urls_max = 0;
+        assert!(c.check().is_err());
+        let mut c = PurgeConfig::webhook("http://127.0.0.1:1/x");
+        c.backoff = Duration::ZERO;
         assert!(c.check().is_err());
     }
 }
