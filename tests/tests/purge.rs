@@ -39,12 +39,14 @@ struct Call {
 }
 
 /// A purge target on loopback that records every request. It answers 500 while `failing`,
-/// and 429 with `Retry-After: 1` to the next `throttle` requests.
+/// 429 with `Retry-After: 1` to the next `throttle` requests, and 400 to the next `refuse`.
 #[derive(Clone, Default)]
 struct Receiver {
     calls: Arc<Mutex<Vec<Call>>>,
     failing: Arc<AtomicBool>,
     throttle: Arc<AtomicU32>,
+    /// Answer 400 to the next this many requests.
+    refuse: Arc<AtomicU32>,
     /// Answer in Cloudflare's shape (`{"success": true, ...}`).
     cloudflare: bool,
 }
@@ -92,6 +94,12 @@ async fn receive(
         .is_ok()
     {
         (StatusCode::TOO_MANY_REQUESTS, "slow down")
+    } else if r
+        .refuse
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        (StatusCode::BAD_REQUEST, "no such thing")
     } else if r.cloudflare {
         (
             StatusCode::OK,
@@ -793,4 +801,88 @@ async fn only_the_leader_purges_and_a_new_leader_takes_over() {
     assert!(calls.iter().all(|c| c.query == from(next)), "{calls:#?}");
     assert_eq!(webhook_urls(&calls, version), urls_of(&base, &["/alice"]));
     cluster.stop().await.unwrap();
+}
+
+/// Subdomain mode: URLs on the site's own host. A batch the target refuses (400) is not
+/// retried: its URLs are counted as dropped and the error is shown until the next success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subdomain_urls_and_refused_batches() {
+    let (receiver, addr) = Receiver::start(false).await;
+    let node = TestNode::start_with(|c| {
+        c.debounce = Duration::from_millis(5);
+        c.domain = Some("sites.test".into());
+        c.public_url = Some("https://sites.test".into());
+        c.purge = Some(webhook(addr));
+    })
+    .await
+    .unwrap();
+    let admin = node.admin();
+    let deployed = deploy_demo(&admin).await;
+    page(&node, "/alice", deployed).await;
+    let status = drained(&admin).await;
+    assert_eq!(status.dropped_urls_total, 0);
+    let first: BTreeSet<String> = receiver
+        .accepted_since(0)
+        .iter()
+        .flat_map(|c| c.body["urls"].as_array().unwrap().clone())
+        .map(|u| u.as_str().unwrap().to_string())
+        .collect();
+    assert!(first.contains("https://demo.sites.test/"), "{first:?}");
+    assert!(
+        first.contains("https://demo.sites.test/alice/"),
+        "{first:?}"
+    );
+    assert!(
+        first
+            .iter()
+            .all(|u| u.starts_with("https://demo.sites.test/")),
+        "no bare host, no path-mode URL: {first:?}"
+    );
+
+    receiver.refuse.store(1, Ordering::SeqCst);
+    let seen = receiver.calls().len();
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            alice(ALICE_BIO, "https://example.com/refused"),
+            None,
+        )
+        .await
+        .unwrap()
+        .index;
+    page(&node, "/alice", w).await;
+    let status = drained(&admin).await;
+    assert_eq!(status.dropped_urls_total, 2, "{status:?}");
+    let error = status.last_error.expect("the refusal is shown");
+    assert!(
+        error.contains("400") && error.contains("not retried"),
+        "{error}"
+    );
+    assert_eq!(
+        receiver.calls().len(),
+        seen + 1,
+        "a refused batch is not retried"
+    );
+
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "alice",
+            alice(ALICE_BIO, "https://example.com/accepted"),
+            None,
+        )
+        .await
+        .unwrap()
+        .index;
+    let (version, _) = page(&node, "/alice", w).await;
+    let status = drained(&admin).await;
+    assert!(status.last_error.is_none(), "{status:?}");
+    assert_eq!(
+        webhook_urls(&receiver.accepted_since(seen), version),
+        urls_of("https://demo.sites.test", &["/alice"])
+    );
+    node.stop().await.unwrap();
 }
