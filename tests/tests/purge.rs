@@ -1,7 +1,9 @@
 //! CDN purges end to end: a real node sends the URLs each new version changed to a receiver
 //! on loopback, as a webhook or in Cloudflare's purge-by-URL shape; exactly the changed
-//! pages' URLs arrive, failures are retried with backoff while publishing goes on, and the
-//! site status shows the backlog meanwhile.
+//! pages' URLs arrive (for edits, a shared layout, a rollback, a deleted site), failures are
+//! retried with backoff while publishing goes on and the site status shows the backlog
+//! meanwhile, refused batches are dropped and reported, only a cluster's leader purges, and
+//! a purge target the node cannot use stops it at start.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
