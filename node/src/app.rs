@@ -30,6 +30,7 @@ use crate::http::error::ApiError;
 use crate::http::limits::{RateLimit, SiteLimiter};
 use crate::pages::follow::Follower;
 use crate::pages::projection::{ProjectionConfig, Projections, DEBOUNCE_MS_DEFAULT};
+use crate::pages::purge::Purger;
 use crate::pages::serve::{Pages, ServeConfig};
 use crate::peer::link::Link;
 use crate::peer::{
@@ -93,6 +94,8 @@ pub struct NodeConfig {
     /// Where app clients connect over QUIC (UDP); `None`: the HTTP address's IP and port
     /// (any free port if that one is taken).
     pub quic_addr: Option<SocketAddr>,
+    /// Purge a CDN's copies of the URLs each new version changes; `None`: no purges.
+    pub purge: Option<crate::pages::purge::PurgeConfig>,
 }
 
 impl NodeConfig {
@@ -119,6 +122,7 @@ impl NodeConfig {
             render_memory_bytes_max: WORKER_MEMORY_BYTES_DEFAULT,
             render_page_time_max: Duration::from_millis(PAGE_TIME_MS_DEFAULT),
             quic_addr: None,
+            purge: None,
         }
     }
 
@@ -188,6 +192,8 @@ pub struct Node {
     pub data_dir: std::path::PathBuf,
     /// The object store is shared by every node (S3, R2) rather than a folder per node.
     pub shared_store: bool,
+    /// CDN purges, when configured.
+    pub purger: Option<Arc<Purger>>,
     admin_hash: String,
 }
 
@@ -451,6 +457,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         reads.clone(),
         metrics.clone(),
     ));
+    let purger = match &config.purge {
+        Some(purge) => Some(Arc::new(
+            Purger::new(
+                purge.clone(),
+                public_url.clone(),
+                config.domain.clone(),
+                metrics.clone(),
+            )
+            .context("set up CDN purges")?,
+        )),
+        None => None,
+    };
     let pages = Arc::new(Pages::new(
         ServeConfig {
             domain: config.domain.clone(),
@@ -458,6 +476,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         },
         publisher.clone(),
         metrics.clone(),
+        purger.clone(),
     ));
     let projections = Arc::new(Projections::new(
         ProjectionConfig {
@@ -539,9 +558,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         raft_parts,
         cancel.clone(),
     )));
+    if let Some(purger) = &purger {
+        tasks.push(tokio::spawn(purger.clone().run(cancel.clone())));
+    }
     tasks.push(tokio::spawn(project_while_leader(
         raft.clone(),
         projections.clone(),
+        purger.clone(),
         cancel.clone(),
     )));
 
@@ -605,6 +628,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         metrics,
         data_dir: config.data_dir.clone(),
         shared_store: config.objects.is_some(),
+        purger,
         admin_hash: auth::hash_token(&admin_token),
     });
     let app = crate::http::api::router(node.clone());
@@ -632,9 +656,13 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
 
 /// Runs the projector while this node leads: started when it becomes leader, cancelled when
 /// it stops (the Raft log fences a deposed projector anyway: its root commits fail).
+///
+/// The purger, if any, queues purges while this node leads: the versions it installs then are
+/// the ones its projector publishes and the rollbacks the log commits.
 async fn project_while_leader(
     raft: Arc<RaftHandle>,
     projections: Arc<Projections>,
+    purger: Option<Arc<Purger>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -647,6 +675,9 @@ async fn project_while_leader(
         }
         let term = raft.view().term;
         let leading = cancel.child_token();
+        if let Some(purger) = &purger {
+            purger.set_leading(true);
+        }
         let run = tokio::spawn(projections.clone().run(leading.clone()));
         // Lead until the term changes or this node is no longer leader.
         loop {
@@ -660,6 +691,9 @@ async fn project_while_leader(
             }
         }
         leading.cancel();
+        if let Some(purger) = &purger {
+            purger.set_leading(false);
+        }
         let _ = run.await;
         if cancel.is_cancelled() {
             return;

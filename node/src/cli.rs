@@ -290,10 +290,71 @@ pub struct ServeArgs {
     /// Seconds between two garbage collections.
     #[arg(long, default_value_t = crate::pages::gc::INTERVAL_SECS_DEFAULT)]
     pub gc_interval_secs: u64,
+    /// Purge the URLs each new version changes from this Cloudflare zone (purge by URL; the
+    /// API token comes from SESAME_CLOUDFLARE_TOKEN). Needs --public-url.
+    #[arg(long, value_name = "ZONE_ID", conflicts_with = "purge_url")]
+    pub purge_cloudflare: Option<String>,
+    /// POST the URLs each new version changes to this URL as
+    /// `{"site", "index", "urls": [...]}`. Needs --public-url.
+    #[arg(long, value_name = "URL")]
+    pub purge_url: Option<String>,
+    /// Most URLs in one purge call [default: 30 for Cloudflare, 500 for --purge-url].
+    #[arg(long, value_name = "URLS")]
+    pub purge_batch: Option<usize>,
+    /// Most URLs purged per minute (0: unpaced) [default: 1000 for Cloudflare, 60000 for
+    /// --purge-url].
+    #[arg(long, value_name = "URLS_PER_MINUTE")]
+    pub purge_rate: Option<u32>,
+    /// Most changed URLs waiting to be purged; past it they are dropped and the site status
+    /// says how many.
+    #[arg(long, value_name = "URLS", default_value_t = crate::pages::purge::QUEUE_URLS_MAX_DEFAULT)]
+    pub purge_queue: usize,
+    /// First wait after a failed purge call, in milliseconds; it doubles with each failure.
+    #[arg(long, hide = true, default_value_t = crate::pages::purge::BACKOFF_MS_DEFAULT)]
+    pub purge_backoff_ms: u64,
+    /// Cloudflare's API base URL (tests point it at a receiver on loopback).
+    #[arg(long, hide = true, env = crate::pages::purge::CLOUDFLARE_API_ENV, default_value = crate::pages::purge::CLOUDFLARE_API_DEFAULT)]
+    pub purge_cloudflare_api: String,
 }
 
 impl ServeArgs {
+    /// The purge settings of `--purge-cloudflare` or `--purge-url`, if either is given.
+    fn purge_config(&self) -> anyhow::Result<Option<crate::pages::purge::PurgeConfig>> {
+        use crate::pages::purge::{PurgeConfig, PurgeTarget, CLOUDFLARE_TOKEN_ENV};
+        let mut purge = match (&self.purge_cloudflare, &self.purge_url) {
+            (Some(zone), _) => {
+                let token = std::env::var(CLOUDFLARE_TOKEN_ENV).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--purge-cloudflare needs the API token in {CLOUDFLARE_TOKEN_ENV}"
+                    )
+                })?;
+                let mut purge = PurgeConfig::cloudflare(zone.clone(), token.trim());
+                if let PurgeTarget::Cloudflare { api, .. } = &mut purge.target {
+                    api.clone_from(&self.purge_cloudflare_api);
+                }
+                purge
+            }
+            (None, Some(url)) => PurgeConfig::webhook(url.clone()),
+            (None, None) => return Ok(None),
+        };
+        anyhow::ensure!(
+            self.public_url.is_some(),
+            "purging needs --public-url: the URLs a CDN caches are the public ones"
+        );
+        if let Some(batch) = self.purge_batch {
+            purge.batch_urls_max = batch;
+        }
+        if let Some(rate) = self.purge_rate {
+            purge.urls_per_minute = rate;
+        }
+        purge.queue_urls_max = self.purge_queue;
+        purge.backoff = std::time::Duration::from_millis(self.purge_backoff_ms);
+        purge.check()?;
+        Ok(Some(purge))
+    }
+
     fn apply(self, config: &mut NodeConfig) -> anyhow::Result<()> {
+        config.purge = self.purge_config()?;
         config.quic_addr = self.quic;
         config.admin_token = self.admin_token;
         config.objects = self.objects;

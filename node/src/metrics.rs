@@ -37,6 +37,9 @@ pub struct Metrics {
     pub client_sessions: Gauge,
     pub live_channels: Gauge,
     pub gc_objects_deleted: Counter,
+    pub purged_urls: Counter,
+    pub purge_errors: Counter,
+    pub purge_dropped_urls: Counter,
 }
 
 impl Default for Metrics {
@@ -70,6 +73,9 @@ impl Metrics {
             client_sessions: Gauge::default(),
             live_channels: Gauge::default(),
             gc_objects_deleted: Counter::default(),
+            purged_urls: Counter::default(),
+            purge_errors: Counter::default(),
+            purge_dropped_urls: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -171,6 +177,21 @@ impl Metrics {
             "live_channels",
             "Browsers' data channels, open or opening",
             m.live_channels.clone(),
+        );
+        r.register(
+            "purged_urls",
+            "URLs a CDN purge target acknowledged (leader)",
+            m.purged_urls.clone(),
+        );
+        r.register(
+            "purge_errors",
+            "Purge calls that failed (each is retried unless refused for good)",
+            m.purge_errors.clone(),
+        );
+        r.register(
+            "purge_dropped_urls",
+            "Changed URLs never purged: the purge backlog overflowed or the target refused them",
+            m.purge_dropped_urls.clone(),
         );
         Metrics { registry: r, ..m }
     }

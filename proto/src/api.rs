@@ -192,6 +192,29 @@ pub struct SiteStatus {
     pub last_error: Option<TemplateProblem>,
     /// Every standing problem.
     pub errors: Vec<TemplateProblem>,
+    /// CDN purges of the site's changed URLs, when the node has a purge target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge: Option<PurgeStatus>,
+}
+
+/// The purges of one site's changed URLs on this node (the leader sends them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeStatus {
+    /// `cloudflare` or `webhook` (never the token or the URL).
+    pub target: String,
+    /// URLs waiting to be purged, with those being sent now.
+    pub pending_urls: u64,
+    /// URLs purged since the node started.
+    pub purged_urls_total: u64,
+    /// URLs never purged since the node started: the backlog overflowed, or the target
+    /// refused them for good. Their cached copies live until the cache time ends.
+    pub dropped_urls_total: u64,
+    /// The last failure since the last success, or null.
+    pub last_error: Option<String>,
+    /// When that failure happened, in milliseconds since the Unix epoch.
+    pub last_error_at: Option<u64>,
+    /// When the target last acknowledged a purge of this site's URLs.
+    pub last_success_at: Option<u64>,
 }
 
 /// A template or route problem: `{ template, line, message }` (and the page, when one failed).

@@ -78,6 +78,9 @@ async fn metrics_have_their_names_and_types_and_move() {
         ("sesame_client_connections", "gauge"),
         ("sesame_client_sessions", "gauge"),
         ("sesame_live_channels", "gauge"),
+        ("sesame_purged_urls", "counter"),
+        ("sesame_purge_errors", "counter"),
+        ("sesame_purge_dropped_urls", "counter"),
     ] {
         assert_eq!(
             before.types.get(name).map(String::as_str),

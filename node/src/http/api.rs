@@ -802,6 +802,7 @@ async fn status(
         message: e.message,
         path: e.path,
     };
+    let purge = node.purger.as_ref().map(|purger| purger.status(&site));
     Ok(Json(SiteStatus {
         served_index: node.pages.served_index(&site),
         rolled_back: root.is_some_and(|r| r.rollback),
@@ -815,6 +816,7 @@ async fn status(
         last_publish_ms: p.last_publish_ms,
         last_error: p.last_error.map(problem),
         errors: p.errors.into_iter().map(problem).collect(),
+        purge,
     }))
 }
 

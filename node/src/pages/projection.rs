@@ -81,20 +81,26 @@ impl ProjectionConfig {
     /// subdomain mode it keeps the public URL's scheme and port (`http://127.0.0.1:7700`
     /// with domain `sites.test` gives `http://demo.sites.test:7700`).
     pub fn base_url(&self, site: &str) -> String {
-        let public = self.public_url.trim_end_matches('/');
-        match &self.domain {
-            Some(domain) => {
-                let domain = crate::pages::serve::normalize_domain(domain);
-                match url::Url::parse(public) {
-                    Ok(u) => match u.port() {
-                        Some(port) => format!("{}://{site}.{domain}:{port}", u.scheme()),
-                        None => format!("{}://{site}.{domain}", u.scheme()),
-                    },
-                    Err(_) => format!("https://{site}.{domain}"),
-                }
+        site_base_url(&self.public_url, self.domain.as_deref(), site)
+    }
+}
+
+/// A site's public URL from the node's public URL and, in subdomain mode, the domain (see
+/// [`ProjectionConfig::base_url`]); no trailing slash.
+pub fn site_base_url(public_url: &str, domain: Option<&str>, site: &str) -> String {
+    let public = public_url.trim_end_matches('/');
+    match domain {
+        Some(domain) => {
+            let domain = crate::pages::serve::normalize_domain(domain);
+            match url::Url::parse(public) {
+                Ok(u) => match u.port() {
+                    Some(port) => format!("{}://{site}.{domain}:{port}", u.scheme()),
+                    None => format!("{}://{site}.{domain}", u.scheme()),
+                },
+                Err(_) => format!("https://{site}.{domain}"),
             }
-            None => format!("{public}/{site}"),
         }
+        None => format!("{public}/{site}"),
     }
 }
 

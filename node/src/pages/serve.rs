@@ -216,6 +216,8 @@ pub struct Pages {
     /// (a projector racing the deletion) is never installed. One entry per deleted site
     /// until it is published again.
     deleted: Mutex<HashMap<String, LogIndex>>,
+    /// Told of every change of a served version (it purges CDN caches while this node leads).
+    purger: Option<Arc<crate::pages::purge::Purger>>,
 }
 
 impl Pages {
@@ -223,6 +225,7 @@ impl Pages {
         config: ServeConfig,
         publisher: Arc<Publisher>,
         metrics: Arc<crate::metrics::Metrics>,
+        purger: Option<Arc<crate::pages::purge::Purger>>,
     ) -> Pages {
         Pages {
             config,
@@ -233,6 +236,7 @@ impl Pages {
             installed: tokio::sync::watch::channel(0).0,
             holds: Holds::default(),
             deleted: Mutex::new(HashMap::new()),
+            purger,
         }
     }
 
@@ -276,10 +280,15 @@ impl Pages {
         let mut deleted = self.deleted.lock().expect("deleted sites lock poisoned");
         let at = deleted.entry(site.to_string()).or_insert(deleted_at);
         *at = (*at).max(deleted_at);
-        self.sites
+        let gone = self
+            .sites
             .write()
             .expect("pages lock poisoned")
             .remove(site);
+        drop(deleted);
+        if let (Some(purger), Some(gone)) = (&self.purger, gone) {
+            purger.removed(&gone.manifest, deleted_at);
+        }
     }
 
     /// Serves `manifest`, published by the root committed at `root_log_index`, as its
@@ -306,9 +315,20 @@ impl Pages {
         match sites.get(&site) {
             Some(current) if current.root_log_index > root_log_index => {}
             _ => {
-                sites.insert(site, version);
+                let replaced = sites.insert(site, version.clone());
                 drop(sites);
                 self.installed.send_modify(|n| *n = n.wrapping_add(1));
+                if let Some(purger) = &self.purger {
+                    let old = replaced.map(|v| v.manifest.clone());
+                    // The same version installed again (the projector, then the follower)
+                    // changed nothing.
+                    if !old
+                        .as_ref()
+                        .is_some_and(|o| Arc::ptr_eq(o, &version.manifest))
+                    {
+                        purger.installed(old.as_deref(), &version.manifest);
+                    }
+                }
             }
         }
     }
@@ -918,7 +938,7 @@ mod tests {
     fn installs_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
         let publisher = Arc::new(Publisher::local(dir.path()).unwrap());
-        let pages = Pages::new(ServeConfig::default(), publisher, Default::default());
+        let pages = Pages::new(ServeConfig::default(), publisher, Default::default(), None);
         let manifest = |index| Manifest {
             format: sesame_projector::MANIFEST_FORMAT,
             site: "demo".into(),

@@ -72,7 +72,9 @@ fn sqlite_import(dir: &Path, lines: &Path, batch: usize) -> anyhow::Result<Durat
 }
 
 pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("import-").tempdir_in(base)?;
+    let dir = tempfile::Builder::new()
+        .prefix("import-")
+        .tempdir_in(base)?;
     let tuples = args.import_tuples();
     let lines = dir.path().join("tuples.jsonl");
     write_lines(&lines, tuples)?;
@@ -101,8 +103,15 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     let rate = |d: Duration| tuples as f64 / d.as_secs_f64();
     let best = |v: &[Duration]| *v.iter().min().expect("at least one run");
     rows.push(Row::new(
-        format!("import {tuples} tuples (sesame import path, {batch}-put txs), best / median of {}", ours.len()),
-        format!("{:.0} / {:.0} tuples/s", rate(best(&ours)), rate(median(&ours))),
+        format!(
+            "import {tuples} tuples (sesame import path, {batch}-put txs), best / median of {}",
+            ours.len()
+        ),
+        format!(
+            "{:.0} / {:.0} tuples/s",
+            rate(best(&ours)),
+            rate(median(&ours))
+        ),
         format!(
             "SQLite bulk insert, same rows and txs, WAL+FULL: {:.0} / {:.0} tuples/s",
             rate(best(&peer)),
