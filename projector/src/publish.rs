@@ -136,7 +136,7 @@ impl Publisher {
                     kind,
                     name: name.to_string(),
                     last_modified_ms: meta.last_modified.timestamp_millis().max(0) as u64,
-                    size: meta.size as u64,
+                    size: meta.size,
                 });
             }
         }
