@@ -20,6 +20,12 @@ pub struct SiteRecord {
     pub created_at_ms: u64,
 }
 
+/// Which sites changed after an index, and their newest change. The index is named: left
+/// to itself the planner walks all of `tuples_by_site_version` for the grouping, a read of
+/// every tuple on every commit.
+const CHANGED_SITES_SQL: &str = "SELECT site, MAX(version) FROM tuples INDEXED BY tuples_by_version
+     WHERE version > ?1 GROUP BY site ORDER BY site";
+
 /// A published site version: the manifest a site's root points at, or pointed at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootRecord {
@@ -355,9 +361,7 @@ impl<'c> View<'c> {
     /// how a follower of the log learns which sites a batch of commits touched without
     /// reading the changes themselves.
     pub fn changed_sites(&self, since: LogIndex) -> Result<Vec<(String, LogIndex)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT site, MAX(version) FROM tuples WHERE version > ?1 GROUP BY site ORDER BY site",
-        )?;
+        let mut stmt = self.conn.prepare_cached(CHANGED_SITES_SQL)?;
         let since = i64::try_from(since).unwrap_or(i64::MAX);
         let rows = stmt.query_map(params![since], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as LogIndex))
@@ -795,5 +799,29 @@ mod tests {
         assert_eq!(prefix_successor("ab").as_deref(), Some("ac"));
         assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
         assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+    }
+
+    /// The projection asks which sites changed after every commit: that must be a range
+    /// read of the newest changes, never a walk over every tuple of every site.
+    #[test]
+    fn changed_sites_reads_only_the_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&dir.path().join("s.db")).unwrap();
+        let view = store.view();
+        let mut stmt = view
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", super::CHANGED_SITES_SQL))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([5], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("SEARCH") && p.contains("tuples_by_version")),
+            "{plan:?}"
+        );
+        view.changed_sites(5).unwrap();
     }
 }
