@@ -298,7 +298,31 @@ impl Http {
         self.call(
             Method::POST,
             &format!("/v1/sites/{}/tokens", seg(site)),
-            Some(&CreateToken { role, ttl_s }),
+            Some(&CreateToken {
+                role,
+                ttl_s,
+                scopes: Vec::new(),
+            }),
+        )
+        .await
+    }
+
+    /// A token limited to `scopes` (the parts of the site it may read and write).
+    pub async fn create_scoped_token(
+        &self,
+        site: &str,
+        role: Role,
+        ttl_s: Option<u64>,
+        scopes: Vec<sesame_proto::Scope>,
+    ) -> Result<TokenCreated, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sites/{}/tokens", seg(site)),
+            Some(&CreateToken {
+                role,
+                ttl_s,
+                scopes,
+            }),
         )
         .await
     }

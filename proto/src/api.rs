@@ -119,6 +119,9 @@ pub struct CreateToken {
     /// Lifetime in seconds (1 to [`crate::command::TOKEN_TTL_S_MAX`]); absent: no expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<u64>,
+    /// Limit the token to these parts of the site (absent or empty: the whole site).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<crate::command::Scope>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +146,9 @@ pub struct TokenInfo {
     pub expires_at_ms: Option<u64>,
     /// True once `expires_at_ms` has passed (by the answering node's clock).
     pub expired: bool,
+    /// The parts of the site it is limited to; empty: the whole site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<crate::command::Scope>,
 }
 
 /// `GET /v1/sites/{site}/tokens`: the site's tokens that are not revoked, oldest first.

@@ -65,6 +65,102 @@ pub struct TokenRecord {
     pub expires_at_ms: Option<u64>,
 }
 
+/// Most scopes one token may carry.
+pub const SCOPES_PER_TOKEN_MAX: usize = 8;
+
+/// A part of a site a token is limited to: one collection, and in it one key (`prefix`
+/// false) or every key starting with `key` (`prefix` true). A token with scopes may read
+/// and write only tuples inside one of them, and nothing site-wide (status, history,
+/// tokens, rollback).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Scope {
+    pub collection: String,
+    pub key: String,
+    #[serde(default)]
+    pub prefix: bool,
+}
+
+impl Scope {
+    /// Whether `(collection, key)` is inside this scope.
+    pub fn covers(&self, collection: &str, key: &str) -> bool {
+        self.collection == collection
+            && if self.prefix {
+                key.starts_with(&self.key)
+            } else {
+                key == self.key
+            }
+    }
+
+    /// Whether every key of `collection` starting with `prefix` is inside this scope.
+    pub fn covers_prefix(&self, collection: &str, prefix: &str) -> bool {
+        self.collection == collection && self.prefix && prefix.starts_with(&self.key)
+    }
+
+    /// Checks the names: a valid collection, and a valid key (or, for a prefix, at most a
+    /// key's length).
+    pub fn validate(&self) -> Result<(), String> {
+        crate::names::validate_collection(&self.collection).map_err(|e| e.to_string())?;
+        if self.prefix {
+            if self.key.len() > crate::names::KEY_BYTES_MAX {
+                return Err(format!(
+                    "scope key prefix is {} bytes, the limit is {}",
+                    self.key.len(),
+                    crate::names::KEY_BYTES_MAX
+                ));
+            }
+        } else {
+            crate::names::validate_key(&self.key).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The scopes as people read them: `profiles/alice, _assets/avatars/alice*`.
+pub fn describe_scopes(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}{}",
+                s.collection,
+                s.key,
+                if s.prefix { "*" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a token limited to `scopes` may not apply `ops`, if it may not (no scopes: the
+/// whole site, anything goes).
+pub fn check_scoped_ops(scopes: &[Scope], ops: &[crate::tuple::Op]) -> Result<(), String> {
+    if scopes.is_empty() {
+        return Ok(());
+    }
+    for (i, op) in ops.iter().enumerate() {
+        let (collection, key) = (op.collection(), op.key());
+        if !scopes.iter().any(|s| s.covers(collection, key)) {
+            return Err(format!(
+                "op {i}: {collection}/{key} is outside this token's scope ({})",
+                describe_scopes(scopes)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a token limited to `scopes` may not read the keys of `collection` starting with
+/// `prefix`, if it may not.
+pub fn check_scoped_read(scopes: &[Scope], collection: &str, prefix: &str) -> Result<(), String> {
+    if scopes.is_empty() || scopes.iter().any(|s| s.covers_prefix(collection, prefix)) {
+        return Ok(());
+    }
+    Err(format!(
+        "{collection}/{prefix}* is outside this token's scope ({})",
+        describe_scopes(scopes)
+    ))
+}
+
 /// A command in the Raft log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub enum Command {
@@ -106,6 +202,11 @@ pub enum Command {
     /// previews of the site are forgotten; past [`PREVIEWS_PER_SITE_MAX`] live ones the
     /// oldest goes.
     PutPreview(PreviewRecord),
+    /// Store a site token limited to `scopes` (see [`Scope`]); otherwise as `PutToken`.
+    PutScopedToken {
+        token: TokenRecord,
+        scopes: Vec<Scope>,
+    },
 }
 
 /// Most live previews one site keeps.

@@ -13,8 +13,8 @@ pub mod tuple;
 pub mod value;
 
 pub use command::{
-    Command, CommandResult, Conflict, PreviewRecord, Publish, Role, TokenRecord,
-    PREVIEWS_PER_SITE_MAX,
+    Command, CommandResult, Conflict, PreviewRecord, Publish, Role, Scope, TokenRecord,
+    PREVIEWS_PER_SITE_MAX, SCOPES_PER_TOKEN_MAX,
 };
 pub use names::{encode_segment, validate_collection, validate_key, validate_site, NameError};
 pub use tuple::{Home, Op, Origin, Transaction, Tuple, TxError};

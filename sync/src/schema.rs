@@ -6,6 +6,20 @@ use rusqlite::Connection;
 /// revocation; the window of applied client sequence numbers.
 pub const SCHEMA_VERSION: i64 = 3;
 
+/// Adds what later builds added to the tables of an older store, in the same schema
+/// version (columns that default to NULL, meaning what the older store meant).
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_scopes: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('tokens') WHERE name = 'scopes')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_scopes {
+        conn.execute_batch("ALTER TABLE tokens ADD COLUMN scopes TEXT")?;
+    }
+    Ok(())
+}
+
 /// How long a connection waits on a lock held by another before giving up.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
@@ -38,7 +52,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_index INTEGER NOT NULL,
     created_at_ms INTEGER NOT NULL,
     expires_at_ms INTEGER,
-    revoked_at_ms INTEGER
+    revoked_at_ms INTEGER,
+    -- JSON list of proto::Scope; NULL: the whole site.
+    scopes        TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tokens_by_site ON tokens (site, created_index);
 

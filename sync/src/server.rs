@@ -29,8 +29,12 @@ use crate::Change;
 pub enum Access {
     /// The admin token: everything.
     Admin,
-    /// A site token with its role.
-    Site { site: String, role: Role },
+    /// A site token with its role, limited to `scopes` when there are any.
+    Site {
+        site: String,
+        role: Role,
+        scopes: Vec<sesame_proto::Scope>,
+    },
     /// A visitor of a site's pages, with no token: only what the site's grant allows.
     Visitor(Grant),
 }
@@ -163,8 +167,20 @@ impl Access {
                 g.site
             )),
             Access::Admin => Ok(()),
-            Access::Site { site: s, role: r } if s == site && *r >= role => Ok(()),
-            Access::Site { site: s, role: r } if s == site => Err(format!(
+            Access::Site {
+                site: s,
+                role: r,
+                scopes,
+            } if s == site && *r >= role && !scopes.is_empty() => Err(format!(
+                "this token is limited to {}; this needs a token for the whole site",
+                sesame_proto::command::describe_scopes(scopes)
+            )),
+            Access::Site {
+                site: s, role: r, ..
+            } if s == site && *r >= role => Ok(()),
+            Access::Site {
+                site: s, role: r, ..
+            } if s == site => Err(format!(
                 "this token is a {} token for site {s:?}; this needs {}",
                 r.as_str(),
                 role.as_str()
@@ -172,6 +188,56 @@ impl Access {
             Access::Site { site: s, .. } => {
                 Err(format!("this token is for site {s:?}, not {site:?}"))
             }
+        }
+    }
+
+    /// The scopes a site token is limited to (none for the admin or a whole-site token).
+    fn scopes(&self) -> &[sesame_proto::Scope] {
+        match self {
+            Access::Site { scopes, .. } => scopes,
+            _ => &[],
+        }
+    }
+
+    /// Whether this (non-visitor) access may follow `target`.
+    fn check_target(&self, target: &Target) -> Result<(), String> {
+        let scopes = self.scopes();
+        if scopes.is_empty() {
+            return self.check(target.site(), Role::Reader);
+        }
+        self.unscoped().check(target.site(), Role::Reader)?;
+        match target {
+            // A client's own mailbox is its own.
+            Target::Mailbox { .. } => Ok(()),
+            Target::Site {
+                collection: Some(c),
+                prefix,
+                ..
+            } => sesame_proto::command::check_scoped_read(scopes, c, prefix),
+            Target::Site {
+                collection: None, ..
+            } => Err(format!(
+                "this token is limited to {}: subscribe to one collection",
+                sesame_proto::command::describe_scopes(scopes)
+            )),
+        }
+    }
+
+    /// Whether this (non-visitor) access may push `tx`.
+    fn check_write(&self, tx: &Transaction) -> Result<(), String> {
+        self.unscoped().check(&tx.site, Role::Editor)?;
+        sesame_proto::command::check_scoped_ops(self.scopes(), &tx.ops)
+    }
+
+    /// The same access without its scopes (to check the site and role alone).
+    fn unscoped(&self) -> Access {
+        match self {
+            Access::Site { site, role, .. } => Access::Site {
+                site: site.clone(),
+                role: *role,
+                scopes: Vec::new(),
+            },
+            other => other.clone(),
         }
     }
 }
@@ -481,7 +547,7 @@ impl ServerSession {
         };
         let allowed = match access {
             Access::Visitor(grant) => grant.check_read(&sub.target),
-            access => access.check(sub.target.site(), Role::Reader),
+            access => access.check_target(&sub.target),
         };
         if let Err(e) = allowed {
             return self.close("forbidden", e);
@@ -534,7 +600,7 @@ impl ServerSession {
         }
         let allowed = match access {
             Access::Visitor(grant) => grant.check_post(&tx),
-            access => access.check(&tx.site, Role::Editor),
+            access => access.check_write(&tx),
         };
         let refused = if let Err(e) = tx.validate() {
             Some(("bad_request", e.to_string()))

@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction as SqlTx};
 use sesame_proto::command::{DEAD_TOKENS_PER_SITE_MAX, TOKENS_PER_SITE_MAX};
 use sesame_proto::tuple::CLIENT_SEQ_WINDOW;
 use sesame_proto::{
-    codec, Command, CommandResult, Conflict, LogIndex, Op, PreviewRecord, Publish, Role,
+    codec, Command, CommandResult, Conflict, LogIndex, Op, PreviewRecord, Publish, Role, Scope,
     TokenRecord, Transaction, PREVIEWS_PER_SITE_MAX,
 };
 use thiserror::Error;
@@ -48,6 +48,7 @@ impl Store {
         schema::configure(&conn)?;
         let tx = conn.transaction()?;
         tx.execute_batch(schema::CREATE)?;
+        schema::migrate(&tx)?;
         let found: Option<Vec<u8>> = get_meta(&tx, META_SCHEMA_VERSION)?;
         match found {
             None => put_meta(&tx, META_SCHEMA_VERSION, &SCHEMA_VERSION.to_le_bytes())?,
@@ -247,7 +248,8 @@ fn apply_command(
                 CommandResult::SiteExists
             })
         }
-        Command::PutToken(record) => put_token(tx, index, record),
+        Command::PutToken(record) => put_token(tx, index, record, &[]),
+        Command::PutScopedToken { token, scopes } => put_token(tx, index, token, scopes),
         Command::RevokeToken {
             site,
             id,
@@ -348,6 +350,7 @@ fn put_token(
     tx: &SqlTx<'_>,
     index: LogIndex,
     record: &TokenRecord,
+    scopes: &[Scope],
 ) -> Result<CommandResult, StoreError> {
     let TokenRecord {
         hash,
@@ -371,8 +374,8 @@ fn put_token(
     }
     tx.prepare_cached(
         "INSERT OR REPLACE INTO tokens
-           (hash, site, role, created_index, created_at_ms, expires_at_ms, revoked_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+           (hash, site, role, created_index, created_at_ms, expires_at_ms, revoked_at_ms, scopes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)",
     )?
     .execute(params![
         hash,
@@ -380,7 +383,9 @@ fn put_token(
         role.as_str(),
         sql_int(index),
         now,
-        expires_at_ms.map(sql_int)
+        expires_at_ms.map(sql_int),
+        (!scopes.is_empty())
+            .then(|| serde_json::to_string(scopes).expect("scopes always encode as JSON"))
     ])?;
     forget_dead_tokens(tx, site, now)?;
     Ok(CommandResult::TokenStored)

@@ -51,6 +51,8 @@ pub struct TokenRow {
     pub created_at_ms: u64,
     pub expires_at_ms: Option<u64>,
     pub revoked_at_ms: Option<u64>,
+    /// The parts of the site the token is limited to; empty: the whole site.
+    pub scopes: Vec<sesame_proto::Scope>,
 }
 
 /// The latest change to one key: a put (with its value) or a delete (`value: None`).
@@ -567,7 +569,7 @@ impl<'c> View<'c> {
 }
 
 const TOKEN_COLUMNS: &str =
-    "created_index, site, role, created_at_ms, expires_at_ms, revoked_at_ms";
+    "created_index, site, role, created_at_ms, expires_at_ms, revoked_at_ms, scopes";
 
 struct RawToken {
     id: i64,
@@ -576,6 +578,7 @@ struct RawToken {
     created_at_ms: i64,
     expires_at_ms: Option<i64>,
     revoked_at_ms: Option<i64>,
+    scopes: Option<String>,
 }
 
 impl RawToken {
@@ -587,6 +590,7 @@ impl RawToken {
             created_at_ms: r.get(3)?,
             expires_at_ms: r.get(4)?,
             revoked_at_ms: r.get(5)?,
+            scopes: r.get(6)?,
         })
     }
 
@@ -598,6 +602,12 @@ impl RawToken {
             created_at_ms: self.created_at_ms as u64,
             expires_at_ms: self.expires_at_ms.map(|t| t as u64),
             revoked_at_ms: self.revoked_at_ms.map(|t| t as u64),
+            scopes: match self.scopes {
+                None => Vec::new(),
+                Some(json) => serde_json::from_str(&json).map_err(|e| {
+                    StoreError::Corrupt(format!("token {}: scopes {json:?}: {e}", self.id))
+                })?,
+            },
         })
     }
 }

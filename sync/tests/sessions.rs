@@ -377,6 +377,7 @@ fn rights_and_rejections() {
     let mut w = World::new(Access::Site {
         site: "demo".into(),
         role: Role::Reader,
+        scopes: Vec::new(),
     });
     w.client.subscribe(items()).unwrap();
     w.reconnect();

@@ -434,6 +434,7 @@ async fn authenticate(ctx: &ClientContext, token: &str) -> Result<Access, String
     Ok(Access::Site {
         site: row.site,
         role: row.role,
+        scopes: row.scopes,
     })
 }
 

@@ -368,7 +368,7 @@ async fn list_sites(
     let sites = node.read(|v| v.sites()).await?;
     let sites = sites
         .into_iter()
-        .filter(|s| caller.require(&s.name, Role::Reader).is_ok())
+        .filter(|s| caller.require_role(&s.name, Role::Reader).is_ok())
         .map(site_info)
         .collect();
     Ok(Json(SiteList { sites }))
@@ -385,6 +385,29 @@ pub fn token_expiry(req: &CreateToken, now_ms: u64) -> Result<Option<u64>, ApiEr
             "ttl_s {ttl} is out of range: a token lives 1 to {TOKEN_TTL_S_MAX} seconds, or omit ttl_s for no expiry"
         ))),
     }
+}
+
+/// A scoped token names at most [`SCOPES_PER_TOKEN_MAX`] valid scopes and reads or edits
+/// inside them; owning part of a site means nothing.
+fn check_scopes(req: &CreateToken) -> Result<(), ApiError> {
+    if req.scopes.len() > sesame_proto::SCOPES_PER_TOKEN_MAX {
+        return Err(ApiError::bad_request(format!(
+            "{} scopes; a token carries at most {}",
+            req.scopes.len(),
+            sesame_proto::SCOPES_PER_TOKEN_MAX
+        )));
+    }
+    if req.role == Role::Owner {
+        return Err(ApiError::bad_request(
+            "an owner token is for the whole site; a scoped token is a reader or an editor",
+        ));
+    }
+    for (i, scope) in req.scopes.iter().enumerate() {
+        scope
+            .validate()
+            .map_err(|e| ApiError::bad_request(format!("scope {i}: {e}")))?;
+    }
+    Ok(())
 }
 
 async fn create_token(
@@ -407,7 +430,16 @@ async fn create_token(
         created_at_ms: now,
         expires_at_ms,
     };
-    let (index, result) = node.propose(Command::PutToken(record)).await?;
+    let command = if req.scopes.is_empty() {
+        Command::PutToken(record)
+    } else {
+        check_scopes(&req)?;
+        Command::PutScopedToken {
+            token: record,
+            scopes: req.scopes.clone(),
+        }
+    };
+    let (index, result) = node.propose(command).await?;
     match result {
         CommandResult::TokenStored => Ok((
             StatusCode::CREATED,
@@ -456,6 +488,7 @@ async fn list_tokens(
             created_at_ms: t.created_at_ms,
             expires_at_ms: t.expires_at_ms,
             expired: t.expires_at_ms.is_some_and(|at| at <= now),
+            scopes: t.scopes,
         })
         .collect();
     Ok(Json(TokenList { tokens }))
@@ -526,8 +559,9 @@ async fn write_tx(
 ) -> Result<Json<TxResponse>, ApiError> {
     let site = path(site)?;
     check_site(&site)?;
-    caller.require(&site, Role::Editor)?;
+    caller.require_role(&site, Role::Editor)?;
     let tx = transaction_from(&site, req)?;
+    caller.require_ops(&site, &tx.ops)?;
     if let Err(wait) = node.limiter.check(&site, std::time::Instant::now()) {
         let rate = node.limiter.limit().map(|l| l.per_second).unwrap_or(0.0);
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -633,7 +667,7 @@ async fn get_tuple(
     let params = query(q)?;
     check_site(&site)?;
     check_collection_key(&collection, Some(&key))?;
-    caller.require(&site, Role::Reader)?;
+    caller.require_read(&site, &collection, &key, true)?;
     ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
     let (c, k) = (collection.clone(), key.clone());
@@ -677,7 +711,7 @@ async fn scan(
     let params = query(q)?;
     check_site(&site)?;
     check_collection_key(&collection, None)?;
-    caller.require(&site, Role::Reader)?;
+    caller.require_read(&site, &collection, &params.prefix, false)?;
     let limit = check_limit(params.limit, SCAN_LIMIT_DEFAULT, SCAN_LIMIT_MAX)?;
     ready(&node, params.consistency, params.min_index).await?;
     require_site(&node, &site).await?;
@@ -922,7 +956,7 @@ async fn preview(
     };
     let site = path(p)?;
     check_site(&site)?;
-    caller.require(&site, Role::Editor)?;
+    caller.require_role(&site, Role::Editor)?;
     let ttl = req.ttl_s.unwrap_or(PREVIEW_TTL_S_DEFAULT);
     if ttl == 0 || ttl > PREVIEW_TTL_S_MAX {
         return Err(ApiError::bad_request(format!(
@@ -938,6 +972,7 @@ async fn preview(
             seq: None,
         },
     )?;
+    caller.require_ops(&site, &tx.ops)?;
     if tx
         .ops
         .iter()

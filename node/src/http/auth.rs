@@ -44,16 +44,70 @@ pub fn hash_token(token: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Admin,
-    Site { site: String, role: Role },
+    /// A site token; limited to `scopes` when there are any.
+    Site {
+        site: String,
+        role: Role,
+        scopes: Vec<sesame_proto::Scope>,
+    },
 }
 
 impl Caller {
-    /// Succeeds if the caller holds at least `role` on `site`.
+    /// Succeeds if the caller holds at least `role` on all of `site` (a scoped token never
+    /// does: see [`Caller::require_ops`] and [`Caller::require_read`]).
     pub fn require(&self, site: &str, role: Role) -> Result<(), ApiError> {
+        self.require_role(site, role)?;
+        match self {
+            Caller::Site { scopes, .. } if !scopes.is_empty() => Err(ApiError::forbidden(format!(
+                "this token is limited to {}; this needs a token for the whole site",
+                sesame_proto::command::describe_scopes(scopes)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Succeeds if the caller may apply `ops` to `site`: an editor, and every op inside the
+    /// token's scopes.
+    pub fn require_ops(&self, site: &str, ops: &[sesame_proto::Op]) -> Result<(), ApiError> {
+        self.require_role(site, Role::Editor)?;
+        sesame_proto::command::check_scoped_ops(self.scopes(), ops).map_err(ApiError::forbidden)
+    }
+
+    /// Succeeds if the caller may read the keys of `collection` starting with `prefix` (a
+    /// whole key for one tuple) in `site`.
+    pub fn require_read(
+        &self,
+        site: &str,
+        collection: &str,
+        key_or_prefix: &str,
+        exact: bool,
+    ) -> Result<(), ApiError> {
+        self.require_role(site, Role::Reader)?;
+        let scopes = self.scopes();
+        if exact && scopes.iter().any(|s| s.covers(collection, key_or_prefix)) {
+            return Ok(());
+        }
+        sesame_proto::command::check_scoped_read(scopes, collection, key_or_prefix)
+            .map_err(ApiError::forbidden)
+    }
+
+    fn scopes(&self) -> &[sesame_proto::Scope] {
+        match self {
+            Caller::Site { scopes, .. } => scopes,
+            Caller::Admin => &[],
+        }
+    }
+
+    /// The site and role alone, scopes aside (for what checks the scopes itself).
+    pub fn require_role(&self, site: &str, role: Role) -> Result<(), ApiError> {
         match self {
             Caller::Admin => Ok(()),
-            Caller::Site { site: s, role: r } if s == site && *r >= role => Ok(()),
-            Caller::Site { site: s, role: r } if s == site => Err(ApiError::forbidden(format!(
+            Caller::Site {
+                site: s, role: r, ..
+            } if s == site && *r >= role => Ok(()),
+            Caller::Site {
+                site: s, role: r, ..
+            } if s == site => Err(ApiError::forbidden(format!(
                 "this token is a {} token for site {s:?}; this needs {}",
                 r.as_str(),
                 role.as_str()
@@ -136,6 +190,7 @@ pub async fn caller(node: &Node, headers: &http::HeaderMap) -> Result<Caller, Ap
             Ok(Caller::Site {
                 site: r.site,
                 role: r.role,
+                scopes: r.scopes,
             })
         }
         None => Err(ApiError::unauthorized("unknown token")),
@@ -175,6 +230,7 @@ mod tests {
             created_at_ms: 1_000,
             expires_at_ms: Some(5_000),
             revoked_at_ms: None,
+            scopes: Vec::new(),
         };
         assert!(check_token(&t, 4_999).is_ok());
         let e = check_token(&t, 5_000).unwrap_err();
@@ -190,6 +246,7 @@ mod tests {
         let editor = Caller::Site {
             site: "demo".into(),
             role: Role::Editor,
+            scopes: Vec::new(),
         };
         assert!(editor.require("demo", Role::Reader).is_ok());
         assert!(editor.require("demo", Role::Editor).is_ok());

@@ -52,7 +52,7 @@ pub async fn rtc(
     let access = if headers.contains_key(header::AUTHORIZATION) {
         match caller(&node, &headers).await? {
             Caller::Admin => Access::Admin,
-            Caller::Site { site, role } => Access::Site { site, role },
+            Caller::Site { site, role, scopes } => Access::Site { site, role, scopes },
         }
     } else {
         node.live.visitor(&offer.site).await.map_err(offer_error)?
