@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub min_index_wait: Duration,
     /// How long a deleted site's published files stay in the object store.
     pub deleted_site_retention: Duration,
+    /// The site people sign up to and edit their own profiles on; `None`: no accounts.
+    pub studio_site: Option<String>,
     /// How many published versions stay in each site's history, and how often files no
     /// retained version uses are collected.
     pub history: crate::pages::gc::HistoryConfig,
@@ -115,6 +117,7 @@ impl NodeConfig {
                 crate::pages::janitor::RETENTION_HOURS_DEFAULT * 3600,
             ),
             history: crate::pages::gc::HistoryConfig::default(),
+            studio_site: None,
             cluster: None,
             raft_tuning: RaftTuning::default(),
             render_worker: None,
@@ -192,6 +195,12 @@ pub struct Node {
     pub data_dir: std::path::PathBuf,
     /// The object store is shared by every node (S3, R2) rather than a folder per node.
     pub shared_store: bool,
+    /// The site people sign up to and edit their profiles on (`--studio-site`).
+    pub studio_site: Option<String>,
+    /// The URL visitors reach this node at.
+    pub public_url: String,
+    /// Failed logins, per name and per address.
+    pub logins: crate::http::accounts::LoginLimiter,
     /// CDN purges, when configured.
     pub purger: Option<Arc<Purger>>,
     admin_hash: String,
@@ -628,6 +637,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         metrics,
         data_dir: config.data_dir.clone(),
         shared_store: config.objects.is_some(),
+        studio_site: config.studio_site.clone(),
+        public_url: public_url.clone(),
+        logins: Default::default(),
         purger,
         admin_hash: auth::hash_token(&admin_token),
     });

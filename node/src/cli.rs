@@ -277,6 +277,10 @@ pub struct ServeArgs {
     /// Hours a deleted site's published files stay in the object store.
     #[arg(long, default_value_t = crate::pages::janitor::RETENTION_HOURS_DEFAULT)]
     pub deleted_site_retention_hours: u64,
+    /// The site people sign up to and edit their own profile on (`/v1/auth/*`; `sesame dev`:
+    /// demo).
+    #[arg(long)]
+    pub studio_site: Option<String>,
     /// Published versions each site keeps in its history (for rollback); older ones leave
     /// it once they are also older than --history-days, and their files are collected.
     #[arg(long, default_value_t = crate::pages::gc::HISTORY_KEEP_DEFAULT)]
@@ -371,6 +375,10 @@ impl ServeArgs {
             self.gc_interval_secs >= 1,
             "--gc-interval-secs must be at least 1"
         );
+        if let Some(site) = &self.studio_site {
+            sesame_proto::validate_site(site).map_err(|e| anyhow::anyhow!("--studio-site: {e}"))?;
+        }
+        config.studio_site = self.studio_site;
         config.history = crate::pages::gc::HistoryConfig {
             keep: self.history_keep,
             max_age: std::time::Duration::from_secs(self.history_days.saturating_mul(24 * 3600)),
@@ -1088,6 +1096,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // A token the operator gave is theirs already: the banner does not echo it.
     let given = args.serve.admin_token.is_some();
     args.serve.apply(&mut config)?;
+    // People sign up on the demo site unless told otherwise.
+    config
+        .studio_site
+        .get_or_insert_with(|| DEMO_SITE.to_string());
     let running = crate::app::start(config).await?;
     let seeded = seed_demo(&running.node).await?;
     let url = running.url();

@@ -207,7 +207,30 @@ pub enum Command {
         token: TokenRecord,
         scopes: Vec<Scope>,
     },
+    /// Create a person's account on a site (the studio's): refused when the name is taken.
+    /// `password_hash` is an argon2id PHC string, made by the proposer.
+    PutAccount {
+        site: String,
+        username: String,
+        password_hash: String,
+        created_at_ms: u64,
+    },
+    /// Start a session of an account: `hash` is the blake3 hash of the session's secret
+    /// (the secret is only in the person's cookie). Past [`SESSIONS_PER_ACCOUNT_MAX`] live
+    /// sessions the oldest ends.
+    PutSession {
+        site: String,
+        username: String,
+        hash: String,
+        created_at_ms: u64,
+        expires_at_ms: u64,
+    },
+    /// End a session (log out).
+    EndSession { hash: String, ended_at_ms: u64 },
 }
+
+/// Most live sessions one account keeps.
+pub const SESSIONS_PER_ACCOUNT_MAX: usize = 16;
 
 /// Most live previews one site keeps.
 pub const PREVIEWS_PER_SITE_MAX: usize = 32;
@@ -313,4 +336,11 @@ pub enum CommandResult {
     /// A rollback named a version that is no longer in the site's history; nothing changed.
     VersionGone,
     PreviewStored,
+    AccountCreated,
+    /// The account name is taken; nothing changed.
+    AccountExists,
+    /// A session started (`PutSession`) or ended (`EndSession`).
+    SessionStored,
+    /// `PutSession` named an account that does not exist; nothing changed.
+    UnknownAccount,
 }

@@ -117,6 +117,27 @@ CREATE TABLE IF NOT EXISTS previews (
     PRIMARY KEY (site, id_hash)
 ) WITHOUT ROWID;
 
+-- People's accounts on a site (the studio's): an argon2id PHC string, never a password.
+CREATE TABLE IF NOT EXISTS accounts (
+    site          TEXT NOT NULL,
+    username      TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_index INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (site, username)
+) WITHOUT ROWID;
+
+-- Sessions of accounts: only the hash of the cookie's secret.
+CREATE TABLE IF NOT EXISTS sessions (
+    hash          TEXT PRIMARY KEY,
+    site          TEXT NOT NULL,
+    username      TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    ended_at_ms   INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_by_account ON sessions (site, username, created_at_ms);
+
 -- At-most-once: the highest sequence number applied per client and site, and where.
 CREATE TABLE IF NOT EXISTS client_seqs (
     site      TEXT NOT NULL,

@@ -197,6 +197,8 @@ impl Store {
                 "deleted_sites",
                 "feed_horizons",
                 "previews",
+                "accounts",
+                "sessions",
             ] {
                 // A snapshot from an older build may lack a newer (empty) table.
                 let present: bool = tx.query_row(
@@ -250,6 +252,26 @@ fn apply_command(
         }
         Command::PutToken(record) => put_token(tx, index, record, &[]),
         Command::PutScopedToken { token, scopes } => put_token(tx, index, token, scopes),
+        Command::PutAccount {
+            site,
+            username,
+            password_hash,
+            created_at_ms,
+        } => put_account(tx, index, site, username, password_hash, *created_at_ms),
+        Command::PutSession {
+            site,
+            username,
+            hash,
+            created_at_ms,
+            expires_at_ms,
+        } => put_session(tx, site, username, hash, *created_at_ms, *expires_at_ms),
+        Command::EndSession { hash, ended_at_ms } => {
+            tx.prepare_cached(
+                "UPDATE sessions SET ended_at_ms = ?2 WHERE hash = ?1 AND ended_at_ms IS NULL",
+            )?
+            .execute(params![hash, sql_int(*ended_at_ms)])?;
+            Ok(CommandResult::SessionStored)
+        }
         Command::RevokeToken {
             site,
             id,
@@ -269,6 +291,77 @@ fn apply_command(
         Command::PruneVersions { site, before } => prune_versions(tx, site, *before),
         Command::PutPreview(p) => put_preview(tx, p),
     }
+}
+
+fn put_account(
+    tx: &SqlTx<'_>,
+    index: LogIndex,
+    site: &str,
+    username: &str,
+    password_hash: &str,
+    created_at_ms: u64,
+) -> Result<CommandResult, StoreError> {
+    if !site_exists(tx, site)? {
+        return Ok(CommandResult::UnknownSite {
+            site: site.to_string(),
+        });
+    }
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO accounts (site, username, password_hash, created_index, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (site, username) DO NOTHING",
+        )?
+        .execute(params![
+            site,
+            username,
+            password_hash,
+            sql_int(index),
+            sql_int(created_at_ms)
+        ])?;
+    Ok(if inserted == 1 {
+        CommandResult::AccountCreated
+    } else {
+        CommandResult::AccountExists
+    })
+}
+
+fn put_session(
+    tx: &SqlTx<'_>,
+    site: &str,
+    username: &str,
+    hash: &str,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+) -> Result<CommandResult, StoreError> {
+    let exists: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM accounts WHERE site = ?1 AND username = ?2)")?
+        .query_row(params![site, username], |r| r.get(0))?;
+    if !exists {
+        return Ok(CommandResult::UnknownAccount);
+    }
+    let now = sql_int(created_at_ms);
+    // Ended and expired sessions are forgotten; past the limit, the oldest live ones end.
+    tx.prepare_cached(
+        "DELETE FROM sessions WHERE site = ?1 AND username = ?2
+           AND (ended_at_ms IS NOT NULL OR expires_at_ms <= ?3)",
+    )?
+    .execute(params![site, username, now])?;
+    tx.prepare_cached(
+        "DELETE FROM sessions WHERE hash IN (
+             SELECT hash FROM sessions WHERE site = ?1 AND username = ?2
+             ORDER BY created_at_ms DESC, hash LIMIT -1 OFFSET ?3)",
+    )?
+    .execute(params![
+        site,
+        username,
+        (sesame_proto::command::SESSIONS_PER_ACCOUNT_MAX - 1) as i64
+    ])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO sessions (hash, site, username, created_at_ms, expires_at_ms, ended_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+    )?
+    .execute(params![hash, site, username, now, sql_int(expires_at_ms)])?;
+    Ok(CommandResult::SessionStored)
 }
 
 fn prune_versions(
@@ -452,6 +545,8 @@ fn delete_site(
         "client_txs",
         "feed_horizons",
         "previews",
+        "accounts",
+        "sessions",
     ] {
         tx.prepare_cached(&format!("DELETE FROM {table} WHERE site = ?1"))?
             .execute(params![name])?;

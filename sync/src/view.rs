@@ -540,6 +540,34 @@ impl<'c> View<'c> {
             .optional()?)
     }
 
+    /// An account's argon2id PHC string.
+    pub fn account(&self, site: &str, username: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT password_hash FROM accounts WHERE site = ?1 AND username = ?2")?
+            .query_row(params![site, username], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The live session whose secret hashes to `hash`: `(site, username, expires_at_ms)`.
+    pub fn session(
+        &self,
+        hash: &str,
+        now_ms: u64,
+    ) -> Result<Option<(String, String, u64)>, StoreError> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT site, username, expires_at_ms FROM sessions
+                 WHERE hash = ?1 AND ended_at_ms IS NULL AND expires_at_ms > ?2",
+            )?
+            .query_row(params![hash, now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
+            .optional()?)
+    }
+
     /// The token whose secret hashes to `hash`, revoked or not.
     pub fn token(&self, hash: &str) -> Result<Option<TokenRow>, StoreError> {
         let raw = self

@@ -72,6 +72,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/sites/{site}/versions", get(versions))
         .route("/v1/sites/{site}/rollback", post(rollback))
         .route("/v1/backup", get(backup))
+        .route("/v1/auth/signup", post(crate::http::accounts::signup))
+        .route("/v1/auth/login", post(crate::http::accounts::login))
+        .route("/v1/auth/logout", post(crate::http::accounts::logout))
+        .route("/v1/auth/session", get(crate::http::accounts::session))
         .route("/v1/sites/{site}/preview", post(preview))
         .route(
             "/_preview/{site}/{id}",

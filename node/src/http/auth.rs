@@ -164,6 +164,19 @@ impl FromRequestParts<Arc<Node>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Caller, ApiError> {
+        // A bearer token wins; without one, a studio session's cookie (CSRF-checked).
+        if !parts.headers.contains_key(http::header::AUTHORIZATION) {
+            if let Some(secret) = crate::http::accounts::session_cookie(&parts.headers) {
+                let secret = secret.to_string();
+                return crate::http::accounts::session_caller(
+                    node,
+                    &parts.method,
+                    &parts.headers,
+                    &secret,
+                )
+                .await;
+            }
+        }
         caller(node, &parts.headers).await
     }
 }

@@ -3,6 +3,7 @@
 //! layer every answer passes on its way out ([`answer`]). Pages are served by
 //! [`crate::pages::serve`], which the router falls back to.
 
+pub mod accounts;
 pub mod answer;
 pub mod api;
 pub mod auth;
