@@ -24,6 +24,7 @@ pub mod peer;
 pub mod private;
 pub mod raft;
 pub mod reads;
+pub mod studio;
 pub mod transfer;
 pub mod write;
 

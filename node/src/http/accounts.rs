@@ -249,13 +249,12 @@ impl LoginLimiter {
     }
 }
 
-/// Starts a session for `username` and answers with its cookie and CSRF token.
+/// Starts a session for `username`: its `Set-Cookie` value and what the person is told.
 async fn start_session(
     node: &Node,
     site: String,
     username: String,
-    status: StatusCode,
-) -> Result<Response, ApiError> {
+) -> Result<(HeaderValue, SessionInfo), ApiError> {
     let secret = crate::http::auth::new_token();
     let now = now_ms();
     let expires_at_ms = now + SESSION_TTL_S * 1_000;
@@ -284,26 +283,32 @@ async fn start_session(
     } else {
         ""
     };
-    let cookie = format!(
+    let cookie = HeaderValue::from_str(&format!(
         "{SESSION_COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_TTL_S}{secure}"
-    );
-    let mut resp = (
-        status,
-        Json(SessionInfo {
+    ))
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((
+        cookie,
+        SessionInfo {
             csrf: csrf_token(&secret),
             username,
             site,
             expires_at_ms,
-        }),
-    )
-        .into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal(e.to_string()))?,
-    );
+        },
+    ))
+}
+
+/// The `Set-Cookie` value that ends the session cookie in the browser.
+pub fn cleared_cookie() -> HeaderValue {
+    HeaderValue::from_static("sesame_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+fn session_answer(status: StatusCode, cookie: HeaderValue, info: SessionInfo) -> Response {
+    let mut resp = (status, Json(info)).into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, cookie);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    resp
 }
 
 /// `POST /v1/auth/signup`.
@@ -311,7 +316,16 @@ pub async fn signup(
     State(node): State<Arc<Node>>,
     crate::http::api::JsonBody(req): crate::http::api::JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    let site = studio_site(&node)?;
+    let (cookie, info) = sign_up(&node, req).await?;
+    Ok(session_answer(StatusCode::CREATED, cookie, info))
+}
+
+/// Creates an account and its first session.
+pub async fn sign_up(
+    node: &Node,
+    req: Credentials,
+) -> Result<(HeaderValue, SessionInfo), ApiError> {
+    let site = studio_site(node)?;
     check_username(&req.username)?;
     check_password(&req.password)?;
     // A name is taken by an account, or by a profile someone already has.
@@ -343,7 +357,7 @@ pub async fn signup(
             )))
         }
     }
-    start_session(&node, site, req.username, StatusCode::CREATED).await
+    start_session(node, site, req.username).await
 }
 
 fn name_taken(username: &str) -> ApiError {
@@ -360,9 +374,20 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     crate::http::api::JsonBody(req): crate::http::api::JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    let site = studio_site(&node)?;
+    let (cookie, info) = log_in(&node, peer.ip(), req).await?;
+    Ok(session_answer(StatusCode::OK, cookie, info))
+}
+
+/// Checks a person's password (failures limited per name and address) and starts a
+/// new session.
+pub async fn log_in(
+    node: &Node,
+    peer: IpAddr,
+    req: Credentials,
+) -> Result<(HeaderValue, SessionInfo), ApiError> {
+    let site = studio_site(node)?;
     let name_key = format!("name:{}", req.username);
-    let address_key = format!("address:{}", address(peer.ip()));
+    let address_key = format!("address:{}", address(peer));
     for (key, max) in [
         (&name_key, LOGIN_FAILURES_PER_NAME_MAX),
         (&address_key, LOGIN_FAILURES_PER_ADDRESS_MAX),
@@ -400,7 +425,7 @@ pub async fn login(
         node.logins.failed(&address_key);
         return Err(wrong());
     }
-    start_session(&node, site, req.username, StatusCode::OK).await
+    start_session(node, site, req.username).await
 }
 
 /// IPv6 addresses are limited per /64, as one host usually holds a whole /64.
@@ -423,20 +448,21 @@ pub async fn logout(
         .ok_or_else(|| ApiError::unauthorized("not logged in"))?
         .to_string();
     session_caller(&node, &http::Method::POST, &headers, &secret).await?;
+    end_session(&node, &secret).await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, cleared_cookie());
+    Ok(resp)
+}
+
+/// Ends the session whose secret is `secret`.
+pub async fn end_session(node: &Node, secret: &str) -> Result<(), ApiError> {
     node.propose(Command::EndSession {
-        hash: hash_token(&secret),
+        hash: hash_token(secret),
         ended_at_ms: now_ms(),
     })
     .await?;
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&format!(
-            "{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
-        ))
-        .expect("a static cookie"),
-    );
-    Ok(resp)
+    Ok(())
 }
 
 /// `GET /v1/auth/session`: who the cookie's session belongs to, and its CSRF token.

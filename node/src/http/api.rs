@@ -90,6 +90,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(crate::pages::preview::serve),
         )
         .merge(crate::http::cluster::routes())
+        .merge(crate::studio::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
         // Everything else is a page of a site.

@@ -1,0 +1,649 @@
+//! The studio at `/_studio/`: people sign up, log in and edit their own page on the studio's
+//! site, in plain HTML forms that work without JavaScript (a small script only polls the
+//! publish status). It is a client of the public API's mechanisms: accounts and sessions
+//! (`http/accounts.rs`), the ordinary write path with the session's scoped rights, previews
+//! (`pages/preview.rs`) and the site's published versions.
+//!
+//! Forms carry the session's CSRF token in a hidden field (`_csrf`); every answer has a
+//! strict Content-Security-Policy (no inline script or style) and is never cached.
+
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use serde::Deserialize;
+use sesame_proto::{CommandResult, Op, Transaction, Value};
+
+use crate::app::{now_ms, Node};
+use crate::http::accounts::{self, Credentials};
+use crate::http::error::ApiError;
+
+/// The themes a person may pick (classes the platform site's layout styles).
+pub const THEMES: &[(&str, &str)] = &[
+    ("classic", "Classic"),
+    ("midnight", "Midnight"),
+    ("paper", "Paper"),
+];
+/// Most links on a profile.
+pub const LINKS_MAX: usize = 10;
+/// Longest name and bio, in characters.
+pub const NAME_CHARS_MAX: usize = 80;
+pub const BIO_CHARS_MAX: usize = 500;
+/// Largest form body the studio reads.
+const FORM_BYTES_MAX: usize = 64 << 10;
+
+const CSS: &str = include_str!("../static/studio.css");
+const JS: &str = include_str!("../static/studio.js");
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/_studio", get(|| async { redirect("/_studio/", None) }))
+        .route("/_studio/", get(page))
+        .route(
+            "/_studio/studio.css",
+            get(|| async { asset(CSS, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/_studio/studio.js",
+            get(|| async { asset(JS, "text/javascript; charset=utf-8") }),
+        )
+        .route("/_studio/signup", post(signup))
+        .route("/_studio/login", post(login))
+        .route("/_studio/logout", post(logout))
+        .route("/_studio/save", post(save))
+        .route("/_studio/preview", post(preview))
+        .route("/_studio/status", get(status))
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn html(status: StatusCode, title: &str, body: &str) -> Response {
+    let doc = format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <meta name=\"description\" content=\"Edit your page: your name, bio, links and theme.\">\n\
+         <title>{} · Sesame studio</title>\n<link rel=\"stylesheet\" href=\"/_studio/studio.css\">\n\
+         <script src=\"/_studio/studio.js\" defer></script>\n</head>\n<body>\n\
+         <header><p class=\"brand\">Sesame studio</p></header>\n<main id=\"main\">\n{body}\n</main>\n</body>\n</html>\n",
+        esc(title)
+    );
+    let mut resp = (status, doc).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
+}
+
+fn redirect(to: &str, cookie: Option<HeaderValue>) -> Response {
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if let Some(c) = cookie {
+        resp.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The person logged in with this request's cookie: `(secret, username, site)`.
+async fn who(node: &Node, headers: &HeaderMap) -> Option<(String, String, String)> {
+    let secret = accounts::session_cookie(headers)?.to_string();
+    let hash = crate::http::auth::hash_token(&secret);
+    let (site, username, _) = node
+        .read(move |v| v.session(&hash, now_ms()))
+        .await
+        .ok()
+        .flatten()?;
+    Some((secret, username, site))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct PageParams {
+    saved: Option<u64>,
+}
+
+async fn page(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Query(params): Query<PageParams>,
+) -> Response {
+    match who(&node, &headers).await {
+        None => welcome(StatusCode::OK, None),
+        Some((secret, username, site)) => {
+            editor(&node, &secret, &username, &site, params.saved, None).await
+        }
+    }
+}
+
+/// Sign-up and log-in forms, with an error message when one failed.
+fn welcome(status: StatusCode, error: Option<&str>) -> Response {
+    let alert = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>\n", esc(e)))
+        .unwrap_or_default();
+    let body = format!(
+        "<h1>Your page, in a minute</h1>\n{alert}\
+         <div class=\"forms\">\n\
+         <form method=\"post\" action=\"/_studio/signup\" class=\"card\">\n<h2>Sign up</h2>\n\
+         <label for=\"su-name\">Username <span class=\"hint\">(your page's address)</span></label>\n\
+         <input id=\"su-name\" name=\"username\" required pattern=\"[a-z0-9][a-z0-9-]{{0,62}}\" autocomplete=\"username\" autocapitalize=\"none\">\n\
+         <label for=\"su-pass\">Password <span class=\"hint\">(8 characters or more)</span></label>\n\
+         <input id=\"su-pass\" name=\"password\" type=\"password\" required minlength=\"8\" autocomplete=\"new-password\">\n\
+         <button type=\"submit\">Create my page</button>\n</form>\n\
+         <form method=\"post\" action=\"/_studio/login\" class=\"card\">\n<h2>Log in</h2>\n\
+         <label for=\"li-name\">Username</label>\n\
+         <input id=\"li-name\" name=\"username\" required autocomplete=\"username\" autocapitalize=\"none\">\n\
+         <label for=\"li-pass\">Password</label>\n\
+         <input id=\"li-pass\" name=\"password\" type=\"password\" required autocomplete=\"current-password\">\n\
+         <button type=\"submit\">Log in</button>\n</form>\n</div>"
+    );
+    html(status, "Welcome", &body)
+}
+
+/// The profile as the form edits it.
+#[derive(Debug, Default, Clone)]
+struct Profile {
+    name: String,
+    bio: String,
+    links: Vec<(String, String)>,
+    theme: String,
+}
+
+impl Profile {
+    fn from_value(v: &serde_json::Value) -> Profile {
+        let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Profile {
+            name: text("name"),
+            bio: text("bio"),
+            links: v["links"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|l| {
+                            (
+                                l["title"].as_str().unwrap_or_default().to_string(),
+                                l["url"].as_str().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            theme: text("theme"),
+        }
+    }
+
+    fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "bio": self.bio,
+            "links": self.links.iter().map(|(t, u)| serde_json::json!({"title": t, "url": u})).collect::<Vec<_>>(),
+            "theme": self.theme,
+        })
+    }
+
+    /// The links as the textarea shows them: `title url` per line.
+    fn links_text(&self) -> String {
+        self.links
+            .iter()
+            .map(|(t, u)| format!("{t} {u}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The editing page: the form, the publish status, and the links to the public page.
+async fn editor(
+    node: &Node,
+    secret: &str,
+    username: &str,
+    site: &str,
+    saved: Option<u64>,
+    error: Option<(&str, Profile)>,
+) -> Response {
+    let (s, k) = (site.to_string(), username.to_string());
+    let stored = node
+        .read(move |v| v.get(&s, "profiles", &k))
+        .await
+        .ok()
+        .flatten();
+    let (profile, version) = match (&error, stored) {
+        (Some((_, p)), t) => (p.clone(), t.map(|t| t.version).unwrap_or(0)),
+        (None, Some(t)) => (Profile::from_value(&t.value.to_json()), t.version),
+        (None, None) => (
+            Profile {
+                name: username.to_string(),
+                theme: "classic".into(),
+                ..Profile::default()
+            },
+            0,
+        ),
+    };
+    let csrf = accounts::csrf_token(secret);
+    let public = format!("{}/", node.projections.base_url(site).trim_end_matches('/'));
+    let page_url = format!("{public}{}", esc(username));
+    let waiting_for = saved.unwrap_or(version);
+    let status = status_text(node, site, waiting_for).await;
+    let alert = match &error {
+        Some((e, _)) => format!("<p class=\"error\" role=\"alert\">{}</p>\n", esc(e)),
+        None => String::new(),
+    };
+    let themes: String = THEMES
+        .iter()
+        .map(|(id, label)| {
+            let checked = if profile.theme == *id || (profile.theme.is_empty() && *id == "classic") {
+                " checked"
+            } else {
+                ""
+            };
+            format!(
+                "<label class=\"theme\"><input type=\"radio\" name=\"theme\" value=\"{id}\"{checked}> {label}</label>\n"
+            )
+        })
+        .collect();
+    let body = format!(
+        "<h1>Hello, {user}</h1>\n\
+         <p>Your page: <a href=\"{page_url}\">{page_url}</a></p>\n\
+         <p class=\"status\" id=\"status\" role=\"status\" aria-live=\"polite\" data-index=\"{waiting_for}\">{status}</p>\n\
+         {alert}\
+         <form method=\"post\" action=\"/_studio/save\" class=\"card\">\n\
+         <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\n\
+         <label for=\"name\">Name</label>\n\
+         <input id=\"name\" name=\"name\" required maxlength=\"{NAME_CHARS_MAX}\" value=\"{name}\">\n\
+         <label for=\"bio\">Bio</label>\n\
+         <textarea id=\"bio\" name=\"bio\" rows=\"4\" maxlength=\"{BIO_CHARS_MAX}\">{bio}</textarea>\n\
+         <label for=\"links\">Links <span class=\"hint\">(one per line: a title, a space, then the address)</span></label>\n\
+         <textarea id=\"links\" name=\"links\" rows=\"4\">{links}</textarea>\n\
+         <fieldset>\n<legend>Theme</legend>\n{themes}</fieldset>\n\
+         <div class=\"actions\">\n<button type=\"submit\">Save</button>\n\
+         <button type=\"submit\" formaction=\"/_studio/preview\" formtarget=\"_blank\" class=\"secondary\">Preview</button>\n</div>\n\
+         </form>\n\
+         <form method=\"post\" action=\"/_studio/logout\" class=\"logout\">\n\
+         <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\n<button type=\"submit\" class=\"link\">Log out</button>\n</form>",
+        user = esc(username),
+        name = esc(&profile.name),
+        bio = esc(&profile.bio),
+        links = esc(&profile.links_text()),
+    );
+    html(
+        if error.is_some() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        },
+        "Your page",
+        &body,
+    )
+}
+
+/// "Your site will update shortly" until the served version reflects `index`, then
+/// "Published N seconds ago, version V" (the commit index and the root's publish time).
+async fn status_text(node: &Node, site: &str, index: u64) -> String {
+    let (published, version, at) = publish_state(node, site, index).await;
+    if index == 0 {
+        return "Fill in your page and save it.".into();
+    }
+    if !published {
+        return "Your site will update shortly.".into();
+    }
+    let secs = now_ms().saturating_sub(at) / 1_000;
+    format!("Published {secs} seconds ago, version {version}.")
+}
+
+/// Whether the version this node serves reflects `index`, that version, and when its root
+/// was published.
+async fn publish_state(node: &Node, site: &str, index: u64) -> (bool, u64, u64) {
+    let served = node.pages.served_index(site).unwrap_or(0);
+    let name = site.to_string();
+    let at = node
+        .read(move |v| v.root(&name))
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.published_at_ms)
+        .unwrap_or(0);
+    (served >= index, served, at)
+}
+
+#[derive(Debug, Deserialize)]
+struct StatusParams {
+    index: u64,
+}
+
+/// `GET /_studio/status?index=N`: the publish status as JSON, for the page's script.
+async fn status(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Query(p): Query<StatusParams>,
+) -> Response {
+    let Some((_, _, site)) = who(&node, &headers).await else {
+        return ApiError::unauthorized("not logged in").into_response();
+    };
+    let (published, version, _) = publish_state(&node, &site, p.index).await;
+    let text = status_text(&node, &site, p.index).await;
+    let mut resp = axum::Json(serde_json::json!({
+        "published": published, "version": version, "text": text
+    }))
+    .into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Reads a urlencoded form body, bounded.
+fn form(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
+    if body.len() > FORM_BYTES_MAX {
+        return Err(ApiError::too_large(format!(
+            "the form is {} bytes, the limit is {FORM_BYTES_MAX}",
+            body.len()
+        )));
+    }
+    Ok(form_urlencoded::parse(body).into_owned().collect())
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default()
+}
+
+async fn signup(State(node): State<Arc<Node>>, body: axum::body::Bytes) -> Response {
+    let fields = match form(&body) {
+        Ok(f) => f,
+        Err(e) => return welcome(StatusCode::BAD_REQUEST, Some(&e.message)),
+    };
+    let req = Credentials {
+        username: field(&fields, "username").to_string(),
+        password: field(&fields, "password").to_string(),
+    };
+    match accounts::sign_up(&node, req).await {
+        Ok((cookie, _)) => redirect("/_studio/", Some(cookie)),
+        Err(e) => welcome(status_of(&e), Some(&e.message)),
+    }
+}
+
+async fn login(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = match form(&body) {
+        Ok(f) => f,
+        Err(e) => return welcome(StatusCode::BAD_REQUEST, Some(&e.message)),
+    };
+    let req = Credentials {
+        username: field(&fields, "username").to_string(),
+        password: field(&fields, "password").to_string(),
+    };
+    match accounts::log_in(&node, peer.ip(), req).await {
+        Ok((cookie, _)) => redirect("/_studio/", Some(cookie)),
+        Err(e) => welcome(status_of(&e), Some(&e.message)),
+    }
+}
+
+fn status_of(e: &ApiError) -> StatusCode {
+    e.status
+}
+
+/// The logged-in person of a form post, after its CSRF field is checked.
+async fn form_session(
+    node: &Node,
+    headers: &HeaderMap,
+    fields: &[(String, String)],
+) -> Result<(String, String, String), Response> {
+    let Some((secret, username, site)) = who(node, headers).await else {
+        return Err(welcome(
+            StatusCode::UNAUTHORIZED,
+            Some("Your session ended; log in again."),
+        ));
+    };
+    if field(fields, "_csrf") != accounts::csrf_token(&secret) {
+        return Err(html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "<h1>Refused</h1>\n<p class=\"error\" role=\"alert\">This form did not come from your studio page (its CSRF token is missing or wrong). <a href=\"/_studio/\">Back to the studio</a></p>",
+        ));
+    }
+    Ok((secret, username, site))
+}
+
+async fn logout(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = form(&body).unwrap_or_default();
+    let (secret, _, _) = match form_session(&node, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let _ = accounts::end_session(&node, &secret).await;
+    redirect("/_studio/", Some(accounts::cleared_cookie()))
+}
+
+/// The profile a form describes, checked.
+fn profile_from(fields: &[(String, String)]) -> Result<Profile, (String, Profile)> {
+    let mut p = Profile {
+        name: field(fields, "name").trim().to_string(),
+        bio: field(fields, "bio").trim().to_string(),
+        links: Vec::new(),
+        theme: field(fields, "theme").to_string(),
+    };
+    let mut problems = Vec::new();
+    for line in field(fields, "links")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        let (title, url) = match line.rsplit_once(' ') {
+            Some((t, u)) => (t.trim().to_string(), u.trim().to_string()),
+            None => (line.to_string(), line.to_string()),
+        };
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            problems.push(format!(
+                "the link {line:?} needs an address starting with https://"
+            ));
+        }
+        p.links.push((title, url));
+    }
+    if p.name.is_empty() || p.name.chars().count() > NAME_CHARS_MAX {
+        problems.push(format!("a name is 1 to {NAME_CHARS_MAX} characters"));
+    }
+    if p.bio.chars().count() > BIO_CHARS_MAX {
+        problems.push(format!("a bio is at most {BIO_CHARS_MAX} characters"));
+    }
+    if p.links.len() > LINKS_MAX {
+        problems.push(format!("at most {LINKS_MAX} links"));
+    }
+    if !THEMES.iter().any(|(id, _)| *id == p.theme) {
+        p.theme = "classic".into();
+    }
+    if problems.is_empty() {
+        Ok(p)
+    } else {
+        Err((format!("Not saved: {}.", problems.join("; ")), p))
+    }
+}
+
+fn put_profile(username: &str, p: &Profile) -> Result<Op, String> {
+    Ok(Op::Put {
+        collection: "profiles".into(),
+        key: username.to_string(),
+        value: Value::from_json(p.to_value())?,
+        if_version: None,
+    })
+}
+
+async fn save(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = match form(&body) {
+        Ok(f) => f,
+        Err(e) => return welcome(StatusCode::PAYLOAD_TOO_LARGE, Some(&e.message)),
+    };
+    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let profile = match profile_from(&fields) {
+        Ok(p) => p,
+        Err((e, p)) => return editor(&node, &secret, &username, &site, None, Some((&e, p))).await,
+    };
+    let op = match put_profile(&username, &profile) {
+        Ok(op) => op,
+        Err(e) => return editor(&node, &secret, &username, &site, None, Some((&e, profile))).await,
+    };
+    // The same rights and limits as any write: the session may write only its own tuples.
+    let caller = crate::http::auth::Caller::Site {
+        site: site.clone(),
+        role: sesame_proto::Role::Editor,
+        scopes: accounts::session_scopes(&username),
+    };
+    if let Err(e) = caller.require_ops(&site, std::slice::from_ref(&op)) {
+        return editor(
+            &node,
+            &secret,
+            &username,
+            &site,
+            None,
+            Some((&e.message, profile)),
+        )
+        .await;
+    }
+    if let Err(wait) = node.limiter.check(&site, std::time::Instant::now()) {
+        let msg = format!(
+            "Not saved: the site is busy; you can save again in {} s.",
+            wait.as_secs().max(1)
+        );
+        return editor(
+            &node,
+            &secret,
+            &username,
+            &site,
+            None,
+            Some((&msg, profile)),
+        )
+        .await;
+    }
+    let tx = Transaction {
+        site: site.clone(),
+        ops: vec![op],
+        origin: None,
+    };
+    match node.write_tx(tx).await {
+        Ok((_, CommandResult::Committed { index })) => {
+            redirect(&format!("/_studio/?saved={index}"), None)
+        }
+        Ok((_, other)) => {
+            let msg = format!("Not saved: {other:?}");
+            editor(
+                &node,
+                &secret,
+                &username,
+                &site,
+                None,
+                Some((&msg, profile)),
+            )
+            .await
+        }
+        Err(e) => {
+            let msg = format!("Not saved: {}", ApiError::from(e).message);
+            editor(
+                &node,
+                &secret,
+                &username,
+                &site,
+                None,
+                Some((&msg, profile)),
+            )
+            .await
+        }
+    }
+}
+
+async fn preview(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = match form(&body) {
+        Ok(f) => f,
+        Err(e) => return welcome(StatusCode::PAYLOAD_TOO_LARGE, Some(&e.message)),
+    };
+    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let profile = match profile_from(&fields) {
+        Ok(p) => p,
+        Err((e, p)) => return editor(&node, &secret, &username, &site, None, Some((&e, p))).await,
+    };
+    let op = match put_profile(&username, &profile) {
+        Ok(op) => op,
+        Err(e) => return editor(&node, &secret, &username, &site, None, Some((&e, profile))).await,
+    };
+    match node
+        .projections
+        .preview(&site, vec![op], std::time::Duration::from_secs(600))
+        .await
+    {
+        Ok(built) => redirect(&format!("{}{username}", built.url), None),
+        Err(e) => {
+            let msg = format!("The preview failed: {e:#}");
+            editor(
+                &node,
+                &secret,
+                &username,
+                &site,
+                None,
+                Some((&msg, profile)),
+            )
+            .await
+        }
+    }
+}

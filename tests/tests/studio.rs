@@ -1,0 +1,267 @@
+//! The studio in headless Chromium, as a person uses it: sign up, edit the page, pick a
+//! theme, see "Your site will update shortly" turn into "Published …", and the public page
+//! change; the same without JavaScript; previews; and forms that did not come from the
+//! person's own studio page are refused. Screenshots of the studio and the public page, at
+//! desktop and phone widths, go to `target/test-artifacts/`.
+
+use std::time::Duration;
+
+use fantoccini::{Client, Locator};
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use sesame_tests::browser::{artifacts_dir, wait_for, Driver};
+use sesame_tests::TestNode;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn studio_node() -> TestNode {
+    let node = TestNode::start_with(|c| {
+        c.write_rate = None;
+        c.studio_site = Some("demo".into());
+    })
+    .await
+    .unwrap();
+    assert!(sesame_node::cli::seed_demo(&node.node.node).await.unwrap());
+    node
+}
+
+async fn fill(b: &Client, css: &str, value: &str) {
+    let e = b.find(Locator::Css(css)).await.unwrap();
+    e.clear().await.unwrap();
+    e.send_keys(value).await.unwrap();
+}
+
+async fn click(b: &Client, css: &str) {
+    b.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn text(b: &Client, css: &str) -> String {
+    b.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn screenshots(b: &Client, name: &str) {
+    for (width, height, size) in [(1200, 900, "desktop"), (390, 844, "phone")] {
+        b.set_window_size(width, height).await.unwrap();
+        let png = b.screenshot().await.unwrap();
+        std::fs::write(artifacts_dir().join(format!("{name}-{size}.png")), png).unwrap();
+    }
+    b.set_window_size(1000, 1200).await.unwrap();
+}
+
+async fn sign_up(b: &Client, url: &str, username: &str) {
+    b.goto(&format!("{url}/_studio/")).await.unwrap();
+    fill(b, "#su-name", username).await;
+    fill(b, "#su-pass", "correct horse battery").await;
+    click(b, "form[action='/_studio/signup'] button").await;
+    wait_for(WAIT, "the editor opens", || async {
+        Ok(b.find(Locator::Css("#name")).await.is_ok().then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_signs_up_edits_and_sees_their_page_change() {
+    let node = studio_node().await;
+    let url = node.node.url();
+    let driver = Driver::start().await.unwrap();
+    let b = driver.session(true).await.unwrap();
+    b.goto(&format!("{url}/_studio/")).await.unwrap();
+    screenshots(&b, "studio-welcome").await;
+
+    // A taken name is said plainly.
+    fill(&b, "#su-name", "alice").await;
+    fill(&b, "#su-pass", "correct horse battery").await;
+    click(&b, "form[action='/_studio/signup'] button").await;
+    assert!(text(&b, ".error").await.contains("taken"));
+
+    sign_up(&b, &url, "dora").await;
+    assert!(text(&b, "h1").await.contains("dora"));
+    fill(&b, "#name", "Dora the Explorer").await;
+    fill(&b, "#bio", "Maps, backpacks and consensus.").await;
+    fill(&b, "#links", "Blog https://example.com/dora").await;
+    click(&b, "input[name=theme][value=midnight]").await;
+    click(&b, ".actions button[type=submit]:not(.secondary)").await;
+    // The status says the site is updating, then that it published (the script polls).
+    let published = wait_for(WAIT, "the studio says it published", || async {
+        let t = text(&b, "#status").await;
+        Ok(t.starts_with("Published").then_some(t))
+    })
+    .await
+    .unwrap();
+    assert!(published.contains("version"), "{published}");
+    screenshots(&b, "studio-editor").await;
+
+    // The public page shows the edit, in the chosen theme.
+    b.goto(&format!("{url}/demo/dora")).await.unwrap();
+    assert_eq!(text(&b, "h1").await, "Dora the Explorer");
+    let class = b
+        .find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .attr("class")
+        .await
+        .unwrap();
+    assert_eq!(class.as_deref(), Some("theme-midnight"));
+    screenshots(&b, "public-page").await;
+
+    // Without JavaScript the studio works too: sign up, save, and the page reloads to the
+    // status.
+    let nojs = driver.session(false).await.unwrap();
+    sign_up(&nojs, &url, "eve").await;
+    fill(&nojs, "#name", "Eve Without Scripts").await;
+    click(&nojs, ".actions button[type=submit]:not(.secondary)").await;
+    wait_for(WAIT, "the no-JS save lands", || async {
+        nojs.goto(&format!("{url}/_studio/")).await?;
+        let t = text(&nojs, "#status").await;
+        Ok(t.starts_with("Published").then_some(()))
+    })
+    .await
+    .unwrap();
+    let page = reqwest::get(format!("{url}/demo/eve"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Eve Without Scripts"));
+    node.stop().await.unwrap();
+}
+
+/// Signs up over plain HTTP; returns the session cookie and the CSRF field of the editor.
+async fn http_sign_up(url: &str, username: &str) -> (String, String) {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("{url}/_studio/signup"))
+        .form(&[
+            ("username", username),
+            ("password", "correct horse battery"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = client
+        .get(format!("{url}/_studio/"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_string();
+    (cookie, csrf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
+    let node = studio_node().await;
+    let url = node.node.url();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (cookie, csrf) = http_sign_up(&url, "fay").await;
+    let save = |cookie: String, csrf: String, name: &'static str| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/_studio/save"))
+                .header(COOKIE, cookie)
+                .form(&[("_csrf", csrf.as_str()), ("name", name), ("theme", "paper")])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // A form from another page (no or a wrong CSRF field) is refused, and nothing is saved.
+    let forged = save(cookie.clone(), String::new(), "Forged").await;
+    assert_eq!(forged.status(), 403);
+    let (other_cookie, other_csrf) = http_sign_up(&url, "gus").await;
+    let crossed = save(cookie.clone(), other_csrf.clone(), "Crossed").await;
+    assert_eq!(crossed.status(), 403, "another person's CSRF token");
+    drop(other_cookie);
+    assert!(node.admin().get("demo", "profiles", "fay").await.is_err());
+
+    // A preview renders the change privately; the public page does not move.
+    let r = client
+        .post(format!("{url}/_studio/preview"))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("_csrf", csrf.as_str()),
+            ("name", "Fay Previewed"),
+            ("theme", "paper"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let preview_url = r.headers()[LOCATION].to_str().unwrap().to_string();
+    assert!(preview_url.contains("/_preview/demo/"), "{preview_url}");
+    let preview = reqwest::get(&preview_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(preview.contains("Fay Previewed") && preview.contains("theme-paper"));
+    assert_eq!(
+        reqwest::get(format!("{url}/demo/fay"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // A real save lands; bad input is said and nothing is lost from the form.
+    let saved = save(cookie.clone(), csrf.clone(), "Fay").await;
+    assert_eq!(saved.status(), 303);
+    let bad = client
+        .post(format!("{url}/_studio/save"))
+        .header(COOKIE, &cookie)
+        .form(&[
+            ("_csrf", csrf.as_str()),
+            ("name", "Fay"),
+            ("links", "Home javascript:alert(1)"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body = bad.text().await.unwrap();
+    assert!(
+        body.contains("https://") && body.contains("javascript:alert(1)"),
+        "{body}"
+    );
+    // Every studio answer forbids inline scripts and framing.
+    let page = client.get(format!("{url}/_studio/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    node.stop().await.unwrap();
+}
