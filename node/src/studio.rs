@@ -57,6 +57,212 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/_studio/save", post(save))
         .route("/_studio/preview", post(preview))
         .route("/_studio/status", get(status))
+        .route(
+            "/_studio/avatar",
+            post(avatar).layer(axum::extract::DefaultBodyLimit::max(
+                AVATAR_BYTES_MAX + (16 << 10),
+            )),
+        )
+}
+
+/// Largest avatar image.
+pub const AVATAR_BYTES_MAX: usize = 512 << 10;
+
+/// The image formats an avatar may be, told by their first bytes (never by the name or the
+/// declared type): the file extension it is stored under.
+fn image_kind(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("png")
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("jpg")
+    } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Some("webp")
+    } else {
+        None
+    }
+}
+
+/// `POST /_studio/avatar` (multipart): stores the image as the person's avatar asset and
+/// points their profile at it, in one transaction.
+async fn avatar(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    mut multipart: axum::extract::Multipart,
+) -> Response {
+    let mut csrf = String::new();
+    let mut image: Option<Vec<u8>> = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return html(
+                    StatusCode::BAD_REQUEST,
+                    "Refused",
+                    &format!(
+                        "<h1>Not uploaded</h1>\n<p class=\"error\" role=\"alert\">The upload could not be read ({}); images are at most {} KiB. <a href=\"/_studio/\">Back to the studio</a></p>",
+                        esc(&e.body_text()),
+                        AVATAR_BYTES_MAX >> 10
+                    ),
+                )
+            }
+        };
+        match field.name() {
+            Some("_csrf") => csrf = field.text().await.unwrap_or_default(),
+            Some("avatar") => match field.bytes().await {
+                Ok(b) => image = Some(b.to_vec()),
+                Err(e) => {
+                    return html(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Refused",
+                        &format!(
+                            "<h1>Not uploaded</h1>\n<p class=\"error\" role=\"alert\">{}; images are at most {} KiB. <a href=\"/_studio/\">Back to the studio</a></p>",
+                            esc(&e.body_text()),
+                            AVATAR_BYTES_MAX >> 10
+                        ),
+                    )
+                }
+            },
+            _ => {}
+        }
+    }
+    let fields = vec![("_csrf".to_string(), csrf)];
+    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let (s, k) = (site.clone(), username.clone());
+    let stored = node
+        .read(move |v| v.get(&s, "profiles", &k))
+        .await
+        .ok()
+        .flatten();
+    let mut profile = stored
+        .as_ref()
+        .map(|t| t.value.to_json())
+        .unwrap_or_else(|| serde_json::json!({"name": username, "theme": "classic"}));
+    let fail = |msg: String, profile: &serde_json::Value| (msg, Profile::from_value(profile));
+    let image = match image {
+        Some(i) if !i.is_empty() => i,
+        _ => {
+            let (m, p) = fail("Not uploaded: choose an image first.".into(), &profile);
+            return editor(&node, &secret, &username, &site, None, Some((&m, p))).await;
+        }
+    };
+    if image.len() > AVATAR_BYTES_MAX {
+        let (m, p) = fail(
+            format!(
+                "Not uploaded: the image is {} KiB; the limit is {} KiB.",
+                image.len() >> 10,
+                AVATAR_BYTES_MAX >> 10
+            ),
+            &profile,
+        );
+        return editor(&node, &secret, &username, &site, None, Some((&m, p))).await;
+    }
+    let Some(ext) = image_kind(&image) else {
+        let (m, p) = fail(
+            "Not uploaded: an avatar is a PNG, JPEG or WebP image.".into(),
+            &profile,
+        );
+        return editor(&node, &secret, &username, &site, None, Some((&m, p))).await;
+    };
+    let key = format!("avatars/{username}.{ext}");
+    let mut ops = Vec::new();
+    if let Some(old) = profile["avatar"].as_str().filter(|old| *old != key) {
+        ops.push(Op::Delete {
+            collection: "_assets".into(),
+            key: old.to_string(),
+            if_version: None,
+        });
+    }
+    ops.push(Op::Put {
+        collection: "_assets".into(),
+        key: key.clone(),
+        value: Value::Bytes(image),
+        if_version: None,
+    });
+    profile["avatar"] = serde_json::Value::String(key);
+    let value = match Value::from_json(profile.clone()) {
+        Ok(v) => v,
+        Err(e) => {
+            let (m, p) = fail(format!("Not uploaded: {e}"), &profile);
+            return editor(&node, &secret, &username, &site, None, Some((&m, p))).await;
+        }
+    };
+    ops.push(Op::Put {
+        collection: "profiles".into(),
+        key: username.clone(),
+        value,
+        if_version: None,
+    });
+    commit(
+        &node,
+        &secret,
+        &username,
+        &site,
+        ops,
+        Profile::from_value(&profile),
+    )
+    .await
+}
+
+/// Commits a person's ops through the ordinary write path, with their session's rights and
+/// the site's write limit; back to the studio with the commit index, or the form again with
+/// what went wrong.
+async fn commit(
+    node: &Node,
+    secret: &str,
+    username: &str,
+    site: &str,
+    ops: Vec<Op>,
+    profile: Profile,
+) -> Response {
+    let caller = crate::http::auth::Caller::Site {
+        site: site.to_string(),
+        role: sesame_proto::Role::Editor,
+        scopes: accounts::session_scopes(username),
+    };
+    if let Err(e) = caller.require_ops(site, &ops) {
+        return editor(
+            node,
+            secret,
+            username,
+            site,
+            None,
+            Some((&e.message, profile)),
+        )
+        .await;
+    }
+    if let Err(wait) = node.limiter.check(site, std::time::Instant::now()) {
+        let msg = format!(
+            "Not saved: the site is busy; you can save again in {} s.",
+            wait.as_secs().max(1)
+        );
+        return editor(node, secret, username, site, None, Some((&msg, profile))).await;
+    }
+    let tx = Transaction {
+        site: site.to_string(),
+        ops,
+        origin: None,
+    };
+    if let Err(e) = tx.validate() {
+        let msg = format!("Not saved: {e}");
+        return editor(node, secret, username, site, None, Some((&msg, profile))).await;
+    }
+    match node.write_tx(tx).await {
+        Ok((_, CommandResult::Committed { index })) => {
+            redirect(&format!("/_studio/?saved={index}"), None)
+        }
+        Ok((_, other)) => {
+            let msg = format!("Not saved: {other:?}");
+            editor(node, secret, username, site, None, Some((&msg, profile))).await
+        }
+        Err(e) => {
+            let msg = format!("Not saved: {}", ApiError::from(e).message);
+            editor(node, secret, username, site, None, Some((&msg, profile))).await
+        }
+    }
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -299,6 +505,11 @@ async fn editor(
          <div class=\"actions\">\n<button type=\"submit\">Save</button>\n\
          <button type=\"submit\" formaction=\"/_studio/preview\" formtarget=\"_blank\" class=\"secondary\">Preview</button>\n</div>\n\
          </form>\n\
+         <form method=\"post\" action=\"/_studio/avatar\" enctype=\"multipart/form-data\" class=\"card\">\n\
+         <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\n\
+         <label for=\"avatar\">Picture <span class=\"hint\">(PNG, JPEG or WebP, up to 512 KiB)</span></label>\n\
+         <input id=\"avatar\" name=\"avatar\" type=\"file\" accept=\"image/png,image/jpeg,image/webp\" required>\n\
+         <div class=\"actions\"><button type=\"submit\">Upload picture</button></div>\n</form>\n\
          <form method=\"post\" action=\"/_studio/logout\" class=\"logout\">\n\
          <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\n<button type=\"submit\" class=\"link\">Log out</button>\n</form>",
         user = esc(username),
@@ -538,72 +749,31 @@ async fn save(
         Ok(op) => op,
         Err(e) => return editor(&node, &secret, &username, &site, None, Some((&e, profile))).await,
     };
-    // The same rights and limits as any write: the session may write only its own tuples.
-    let caller = crate::http::auth::Caller::Site {
-        site: site.clone(),
-        role: sesame_proto::Role::Editor,
-        scopes: accounts::session_scopes(&username),
+    // Keep the avatar the profile has.
+    let (s2, k2) = (site.clone(), username.clone());
+    let avatar = node
+        .read(move |v| v.get(&s2, "profiles", &k2))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|t| t.value.to_json()["avatar"].as_str().map(str::to_string));
+    let op = match avatar {
+        Some(a) => {
+            let mut v = profile.to_value();
+            v["avatar"] = serde_json::Value::String(a);
+            match Value::from_json(v) {
+                Ok(value) => Op::Put {
+                    collection: "profiles".into(),
+                    key: username.clone(),
+                    value,
+                    if_version: None,
+                },
+                Err(_) => op,
+            }
+        }
+        None => op,
     };
-    if let Err(e) = caller.require_ops(&site, std::slice::from_ref(&op)) {
-        return editor(
-            &node,
-            &secret,
-            &username,
-            &site,
-            None,
-            Some((&e.message, profile)),
-        )
-        .await;
-    }
-    if let Err(wait) = node.limiter.check(&site, std::time::Instant::now()) {
-        let msg = format!(
-            "Not saved: the site is busy; you can save again in {} s.",
-            wait.as_secs().max(1)
-        );
-        return editor(
-            &node,
-            &secret,
-            &username,
-            &site,
-            None,
-            Some((&msg, profile)),
-        )
-        .await;
-    }
-    let tx = Transaction {
-        site: site.clone(),
-        ops: vec![op],
-        origin: None,
-    };
-    match node.write_tx(tx).await {
-        Ok((_, CommandResult::Committed { index })) => {
-            redirect(&format!("/_studio/?saved={index}"), None)
-        }
-        Ok((_, other)) => {
-            let msg = format!("Not saved: {other:?}");
-            editor(
-                &node,
-                &secret,
-                &username,
-                &site,
-                None,
-                Some((&msg, profile)),
-            )
-            .await
-        }
-        Err(e) => {
-            let msg = format!("Not saved: {}", ApiError::from(e).message);
-            editor(
-                &node,
-                &secret,
-                &username,
-                &site,
-                None,
-                Some((&msg, profile)),
-            )
-            .await
-        }
-    }
+    commit(&node, &secret, &username, &site, vec![op], profile).await
 }
 
 async fn preview(

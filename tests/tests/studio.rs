@@ -259,6 +259,82 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
         body.contains("https://") && body.contains("javascript:alert(1)"),
         "{body}"
     );
+    // A picture: checked by its bytes, stored as the person's asset, shown on their page.
+    let upload = |bytes: Vec<u8>, csrf: String| {
+        let client = client.clone();
+        let url = url.clone();
+        let cookie = cookie.clone();
+        async move {
+            let boundary = "sesame-test-boundary";
+            let mut body = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"_csrf\"\r\n\r\n{csrf}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"avatar\"; filename=\"me.png\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .into_bytes();
+            body.extend_from_slice(&bytes);
+            body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+            client
+                .post(format!("{url}/_studio/avatar"))
+                .header(COOKIE, cookie)
+                .header(
+                    "content-type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&[0u8; 64]);
+    assert_eq!(
+        upload(png.clone(), String::new()).await.status(),
+        403,
+        "no CSRF field"
+    );
+    let not_image = upload(b"<script>alert(1)</script>".to_vec(), csrf.clone()).await;
+    assert_eq!(not_image.status(), 400);
+    assert!(not_image
+        .text()
+        .await
+        .unwrap()
+        .contains("PNG, JPEG or WebP"));
+    let huge = upload(vec![0x89; 600 << 10], csrf.clone()).await;
+    assert!(
+        matches!(huge.status().as_u16(), 400 | 413),
+        "{}",
+        huge.status()
+    );
+    let ok = upload(png.clone(), csrf.clone()).await;
+    assert_eq!(ok.status(), 303);
+    let index: u64 = ok.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let page = reqwest::Client::new()
+        .get(format!("{url}/demo/fay"))
+        .header("Sesame-Min-Index", index.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let src = page
+        .split("class=\"avatar\" src=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no avatar on the page: {page}"))
+        .replace("&amp;", "&");
+    let img = reqwest::get(&src).await.unwrap();
+    assert_eq!(img.status(), 200);
+    assert_eq!(img.headers()["content-type"], "image/png");
+    assert_eq!(img.bytes().await.unwrap().to_vec(), png);
+
     // Every studio answer forbids inline scripts and framing.
     let page = client.get(format!("{url}/_studio/")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();
