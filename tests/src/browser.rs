@@ -127,3 +127,39 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// axe-core's script (the accessibility checker), installed from npm under the target
+/// folder when missing.
+pub fn axe_script() -> anyhow::Result<String> {
+    const VERSION: &str = "4.10.2";
+    let dir = artifacts_dir().join(format!("../axe-core-{VERSION}"));
+    let script = dir.join("node_modules/axe-core/axe.min.js");
+    if !script.is_file() {
+        std::fs::create_dir_all(&dir)?;
+        let status = std::process::Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(format!("axe-core@{VERSION}"))
+            .status()
+            .context("run npm (install Node.js and npm)")?;
+        anyhow::ensure!(status.success(), "npm install axe-core@{VERSION} failed");
+    }
+    std::fs::read_to_string(&script).with_context(|| format!("read {}", script.display()))
+}
+
+/// Runs axe-core on the page the browser shows and returns its violations (WCAG 2.x A and
+/// AA rules), each as `id: help (targets)`.
+pub async fn axe_violations(b: &fantoccini::Client, axe: &str) -> anyhow::Result<Vec<String>> {
+    b.execute(axe, vec![]).await.context("load axe-core")?;
+    let result = b
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] } })
+               .then(r => done(r.violations.map(v => v.id + ': ' + v.help + ' (' + v.nodes.map(n => n.target.join(' ')).join(', ') + ')')))
+               .catch(e => done(['axe failed: ' + e]));",
+            vec![],
+        )
+        .await
+        .context("run axe-core")?;
+    Ok(serde_json::from_value(result)?)
+}

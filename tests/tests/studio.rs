@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, Locator};
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
-use sesame_tests::browser::{artifacts_dir, wait_for, Driver};
+use sesame_tests::browser::{artifacts_dir, axe_script, axe_violations, wait_for, Driver};
 use sesame_tests::TestNode;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -77,6 +77,9 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
     let b = driver.session(true).await.unwrap();
     b.goto(&format!("{url}/_studio/")).await.unwrap();
     screenshots(&b, "studio-welcome").await;
+    let axe = axe_script().unwrap();
+    let found = axe_violations(&b, &axe).await.unwrap();
+    assert!(found.is_empty(), "the welcome page: {found:#?}");
 
     // A taken name is said plainly.
     fill(&b, "#su-name", "alice").await;
@@ -100,6 +103,8 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
     .unwrap();
     assert!(published.contains("version"), "{published}");
     screenshots(&b, "studio-editor").await;
+    let found = axe_violations(&b, &axe).await.unwrap();
+    assert!(found.is_empty(), "the editor: {found:#?}");
 
     // The public page shows the edit, in the chosen theme.
     b.goto(&format!("{url}/demo/dora")).await.unwrap();
@@ -113,6 +118,11 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
         .unwrap();
     assert_eq!(class.as_deref(), Some("theme-midnight"));
     screenshots(&b, "public-page").await;
+    let found = axe_violations(&b, &axe).await.unwrap();
+    assert!(
+        found.is_empty(),
+        "the public page (midnight theme): {found:#?}"
+    );
 
     // Without JavaScript the studio works too: sign up, save, and the page reloads to the
     // status.
