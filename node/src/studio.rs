@@ -57,12 +57,174 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/_studio/save", post(save))
         .route("/_studio/preview", post(preview))
         .route("/_studio/status", get(status))
+        .route("/_studio/restore", post(restore))
+        .route("/_studio/export.zip", get(export_zip))
         .route(
             "/_studio/avatar",
             post(avatar).layer(axum::extract::DefaultBodyLimit::max(
                 AVATAR_BYTES_MAX + (16 << 10),
             )),
         )
+}
+
+/// Saved versions of a profile the studio keeps per person.
+pub const HISTORY_KEEP: usize = 20;
+/// Saved versions the editor lists.
+const HISTORY_SHOWN: usize = 10;
+
+/// The ops that record `value` as a saved version of `username`'s profile, and forget the
+/// oldest past [`HISTORY_KEEP`].
+async fn history_ops(node: &Node, site: &str, username: &str, value: &Value) -> Vec<Op> {
+    let (s, prefix) = (site.to_string(), format!("{username}/"));
+    let kept = node
+        .read(move |v| {
+            v.scan(
+                &s,
+                accounts::HISTORY_COLLECTION,
+                &prefix,
+                None,
+                HISTORY_KEEP * 2,
+            )
+        })
+        .await
+        .unwrap_or_default();
+    let mut ops = vec![Op::Put {
+        collection: accounts::HISTORY_COLLECTION.into(),
+        key: format!("{username}/{:013}", now_ms()),
+        value: value.clone(),
+        if_version: None,
+    }];
+    // Keys sort by time: the oldest come first.
+    let drop = (kept.len() + 1).saturating_sub(HISTORY_KEEP);
+    for t in kept.into_iter().take(drop) {
+        ops.push(Op::Delete {
+            collection: accounts::HISTORY_COLLECTION.into(),
+            key: t.key,
+            if_version: None,
+        });
+    }
+    ops
+}
+
+/// The person's saved versions, newest first: `(key, saved at ms, name)`.
+async fn history(node: &Node, site: &str, username: &str) -> Vec<(String, u64, String)> {
+    let (s, prefix) = (site.to_string(), format!("{username}/"));
+    let mut rows: Vec<(String, u64, String)> = node
+        .read(move |v| {
+            v.scan(
+                &s,
+                accounts::HISTORY_COLLECTION,
+                &prefix,
+                None,
+                HISTORY_KEEP * 2,
+            )
+        })
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| {
+            let at = t
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let name = t.value.to_json()["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (t.key, at, name)
+        })
+        .collect();
+    rows.reverse();
+    rows.truncate(HISTORY_SHOWN);
+    rows
+}
+
+/// `POST /_studio/restore`: saves an earlier version of the person's profile again.
+async fn restore(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let fields = form(&body).unwrap_or_default();
+    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
+    let key = field(&fields, "key").to_string();
+    if !key.starts_with(&format!("{username}/")) {
+        return html(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "<h1>Refused</h1>\n<p class=\"error\" role=\"alert\">That version is not yours. <a href=\"/_studio/\">Back to the studio</a></p>",
+        );
+    }
+    let (s, k) = (site.clone(), key.clone());
+    let Some(old) = node
+        .read(move |v| v.get(&s, accounts::HISTORY_COLLECTION, &k))
+        .await
+        .ok()
+        .flatten()
+    else {
+        let msg = "Not restored: that version is no longer kept.".to_string();
+        return editor(
+            &node,
+            &secret,
+            &username,
+            &site,
+            None,
+            Some((&msg, Profile::default())),
+        )
+        .await;
+    };
+    let profile = Profile::from_value(&old.value.to_json());
+    let mut ops = vec![Op::Put {
+        collection: "profiles".into(),
+        key: username.clone(),
+        value: old.value.clone(),
+        if_version: None,
+    }];
+    ops.extend(history_ops(&node, &site, &username, &old.value).await);
+    commit(&node, &secret, &username, &site, ops, profile).await
+}
+
+/// `GET /_studio/export.zip`: the person's page, its stylesheet and their pictures, as the
+/// site serves them now, ready for any static host.
+async fn export_zip(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let Some((_, username, site)) = who(&node, &headers).await else {
+        return redirect("/_studio/", None);
+    };
+    let Some(manifest) = node.pages.manifest(&site) else {
+        return ApiError::not_found("nothing is published yet").into_response();
+    };
+    let mine = |path: &str| {
+        path == format!("/{username}")
+            || path.starts_with(&format!("/avatars/{username}."))
+            || path == "/style.css"
+    };
+    let mut own = (*manifest).clone();
+    own.files.retain(|path, _| mine(path));
+    if !own.files.contains_key(&format!("/{username}")) {
+        return ApiError::not_found("your page is not published yet; save it first")
+            .into_response();
+    }
+    let base_url = node.projections.base_url(&site);
+    match crate::pages::export::site_zip(&node.pages, &own, &base_url).await {
+        Ok(zip) => (
+            [
+                (header::CONTENT_TYPE, "application/zip".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{username}.zip\""),
+                ),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+            ],
+            zip,
+        )
+            .into_response(),
+        Err(e) => ApiError::unavailable(format!("{e:#}")).into_response(),
+    }
 }
 
 /// Largest avatar image.
@@ -488,9 +650,33 @@ async fn editor(
             )
         })
         .collect();
+    let saved_versions: String = history(node, site, username)
+        .await
+        .into_iter()
+        .map(|(key, at, name)| {
+            let ago = now_ms().saturating_sub(at) / 1_000;
+            format!(
+                "<li><form method=\"post\" action=\"/_studio/restore\">\
+                 <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\
+                 <input type=\"hidden\" name=\"key\" value=\"{key}\">\
+                 <span>{name}, saved {ago} s ago</span> \
+                 <button type=\"submit\" class=\"link\">Restore</button></form></li>\n",
+                key = esc(&key),
+                name = esc(&name),
+            )
+        })
+        .collect();
+    let history_section = if saved_versions.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<section aria-labelledby=\"history-title\">\n<h2 id=\"history-title\">Earlier versions</h2>\n\
+             <ul class=\"history\">\n{saved_versions}</ul>\n</section>\n"
+        )
+    };
     let body = format!(
         "<h1>Hello, {user}</h1>\n\
-         <p>Your page: <a href=\"{page_url}\">{page_url}</a></p>\n\
+         <p>Your page: <a href=\"{page_url}\">{page_url}</a> · <a href=\"/_studio/export.zip\">Download it as a ZIP</a></p>\n\
          <p class=\"status\" id=\"status\" role=\"status\" aria-live=\"polite\" data-index=\"{waiting_for}\">{status}</p>\n\
          {alert}\
          <form method=\"post\" action=\"/_studio/save\" class=\"card\">\n\
@@ -510,6 +696,7 @@ async fn editor(
          <label for=\"avatar\">Picture <span class=\"hint\">(PNG, JPEG or WebP, up to 512 KiB)</span></label>\n\
          <input id=\"avatar\" name=\"avatar\" type=\"file\" accept=\"image/png,image/jpeg,image/webp\" required>\n\
          <div class=\"actions\"><button type=\"submit\">Upload picture</button></div>\n</form>\n\
+         {history_section}\
          <form method=\"post\" action=\"/_studio/logout\" class=\"logout\">\n\
          <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\n<button type=\"submit\" class=\"link\">Log out</button>\n</form>",
         user = esc(username),
@@ -773,7 +960,12 @@ async fn save(
         }
         None => op,
     };
-    commit(&node, &secret, &username, &site, vec![op], profile).await
+    let mut ops = Vec::new();
+    if let Op::Put { value, .. } = &op {
+        ops.extend(history_ops(&node, &site, &username, value).await);
+    }
+    ops.insert(0, op);
+    commit(&node, &secret, &username, &site, ops, profile).await
 }
 
 async fn preview(

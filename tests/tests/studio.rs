@@ -345,6 +345,79 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
     assert_eq!(img.headers()["content-type"], "image/png");
     assert_eq!(img.bytes().await.unwrap().to_vec(), png);
 
+    // Earlier versions: listed, and one restores; another person's cannot be.
+    let second = save(cookie.clone(), csrf.clone(), "Fay Two").await;
+    assert_eq!(second.status(), 303);
+    let editor = client
+        .get(format!("{url}/_studio/"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(editor.contains("Earlier versions"), "{editor}");
+    let keys: Vec<String> = editor
+        .split("name=\"key\" value=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap().to_string())
+        .collect();
+    assert!(
+        keys.len() >= 2 && keys.iter().all(|k| k.starts_with("fay/")),
+        "{keys:?}"
+    );
+    // Newest first: the second entry is the save before "Fay Two".
+    let restored = client
+        .post(format!("{url}/_studio/restore"))
+        .header(COOKIE, &cookie)
+        .form(&[("_csrf", csrf.as_str()), ("key", keys[1].as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restored.status(), 303);
+    let name = node
+        .admin()
+        .get("demo", "profiles", "fay")
+        .await
+        .unwrap()
+        .value
+        .to_json()["name"]
+        .clone();
+    assert_ne!(name, "Fay Two", "an earlier version is back");
+    let theirs = client
+        .post(format!("{url}/_studio/restore"))
+        .header(COOKIE, &cookie)
+        .form(&[("_csrf", csrf.as_str()), ("key", "gus/0000000000001")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), 403);
+
+    // The person's own page as a ZIP: their page, the stylesheet and their picture.
+    let zip = client
+        .get(format!("{url}/_studio/export.zip"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zip.status(), 200);
+    let bytes = zip.bytes().await.unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    let names: Vec<String> = (0..archive.len())
+        .map(|i| archive.by_index(i).unwrap().name().unwrap().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("fay")), "{names:?}");
+    assert!(names.iter().any(|n| n == "style.css"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("avatars/fay.")),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("alice")),
+        "only their own page: {names:?}"
+    );
+
     // Every studio answer forbids inline scripts and framing.
     let page = client.get(format!("{url}/_studio/")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();

@@ -75,9 +75,17 @@ pub struct SessionInfo {
     pub expires_at_ms: u64,
 }
 
-/// What a session may touch: the person's profile and avatar assets.
+/// The collection where the studio keeps each person's saved profiles (`<username>/<ms>`).
+pub const HISTORY_COLLECTION: &str = "profile_history";
+
+/// What a session may touch: the person's profile, avatar assets and saved versions.
 pub fn session_scopes(username: &str) -> Vec<Scope> {
     vec![
+        Scope {
+            collection: HISTORY_COLLECTION.into(),
+            key: format!("{username}/"),
+            prefix: true,
+        },
         Scope {
             collection: "profiles".into(),
             key: username.to_string(),
