@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, ETAG, IF_NONE_MATCH};
+use reqwest::header::{HeaderMap, IF_NONE_MATCH};
 use reqwest::StatusCode;
 use serde_json::json;
 use sesame_client::Http;
