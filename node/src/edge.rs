@@ -195,13 +195,16 @@ impl Edge {
                 listed.len()
             );
         }
-        let mut sites: Vec<String> = listed.into_iter().take(SITES_MAX).collect();
+        let mut sites: std::collections::BTreeSet<String> =
+            listed.into_iter().take(SITES_MAX).collect();
         // A site whose folder vanished is re-read too: its root is gone, so it leaves.
-        for known in self.sites.lock().expect("edge sites lock poisoned").keys() {
-            if sites.binary_search(known).is_err() {
-                sites.push(known.clone());
-            }
-        }
+        sites.extend(
+            self.sites
+                .lock()
+                .expect("edge sites lock poisoned")
+                .keys()
+                .cloned(),
+        );
         futures::stream::iter(sites)
             .for_each_concurrent(READS_CONCURRENT_MAX, |site| async move {
                 self.refresh(&site).await;
