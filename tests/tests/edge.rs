@@ -238,6 +238,20 @@ async fn an_edge_answers_what_the_node_answers() {
         assert_eq!(n.status, e.status, "{short}");
         assert!(!e.body.contains("root:"), "{short}");
     }
+    // Subdomain mode: `Host: demo.<domain>` serves the same file.
+    let mut config = EdgeConfig::new(
+        format!("file://{}", objects.display()),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    config.domain = Some("example.test".into());
+    let by_host = sesame_node::edge::start(config).await.unwrap();
+    let request = b"GET /alice HTTP/1.1\r\nHost: Demo.Example.test:80\r\nConnection: close\r\n\r\n";
+    let answer = raw_http(by_host.addr, request).await;
+    assert_eq!(answer.status, 200, "{}", answer.head);
+    assert_eq!(answer.header("etag"), alice.header("etag"));
+    assert_eq!(answer.body, alice.body);
+    by_host.shutdown().await.unwrap();
+
     // Pages are read-only on the edge too.
     let post = client()
         .post(format!("{edge_url}/demo/alice"))
