@@ -368,7 +368,8 @@ async fn every_answer(req: Request, next: Next) -> Response {
 
 /// `POST /_sesame/notify[?site=<site>]`: re-read the roots now. Anyone may ask (it only
 /// moves a re-read forward); asks are coalesced, at most one re-read per
-/// [`NOTIFY_GAP_MS`].
+/// [`NOTIFY_GAP_MS`]. A `site` is checked to be a site name, but every root is re-read:
+/// one read per site is what a poll costs anyway.
 async fn notify(State(edge): State<Arc<Edge>>, req: Request) -> Response {
     let site = req
         .uri()
@@ -473,4 +474,70 @@ pub async fn start(config: EdgeConfig) -> anyhow::Result<RunningEdge> {
         server,
         poller,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_interval_and_cache_are_bounded() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = EdgeConfig::new("file:///nowhere", addr);
+        assert!(config.check().is_ok());
+        for ms in [POLL_MS_MIN - 1, POLL_MS_MAX + 1, 0] {
+            config.poll = Duration::from_millis(ms);
+            assert!(config.check().is_err(), "{ms} ms");
+        }
+        config.poll = Duration::from_millis(POLL_MS_MIN);
+        config.cache_bytes = CACHE_BYTES_MIN - 1;
+        assert!(config.check().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_newer_root_leaves_the_installed_version_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let publisher = Arc::new(Publisher::local(dir.path()).unwrap());
+        let manifest = sesame_projector::Manifest {
+            format: sesame_projector::MANIFEST_FORMAT,
+            site: "demo".into(),
+            index: 7,
+            previous: None,
+            files: Default::default(),
+            delta: Default::default(),
+        };
+        let id = publisher.put_manifest(&manifest).await.unwrap();
+        publisher
+            .mirror_root(
+                "demo",
+                &Root {
+                    manifest: id,
+                    index: 7,
+                },
+            )
+            .await
+            .unwrap();
+        let config = EdgeConfig::new("file:///unused", "127.0.0.1:0".parse().unwrap());
+        let edge = Edge::new(&config, publisher.clone()).unwrap();
+        edge.reread().await;
+        assert_eq!(edge.pages().served_index("demo"), Some(7));
+        // A root naming a manifest that is not there.
+        publisher
+            .mirror_root(
+                "demo",
+                &Root {
+                    manifest: "a".repeat(64),
+                    index: 9,
+                },
+            )
+            .await
+            .unwrap();
+        edge.reread().await;
+        assert_eq!(edge.pages().served_index("demo"), Some(7));
+        assert_eq!(edge.damaged("demo"), None, "a version is installed");
+        // The root goes (the site was deleted): no longer served.
+        publisher.remove_root("demo").await.unwrap();
+        edge.reread().await;
+        assert_eq!(edge.pages().served_index("demo"), None);
+    }
 }
