@@ -449,12 +449,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let publisher = Arc::new(match &config.objects {
         None => Publisher::local(config.data_dir.join(OBJECTS_DIR))
             .context("open the local object folder")?,
-        Some(url) => {
-            let options = std::env::vars()
-                .filter(|(k, _)| k.starts_with("AWS_"))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v));
-            Publisher::from_url(url, options).with_context(|| format!("open object store {url}"))?
-        }
+        Some(url) => crate::edge::open_objects(url)?,
     });
     // Storage and the object folder made their files by now.
     secure_data_dir(&config.data_dir)?;
@@ -482,6 +477,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         ServeConfig {
             domain: config.domain.clone(),
             min_index_wait: config.min_index_wait,
+            blob_cache_bytes: crate::pages::serve::BLOB_CACHE_BYTES_MAX,
         },
         publisher.clone(),
         metrics.clone(),

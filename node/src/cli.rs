@@ -43,6 +43,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Run a node of a cluster.
     Node(NodeArgs),
+    /// Serve published pages from the object store alone (no log, no data directory).
+    Edge(EdgeArgs),
     /// Create and list sites.
     Site {
         #[command(subcommand)]
@@ -244,6 +246,27 @@ pub enum ClusterCommand {
         #[arg(long)]
         id: u64,
     },
+}
+
+/// `sesame edge`: see [`crate::edge`].
+#[derive(Debug, Args)]
+pub struct EdgeArgs {
+    /// The object store the nodes publish to (`file:///dir`, `s3://bucket/prefix`; S3/R2
+    /// settings from AWS_* variables, as for `sesame node --objects`).
+    #[arg(long)]
+    pub objects: String,
+    /// Where to serve HTTP.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub http: SocketAddr,
+    /// Milliseconds between two reads of every site's root (50 to 60000).
+    #[arg(long, default_value_t = crate::edge::POLL_MS_DEFAULT)]
+    pub poll_ms: u64,
+    /// Bytes of file content kept in memory.
+    #[arg(long, default_value_t = crate::pages::serve::BLOB_CACHE_BYTES_MAX)]
+    pub cache_bytes: usize,
+    /// Serve `Host: <site>.<domain>` too (subdomain mode).
+    #[arg(long)]
+    pub domain: Option<String>,
 }
 
 /// Serving settings shared by `sesame dev` and `sesame node`.
@@ -723,6 +746,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
         Command::Node(args) => node(args).await,
+        Command::Edge(args) => edge(args).await,
         Command::Site { command } => match command {
             SiteCommand::Create { name } => print_json(&remote.client()?.create_site(&name).await?),
             SiteCommand::List => print_json(&remote.client()?.list_sites().await?),
@@ -1088,6 +1112,20 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         _ = running.cancelled() => {}
     }
     println!("shutting down");
+    running.shutdown().await
+}
+
+async fn edge(args: EdgeArgs) -> anyhow::Result<()> {
+    let mut config = crate::edge::EdgeConfig::new(args.objects, args.http);
+    config.poll = std::time::Duration::from_millis(args.poll_ms);
+    config.cache_bytes = args.cache_bytes;
+    config.domain = args.domain;
+    let running = crate::edge::start(config).await?;
+    say(format!("Sesame edge listening on {}", running.url()))?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("wait for Ctrl-C")?,
+        _ = running.cancelled() => {}
+    }
     running.shutdown().await
 }
 

@@ -16,6 +16,7 @@ pub mod backup;
 pub mod cli;
 pub mod clients;
 pub mod cluster;
+pub mod edge;
 pub mod http;
 pub mod live;
 pub mod metrics;

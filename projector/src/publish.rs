@@ -107,6 +107,23 @@ impl Publisher {
         self.pins.clone().write_owned().await
     }
 
+    /// The sites that have anything stored (`sites/<site>/`), for edge readers: a site is
+    /// listed once its first blob is written, whether or not its root mirror exists yet.
+    /// Names that are not valid site names are skipped.
+    pub async fn list_sites(&self) -> Result<Vec<String>, PublishError> {
+        let prefix = self.path("sites");
+        let listing = self.store.list_with_delimiter(Some(&prefix)).await?;
+        let mut sites: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename())
+            .filter(|name| validate_site(name).is_ok())
+            .map(str::to_string)
+            .collect();
+        sites.sort();
+        Ok(sites)
+    }
+
     /// The blobs and manifests stored for `site`.
     pub async fn list_objects(&self, site: &str) -> Result<Vec<StoredObject>, PublishError> {
         check_site(site)?;

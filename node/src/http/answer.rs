@@ -107,7 +107,7 @@ fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 /// Checks the request line and headers against the limits.
-fn check_head(req: &Request) -> Result<(), ApiError> {
+pub(crate) fn check_head(req: &Request) -> Result<(), ApiError> {
     let uri = req.uri();
     let uri_bytes = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len())

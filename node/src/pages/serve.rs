@@ -7,13 +7,13 @@
 //! installs the versions it publishes; [`crate::pages::follow`] installs every committed root (on
 //! followers, after a rollback, at start-up).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sesame_projector::{
@@ -27,10 +27,14 @@ use crate::http::error::ApiError;
 
 /// Longest request path we look up, in bytes.
 pub const PATH_BYTES_MAX: usize = 2_048;
-/// Bytes of file content kept in memory.
+/// Bytes of file content a node keeps in memory.
 pub const BLOB_CACHE_BYTES_MAX: usize = 256 << 20;
 /// Files larger than this are served but not cached.
-const BLOB_CACHED_BYTES_MAX: usize = 8 << 20;
+pub const BLOB_CACHED_BYTES_MAX: usize = 8 << 20;
+/// Most shards (independently locked parts) of the blob cache.
+const BLOB_CACHE_SHARDS_MAX: usize = 8;
+/// The typical file, for sizing the cache's index (quick_cache wants an estimated count).
+const BLOB_TYPICAL_BYTES: usize = 16 << 10;
 /// Header that asks to wait for a projected index (read-your-writes).
 pub const MIN_INDEX_HEADER: &str = "sesame-min-index";
 /// Most requests held by `Sesame-Min-Index` at once, over all sites. Held requests take
@@ -92,6 +96,8 @@ pub struct ServeConfig {
     pub domain: Option<String>,
     /// Longest a `Sesame-Min-Index` request waits for the projection.
     pub min_index_wait: Duration,
+    /// Bytes of file content kept in memory.
+    pub blob_cache_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -99,6 +105,7 @@ impl Default for ServeConfig {
         ServeConfig {
             domain: None,
             min_index_wait: Duration::from_millis(2_000),
+            blob_cache_bytes: BLOB_CACHE_BYTES_MAX,
         }
     }
 }
@@ -126,34 +133,59 @@ fn file_headers(entry: &FileEntry) -> Option<(HeaderValue, HeaderValue)> {
     ))
 }
 
-/// Content-addressed file bytes, bounded in total size; the oldest entries leave first.
-#[derive(Default)]
+/// Weighs a cached file by its length, so the cache is bounded in bytes.
+#[derive(Clone)]
+struct BlobWeighter;
+
+impl quick_cache::Weighter<String, Bytes> for BlobWeighter {
+    fn weight(&self, key: &String, body: &Bytes) -> u64 {
+        // At least 1: quick_cache never evicts an item of weight 0.
+        (key.len() + body.len()).max(1) as u64
+    }
+}
+
+/// Content-addressed file bytes, bounded in total size. quick_cache's S3-FIFO keeps files
+/// that are asked for again (a site's home page, its stylesheet) over files read once (a
+/// crawler walking every page), which a plain FIFO would not.
 struct BlobCache {
-    map: HashMap<String, Bytes>,
-    order: VecDeque<String>,
-    bytes: usize,
+    cache: quick_cache::sync::Cache<String, Bytes, BlobWeighter>,
 }
 
 impl BlobCache {
-    fn get(&self, hash: &str) -> Option<Bytes> {
-        self.map.get(hash).cloned()
+    fn new(bytes_max: usize) -> BlobCache {
+        assert!(bytes_max > 0, "a blob cache needs room");
+        // quick_cache splits its capacity among shards, and a shard refuses a file heavier
+        // than its share: keep every share at least 4 files of the largest cached size.
+        let shards = (bytes_max / (4 * BLOB_CACHED_BYTES_MAX)).clamp(1, BLOB_CACHE_SHARDS_MAX);
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards)
+            .estimated_items_capacity((bytes_max / BLOB_TYPICAL_BYTES).max(16))
+            .weight_capacity(bytes_max as u64)
+            .build()
+            .expect("blob cache options are complete");
+        BlobCache {
+            cache: quick_cache::sync::Cache::with_options(
+                options,
+                BlobWeighter,
+                quick_cache::DefaultHashBuilder::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            ),
+        }
     }
 
-    fn insert(&mut self, hash: &str, body: Bytes) {
-        if body.len() > BLOB_CACHED_BYTES_MAX || self.map.contains_key(hash) {
+    fn get(&self, hash: &str) -> Option<Bytes> {
+        self.cache.get(hash)
+    }
+
+    fn insert(&self, hash: &str, body: Bytes) {
+        if body.len() > BLOB_CACHED_BYTES_MAX {
             return;
         }
-        while self.bytes + body.len() > BLOB_CACHE_BYTES_MAX {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(b) = self.map.remove(&old) {
-                self.bytes -= b.len();
-            }
-        }
-        self.bytes += body.len();
-        self.order.push_back(hash.to_string());
-        self.map.insert(hash.to_string(), body);
+        self.cache.insert(hash.to_string(), body);
+    }
+
+    fn bytes(&self) -> u64 {
+        self.cache.weight()
     }
 }
 
@@ -207,7 +239,7 @@ pub struct Pages {
     publisher: Arc<Publisher>,
     metrics: Arc<crate::metrics::Metrics>,
     sites: RwLock<HashMap<String, Arc<SiteVersion>>>,
-    blobs: Mutex<BlobCache>,
+    blobs: BlobCache,
     /// Bumped at every install.
     installed: tokio::sync::watch::Sender<u64>,
     /// Requests held by `Sesame-Min-Index`.
@@ -227,12 +259,13 @@ impl Pages {
         metrics: Arc<crate::metrics::Metrics>,
         purger: Option<Arc<crate::pages::purge::Purger>>,
     ) -> Pages {
+        let blobs = BlobCache::new(config.blob_cache_bytes);
         Pages {
             config,
             publisher,
             metrics,
             sites: RwLock::new(HashMap::new()),
-            blobs: Mutex::new(BlobCache::default()),
+            blobs,
             installed: tokio::sync::watch::channel(0).0,
             holds: Holds::default(),
             deleted: Mutex::new(HashMap::new()),
@@ -389,9 +422,14 @@ impl Pages {
 
     /// Puts file bytes the caller already holds into the cache.
     pub fn prime(&self, hash: &str, body: Bytes) {
-        let mut blobs = self.blobs.lock().expect("blob cache lock poisoned");
-        blobs.insert(hash, body);
-        self.metrics.blob_cache_bytes.set(blobs.bytes as i64);
+        self.blobs.insert(hash, body);
+        self.metrics.blob_cache_bytes.set(self.blobs.bytes() as i64);
+    }
+
+    /// A place among the requests held by `Sesame-Min-Index`, or `None` when the limits
+    /// ([`HELD_REQUESTS_MAX`], [`HELD_REQUESTS_PER_SITE_MAX`]) are reached.
+    pub(crate) fn try_hold(&self, site: &str) -> Option<impl Drop + '_> {
+        self.holds.try_hold(site)
     }
 
     /// The commit index a site's served version reflects.
@@ -404,12 +442,7 @@ impl Pages {
     }
 
     pub(crate) async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
-        if let Some(b) = self
-            .blobs
-            .lock()
-            .expect("blob cache lock poisoned")
-            .get(hash)
-        {
+        if let Some(b) = self.blobs.get(hash) {
             self.metrics.blob_cache_hits.inc();
             return Ok(b);
         }
@@ -420,7 +453,16 @@ impl Pages {
     }
 }
 
-fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+/// A 503 that asks to retry in a second.
+pub(crate) fn unavailable(message: impl Into<String>) -> Response {
+    let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// A plain-text answer that no cache keeps.
+pub(crate) fn plain(status: StatusCode, message: impl Into<String>) -> Response {
     let mut resp = (status, format!("{}\n", message.into())).into_response();
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -604,32 +646,54 @@ fn min_index(headers: &HeaderMap, query: Option<&str>) -> Result<Option<LogIndex
         .map_err(|_| format!("minimum index {raw:?} is not a whole number"))
 }
 
-/// The handler for every non-API request.
+/// The handler for every non-API request on a node.
 pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    let (parts, _body) = req.into_parts();
+    let waiter = node.clone();
+    answer(
+        &node.pages,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        |site, index| async move { wait_projected(&waiter, &site, index).await },
+    )
+    .await
+}
+
+/// Answers a request for a page from the versions `pages` serves: what a node and an edge
+/// server (crate::edge) have in common. `wait` holds a request that names a minimum index
+/// (`Sesame-Min-Index`, `?_min=`) until the site's served version reflects it, or answers
+/// what to say instead; each server knows where newer versions come from.
+pub async fn answer<W, F>(
+    pages: &Pages,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    wait: W,
+) -> Response
+where
+    W: FnOnce(String, LogIndex) -> F,
+    F: std::future::Future<Output = Result<(), Response>>,
+{
+    if method != Method::GET && method != Method::HEAD {
         let mut resp = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!(
-                "{} is not allowed: pages are read with GET or HEAD",
-                req.method()
-            ),
+            format!("{method} is not allowed: pages are read with GET or HEAD"),
         )
         .into_response();
         resp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
-    let pages = &node.pages;
-    let headers = req.headers();
-    let target = site_and_path(&pages.config, headers, req.uri().path());
+    let target = site_and_path(&pages.config, headers, uri.path());
     let (site, raw_path) = (target.site.as_ref(), target.path);
     if validate_site(site).is_err() {
         return not_found("no such site", None);
     }
     // "/demo" → "/demo/": the site's root page, where its relative links resolve.
-    if !target.by_host && req.uri().path().len() == site.len() + 1 {
-        let location = match req.uri().query() {
+    if !target.by_host && uri.path().len() == site.len() + 1 {
+        let location = match uri.query() {
             Some(q) => format!("/{site}/?{q}"),
             None => format!("/{site}/"),
         };
@@ -643,10 +707,10 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
         Ok(p) => p,
         Err(e) => return plain(StatusCode::BAD_REQUEST, e),
     };
-    match min_index(headers, req.uri().query()) {
+    match min_index(headers, uri.query()) {
         Err(e) => return plain(StatusCode::BAD_REQUEST, e),
         Ok(Some(n)) => {
-            if let Err(resp) = wait_projected(&node, site, n).await {
+            if let Err(resp) = wait(site.to_string(), n).await {
                 return resp;
             }
         }
@@ -699,7 +763,7 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
         // A 304 carries the same headers as the 200 it stands for (RFC 9110, 15.4.5), so a
         // cache that refreshes its copy with them keeps the same policy.
         resp_headers.insert(header::ETAG, etag);
-        if names_version(req.uri().query(), &file.hash) {
+        if names_version(uri.query(), &file.hash) {
             resp_headers.insert(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static(IMMUTABLE_CACHE_CONTROL),
@@ -724,10 +788,21 @@ pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
         Ok(body) => (status, resp_headers, Body::from(body)).into_response(),
         Err(e) => {
             tracing::error!("serve {site}{path}: read blob {}: {e:#}", file.hash);
-            plain(
+            let corrupt = matches!(
+                e.downcast_ref::<sesame_projector::PublishError>(),
+                Some(sesame_projector::PublishError::Corrupt { .. })
+            );
+            let mut resp = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "this file cannot be read right now; retry shortly",
-            )
+                if corrupt {
+                    "this file is damaged in the object store and is not served; retry later"
+                } else {
+                    "this file cannot be read right now; retry shortly"
+                },
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp
         }
     }
 }
@@ -746,12 +821,6 @@ async fn wait_projected(node: &Node, site: &str, index: LogIndex) -> Result<(), 
     if served(node) || (projections.is_active() && projections.projected(site) >= index) {
         return Ok(());
     }
-    let unavailable = |message: String| {
-        let mut resp = plain(StatusCode::SERVICE_UNAVAILABLE, message);
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        resp
-    };
     // An index past the end of this node's log cannot be published soon: answer now
     // rather than hold the request.
     let known = node.known_index();
@@ -761,7 +830,7 @@ async fn wait_projected(node: &Node, site: &str, index: LogIndex) -> Result<(), 
              new has been written here yet"
         )));
     }
-    let Some(_hold) = node.pages.holds.try_hold(site) else {
+    let Some(_hold) = node.pages.try_hold(site) else {
         return Err(unavailable(format!(
             "too many requests are waiting for new versions (at most {HELD_REQUESTS_PER_SITE_MAX} \
              per site, {HELD_REQUESTS_MAX} in all); retry shortly"
@@ -963,15 +1032,31 @@ mod tests {
     }
 
     #[test]
-    fn blob_cache_is_bounded() {
-        let mut c = BlobCache::default();
-        let big = Bytes::from(vec![0u8; BLOB_CACHED_BYTES_MAX]);
-        for i in 0..(BLOB_CACHE_BYTES_MAX / BLOB_CACHED_BYTES_MAX + 3) {
-            c.insert(&format!("h{i}"), big.clone());
-            assert!(c.bytes <= BLOB_CACHE_BYTES_MAX);
+    fn blob_cache_is_bounded_in_bytes_and_keeps_what_is_asked_for_again() {
+        let bytes_max = 64 << 10;
+        let c = BlobCache::new(bytes_max);
+        let body = |n: usize| Bytes::from(vec![0u8; n]);
+        c.insert("hot", body(1 << 10));
+        for i in 0..1_000 {
+            // The hot file is asked for between every cold one.
+            assert!(
+                c.get("hot").is_some(),
+                "hot file evicted after {i} cold ones"
+            );
+            c.insert(&format!("cold{i}"), body(1 << 10));
+            assert!(c.bytes() <= bytes_max as u64, "{} > {bytes_max}", c.bytes());
         }
-        assert!(c.get("h0").is_none(), "oldest evicted");
-        c.insert("huge", Bytes::from(vec![0u8; BLOB_CACHED_BYTES_MAX + 1]));
-        assert!(c.get("huge").is_none());
+        let cold_left = (0..1_000)
+            .filter(|i| c.get(&format!("cold{i}")).is_some())
+            .count();
+        assert!(
+            cold_left < 64,
+            "{cold_left} cold files of 1 KiB left in 64 KiB"
+        );
+        c.insert("huge", body(BLOB_CACHED_BYTES_MAX + 1));
+        assert!(
+            c.get("huge").is_none(),
+            "files past the per-file limit are not cached"
+        );
     }
 }
