@@ -200,7 +200,9 @@ pub struct Node {
     /// The URL visitors reach this node at.
     pub public_url: String,
     /// Failed logins, per name and per address.
-    pub logins: crate::http::accounts::LoginLimiter,
+    pub logins: crate::http::accounts::WindowLimiter,
+    /// Studio saves, per person.
+    pub saves: crate::http::accounts::WindowLimiter,
     /// CDN purges, when configured.
     pub purger: Option<Arc<Purger>>,
     admin_hash: String,
@@ -636,6 +638,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         studio_site: config.studio_site.clone(),
         public_url: public_url.clone(),
         logins: Default::default(),
+        saves: Default::default(),
         purger,
         admin_hash: auth::hash_token(&admin_token),
     });

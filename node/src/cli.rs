@@ -1153,6 +1153,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          admin token: {token}\n  \
          demo site:   {demo}/{seeded}\n               \
          {demo}/alice  {demo}/bob  {demo}/carol\n  \
+         studio:      {url}/_studio/   (sign up, edit your page at {demo}/<you>)\n  \
          edit:        sesame put demo profiles alice '{{\"name\": \"Alice\", \"bio\": \"Edited\"}}'\n  \
          status:      sesame site status demo\n  \
          live:        sesame watch demo profiles   (QUIC, UDP port {quic_port})\n  \

@@ -67,6 +67,9 @@ pub fn routes() -> Router<Arc<Node>> {
         )
 }
 
+/// Saves one person may make a minute in the studio.
+pub const SAVES_PER_MINUTE_MAX: u32 = 20;
+
 /// Saved versions of a profile the studio keeps per person.
 pub const HISTORY_KEEP: usize = 20;
 /// Saved versions the editor lists.
@@ -396,6 +399,14 @@ async fn commit(
         )
         .await;
     }
+    let person = format!("{site}/{username}");
+    if let Some(secs) = node.saves.blocked(&person, SAVES_PER_MINUTE_MAX) {
+        let msg = format!(
+            "Not saved: you saved {SAVES_PER_MINUTE_MAX} times in the last minute; you can save again in {secs} s."
+        );
+        return editor(node, secret, username, site, None, Some((&msg, profile))).await;
+    }
+    node.saves.count(&person);
     if let Err(wait) = node.limiter.check(site, std::time::Instant::now()) {
         let msg = format!(
             "Not saved: the site is busy; you can save again in {} s.",

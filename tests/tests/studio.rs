@@ -418,6 +418,18 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
         "only their own page: {names:?}"
     );
 
+    // Past the per-person limit, the studio says when the person can save again.
+    let mut limited = None;
+    for _ in 0..25 {
+        let r = save(cookie.clone(), csrf.clone(), "Fay Again").await;
+        if r.status() != 303 {
+            limited = Some(r.text().await.unwrap());
+            break;
+        }
+    }
+    let limited = limited.expect("saves were never limited");
+    assert!(limited.contains("you can save again in"), "{limited}");
+
     // Every studio answer forbids inline scripts and framing.
     let page = client.get(format!("{url}/_studio/")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();

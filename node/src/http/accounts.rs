@@ -224,22 +224,22 @@ async fn verify_password(password: String, phc: String) -> Result<bool, ApiError
     .map_err(|e| ApiError::internal(format!("stored password hash: {e}")))
 }
 
-/// Failed logins per name and per address, in fixed windows.
+/// Events (failed logins, saves) per key, in fixed windows of [`LOGIN_WINDOW`].
 #[derive(Default)]
-pub struct LoginLimiter {
+pub struct WindowLimiter {
     windows: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
-impl LoginLimiter {
+impl WindowLimiter {
     /// Seconds to wait before `key` may try again, if it has failed too often.
-    fn blocked(&self, key: &str, max: u32) -> Option<u64> {
+    pub fn blocked(&self, key: &str, max: u32) -> Option<u64> {
         let windows = self.windows.lock().expect("login limiter lock poisoned");
         let (start, failures) = windows.get(key)?;
         let left = LOGIN_WINDOW.checked_sub(start.elapsed())?;
         (*failures >= max).then(|| left.as_secs().max(1))
     }
 
-    fn failed(&self, key: &str) {
+    pub fn count(&self, key: &str) {
         let mut windows = self.windows.lock().expect("login limiter lock poisoned");
         if windows.len() >= LOGIN_LIMITER_ENTRIES_MAX {
             windows.retain(|_, (start, _)| start.elapsed() < LOGIN_WINDOW);
@@ -412,8 +412,8 @@ pub async fn log_in(
     }
     let wrong = || ApiError::unauthorized("wrong username or password");
     if check_username(&req.username).is_err() || check_password(&req.password).is_err() {
-        node.logins.failed(&name_key);
-        node.logins.failed(&address_key);
+        node.logins.count(&name_key);
+        node.logins.count(&address_key);
         return Err(wrong());
     }
     let (s, name) = (site.clone(), req.username.clone());
@@ -423,14 +423,14 @@ pub async fn log_in(
         Some(phc) => phc,
         None => {
             let _ = hash_password(req.password.clone()).await;
-            node.logins.failed(&name_key);
-            node.logins.failed(&address_key);
+            node.logins.count(&name_key);
+            node.logins.count(&address_key);
             return Err(wrong());
         }
     };
     if !verify_password(req.password, phc).await? {
-        node.logins.failed(&name_key);
-        node.logins.failed(&address_key);
+        node.logins.count(&name_key);
+        node.logins.count(&address_key);
         return Err(wrong());
     }
     start_session(node, site, req.username).await
