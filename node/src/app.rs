@@ -203,6 +203,8 @@ pub struct Node {
     pub logins: crate::http::accounts::WindowLimiter,
     /// Studio saves, per person.
     pub saves: crate::http::accounts::WindowLimiter,
+    /// The latest writes refused (4xx on a write path), for the admin dashboard.
+    pub rejections: crate::studio::Rejections,
     /// CDN purges, when configured.
     pub purger: Option<Arc<Purger>>,
     admin_hash: String,
@@ -639,6 +641,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         public_url: public_url.clone(),
         logins: Default::default(),
         saves: Default::default(),
+        rejections: Default::default(),
         purger,
         admin_hash: auth::hash_token(&admin_token),
     });

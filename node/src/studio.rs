@@ -58,6 +58,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/_studio/preview", post(preview))
         .route("/_studio/status", get(status))
         .route("/_studio/restore", post(restore))
+        .route("/_studio/admin", get(admin_form).post(admin))
         .route("/_studio/export.zip", get(export_zip))
         .route(
             "/_studio/avatar",
@@ -65,6 +66,164 @@ pub fn routes() -> Router<Arc<Node>> {
                 AVATAR_BYTES_MAX + (16 << 10),
             )),
         )
+}
+
+/// Refused writes the dashboard remembers.
+const REJECTIONS_KEPT: usize = 100;
+
+/// The latest refused writes: `(when, method and path, status)`.
+#[derive(Default)]
+pub struct Rejections {
+    recent: std::sync::Mutex<std::collections::VecDeque<(u64, String, u16)>>,
+}
+
+impl Rejections {
+    pub fn record(&self, method: &http::Method, path: &str, status: StatusCode) {
+        let mut recent = self.recent.lock().expect("rejections lock poisoned");
+        if recent.len() >= REJECTIONS_KEPT {
+            recent.pop_front();
+        }
+        recent.push_back((now_ms(), format!("{method} {path}"), status.as_u16()));
+    }
+
+    fn newest(&self) -> Vec<(u64, String, u16)> {
+        let recent = self.recent.lock().expect("rejections lock poisoned");
+        recent.iter().rev().cloned().collect()
+    }
+}
+
+/// Whether a request writes site data (what the dashboard counts as a refused write).
+pub fn is_write_path(method: &http::Method, path: &str) -> bool {
+    *method == http::Method::POST
+        && ((path.starts_with("/v1/sites/")
+            && (path.ends_with("/tx") || path.ends_with("/preview")))
+            || matches!(
+                path,
+                "/_studio/save" | "/_studio/avatar" | "/_studio/restore" | "/_sesame/post"
+            ))
+}
+
+/// `GET /_studio/admin`: asks for the admin token (it is never stored, not even in a cookie).
+async fn admin_form() -> Response {
+    html(
+        StatusCode::OK,
+        "Admin",
+        "<h1>Admin dashboard</h1>\n\
+         <form method=\"post\" action=\"/_studio/admin\" class=\"card\">\n\
+         <label for=\"token\">Admin token</label>\n\
+         <input id=\"token\" name=\"token\" type=\"password\" required autocomplete=\"off\">\n\
+         <button type=\"submit\">Show the dashboard</button>\n</form>",
+    )
+}
+
+/// `POST /_studio/admin` with the admin token: people, recent publishes with their times,
+/// standing template errors, refused writes.
+async fn admin(State(node): State<Arc<Node>>, body: axum::body::Bytes) -> Response {
+    let fields = form(&body).unwrap_or_default();
+    let token = field(&fields, "token");
+    if !node.is_admin_hash(&crate::http::auth::hash_token(token)) {
+        return html(
+            StatusCode::UNAUTHORIZED,
+            "Admin",
+            "<h1>Admin dashboard</h1>\n<p class=\"error\" role=\"alert\">That is not the admin token. <a href=\"/_studio/admin\">Try again</a></p>",
+        );
+    }
+    let Some(site) = node.studio_site.clone() else {
+        return html(
+            StatusCode::NOT_FOUND,
+            "Admin",
+            "<h1>Admin dashboard</h1>\n<p>This node has no studio site.</p>",
+        );
+    };
+    let name = site.clone();
+    let read = node
+        .read(move |v| Ok((v.accounts(&name, 200)?, v.versions(&name, 20)?)))
+        .await;
+    let (people, versions) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            return html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Admin",
+                &format!(
+                    "<h1>Admin dashboard</h1>\n<p class=\"error\" role=\"alert\">{}</p>",
+                    esc(&e.message)
+                ),
+            )
+        }
+    };
+    let now = now_ms();
+    let ago = |at: u64| format!("{} s ago", now.saturating_sub(at) / 1_000);
+    let status = node.projections.status(&site).unwrap_or_default();
+    let people_rows: String = people
+        .iter()
+        .map(|(u, at)| {
+            format!(
+                "<tr><td><a href=\"{}/{}\">{}</a></td><td>{}</td></tr>\n",
+                esc(&node.projections.base_url(&site)),
+                esc(u),
+                esc(u),
+                ago(*at)
+            )
+        })
+        .collect();
+    let publish_rows: String = versions
+        .iter()
+        .map(|v| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                v.index,
+                ago(v.published_at_ms),
+                v.files,
+                if v.rollback { "rollback" } else { "publish" }
+            )
+        })
+        .collect();
+    let error_rows: String = status
+        .errors
+        .iter()
+        .map(|e| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                esc(&e.template),
+                e.line.map(|l| l.to_string()).unwrap_or_default(),
+                esc(&e.message)
+            )
+        })
+        .collect();
+    let rejection_rows: String = node
+        .rejections
+        .newest()
+        .iter()
+        .map(|(at, what, code)| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{code}</td></tr>\n",
+                ago(*at),
+                esc(what)
+            )
+        })
+        .collect();
+    let last = match (status.last_publish_at, status.last_publish_ms) {
+        (Some(at), Some(ms)) => format!(
+            "<p>Last publish {}: render and publish took {ms} ms.</p>\n",
+            ago(at)
+        ),
+        _ => String::new(),
+    };
+    let body = format!(
+        "<h1>Admin dashboard: {site}</h1>\n{last}\
+         <section aria-labelledby=\"people\"><h2 id=\"people\">People ({n})</h2>\n\
+         <table><thead><tr><th scope=\"col\">Username</th><th scope=\"col\">Signed up</th></tr></thead><tbody>\n{people_rows}</tbody></table></section>\n\
+         <section aria-labelledby=\"publishes\"><h2 id=\"publishes\">Recent publishes</h2>\n\
+         <table><thead><tr><th scope=\"col\">Version</th><th scope=\"col\">When</th><th scope=\"col\">Files</th><th scope=\"col\">Kind</th></tr></thead><tbody>\n{publish_rows}</tbody></table></section>\n\
+         <section aria-labelledby=\"errors\"><h2 id=\"errors\">Template errors</h2>\n\
+         <table><thead><tr><th scope=\"col\">Template</th><th scope=\"col\">Line</th><th scope=\"col\">Message</th></tr></thead><tbody>\n{error_rows}</tbody></table></section>\n\
+         <section aria-labelledby=\"rejections\"><h2 id=\"rejections\">Refused writes</h2>\n\
+         <table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">Request</th><th scope=\"col\">Status</th></tr></thead><tbody>\n{rejection_rows}</tbody></table></section>",
+        site = esc(&site),
+        n = people.len(),
+    );
+    html(StatusCode::OK, "Admin", &body)
 }
 
 /// Saves one person may make a minute in the studio.

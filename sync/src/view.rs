@@ -549,6 +549,19 @@ impl<'c> View<'c> {
             .optional()?)
     }
 
+    /// The newest `limit` accounts of `site`: `(username, created_at_ms)`.
+    pub fn accounts(&self, site: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT username, created_at_ms FROM accounts WHERE site = ?1
+             ORDER BY created_index DESC LIMIT ?2",
+        )?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![site, limit], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The live session whose secret hashes to `hash`: `(site, username, expires_at_ms)`.
     pub fn session(
         &self,

@@ -430,6 +430,39 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
     let limited = limited.expect("saves were never limited");
     assert!(limited.contains("you can save again in"), "{limited}");
 
+    // The admin dashboard: only with the admin token; people, publishes, refused writes.
+    let wrong = client
+        .post(format!("{url}/_studio/admin"))
+        .form(&[("token", "not-the-admin-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let board = client
+        .post(format!("{url}/_studio/admin"))
+        .form(&[("token", node.node.admin_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(board.status(), 200);
+    let board = board.text().await.unwrap();
+    for needle in [
+        ">fay<",
+        ">gus<",
+        "Recent publishes",
+        "POST /_studio/save</td><td>403",
+        "Template errors",
+    ] {
+        assert!(
+            board.contains(needle),
+            "{needle} missing from the dashboard: {board}"
+        );
+    }
+    assert!(
+        !board.contains(node.node.admin_token.as_str()),
+        "the token is not echoed"
+    );
+
     // Every studio answer forbids inline scripts and framing.
     let page = client.get(format!("{url}/_studio/")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();

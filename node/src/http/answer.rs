@@ -78,6 +78,9 @@ pub async fn every_answer(
     if status == StatusCode::TOO_MANY_REQUESTS {
         node.metrics.rate_limited.inc();
     }
+    if status.is_client_error() && crate::studio::is_write_path(&method, &path) {
+        node.rejections.record(&method, &path, status);
+    }
     resp
 }
 
