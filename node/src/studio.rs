@@ -629,7 +629,7 @@ fn html(status: StatusCode, title: &str, body: &str) -> Response {
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <meta name=\"description\" content=\"Edit your page: your name, bio, links and theme.\">\n\
-         <title>{} · Sesame studio</title>\n<link rel=\"stylesheet\" href=\"/_studio/studio.css\">\n\
+         <title>{} · Sesame studio</title>\n<link rel=\"icon\" href=\"data:,\">\n<link rel=\"stylesheet\" href=\"/_studio/studio.css\">\n\
          <script src=\"/_studio/studio.js\" defer></script>\n</head>\n<body>\n\
          <header><p class=\"brand\">Sesame studio</p></header>\n<main id=\"main\">\n{body}\n</main>\n</body>\n</html>\n",
         esc(title)

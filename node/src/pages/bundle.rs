@@ -216,6 +216,10 @@ pub fn demo() -> Vec<Entry> {
             "style.css",
             include_bytes!("../../demo/assets/style.css").to_vec(),
         ),
+        asset(
+            "favicon.svg",
+            include_bytes!("../../demo/assets/favicon.svg").to_vec(),
+        ),
     ];
     entries.extend(
         parse_routes(include_str!("../../demo/routes.toml"))
