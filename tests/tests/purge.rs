@@ -373,6 +373,7 @@ async fn webhook_gets_exactly_the_changed_urls() {
             "/carol",
             "/404.html",
             "/style.css",
+            "/favicon.svg",
             "/robots.txt",
             "/sitemap.xml",
         ],
