@@ -375,17 +375,6 @@ disableKinds = ["taxonomy", "term", "RSS", "section"]
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn time_output_parses() {
-        let c = super::parse_time("0.85 13.20\n").unwrap();
-        assert_eq!(c.user.as_millis(), 850);
-        assert_eq!(c.sys.as_millis(), 13_200);
-        assert!(super::parse_time("Command exited with non-zero status 1\n").is_err());
-    }
-}
-
 fn count_html(dir: &Path) -> anyhow::Result<usize> {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -456,3 +445,14 @@ const HUGO_404: &str = r#"{{ define "title" }}Not found · {{ site.Title }}{{ en
 <p>There is no page here. <a href="{{ site.BaseURL }}">See everyone</a>.</p>
 {{ end }}
 "#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn time_output_parses() {
+        let c = super::parse_time("0.85 13.20\n").unwrap();
+        assert_eq!(c.user.as_millis(), 850);
+        assert_eq!(c.sys.as_millis(), 13_200);
+        assert!(super::parse_time("Command exited with non-zero status 1\n").is_err());
+    }
+}
