@@ -93,6 +93,9 @@ pub struct NodeConfig {
     pub render_memory_bytes_max: u64,
     /// Longest one page may take to render before its worker is killed.
     pub render_page_time_max: Duration,
+    /// Most pages (routes, pages per tuple, 404) one site may have; pages past it are left
+    /// out and the site status reports an error.
+    pub site_pages_max: usize,
     /// Where app clients connect over QUIC (UDP); `None`: the HTTP address's IP and port
     /// (any free port if that one is taken).
     pub quic_addr: Option<SocketAddr>,
@@ -124,6 +127,7 @@ impl NodeConfig {
             render_workers: 0,
             render_memory_bytes_max: WORKER_MEMORY_BYTES_DEFAULT,
             render_page_time_max: Duration::from_millis(PAGE_TIME_MS_DEFAULT),
+            site_pages_max: sesame_projector::SITE_PAGES_MAX_DEFAULT,
             quic_addr: None,
             purge: None,
         }
@@ -493,6 +497,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
             public_url: public_url.clone(),
             domain: config.domain.clone(),
             render_pool: Arc::new(RenderPool::new(config.render_pool()?)),
+            site_pages_max: config.site_pages_max,
         },
         publisher.clone(),
         reads.clone(),

@@ -291,6 +291,10 @@ pub struct ServeArgs {
     /// Shortest time between two projection rounds of one site, in milliseconds (0: none).
     #[arg(long, default_value_t = crate::pages::projection::DEBOUNCE_MS_DEFAULT)]
     pub debounce_ms: u64,
+    /// Most pages (routes, pages per tuple, 404) one site may have; pages past it are left
+    /// out and the site status reports an error.
+    #[arg(long, default_value_t = sesame_projector::SITE_PAGES_MAX_DEFAULT)]
+    pub site_pages_max: usize,
     /// Sustained transactions per second each site may write (0: unlimited).
     #[arg(long, default_value_t = crate::http::limits::WRITE_RATE_PER_SECOND_DEFAULT)]
     pub write_rate: f64,
@@ -388,6 +392,11 @@ impl ServeArgs {
         config.domain = self.domain;
         config.public_url = self.public_url;
         config.debounce = std::time::Duration::from_millis(self.debounce_ms);
+        anyhow::ensure!(
+            self.site_pages_max >= 1,
+            "--site-pages-max must be at least 1 (the 404 page)"
+        );
+        config.site_pages_max = self.site_pages_max;
         config.deleted_site_retention =
             std::time::Duration::from_secs(self.deleted_site_retention_hours.saturating_mul(3600));
         anyhow::ensure!(

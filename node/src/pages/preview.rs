@@ -191,6 +191,7 @@ impl Projections {
         );
         let mut render = RenderConfig::new(base_url.clone());
         render.renderer = Renderer::Pool(Arc::clone(&self.config.render_pool));
+        render.pages_max = self.config.site_pages_max;
         let mut projector = SiteProjector::new(site, render);
         let name = site.to_string();
         let (index, projection, projector) = self

@@ -74,6 +74,8 @@ pub struct ProjectionConfig {
     pub domain: Option<String>,
     /// Where every site's pages render (worker processes that bound memory and time).
     pub render_pool: Arc<RenderPool>,
+    /// Most pages one site may have (see [`sesame_projector::SITE_PAGES_MAX_DEFAULT`]).
+    pub site_pages_max: usize,
 }
 
 impl ProjectionConfig {
@@ -658,6 +660,7 @@ impl Projections {
         }
         let mut render = RenderConfig::new(self.config.base_url(site));
         render.renderer = Renderer::Pool(Arc::clone(&self.config.render_pool));
+        render.pages_max = self.config.site_pages_max;
         let mut p = SiteProjector::new(site, render);
         if let Some(root) = &root {
             let manifest = self
@@ -689,6 +692,7 @@ impl Projections {
             .publish(&projection)
             .await
             .context("write files and manifest to the object store")?;
+        let written = started.elapsed();
         let command = Command::Publish(Publish {
             site: site.clone(),
             manifest: id.clone(),
@@ -711,6 +715,7 @@ impl Projections {
             }
             other => anyhow::bail!("commit root: unexpected result {other:?}"),
         }
+        let committed = started.elapsed();
         for (hash, body) in &projection.new_blobs {
             self.pages.prime(hash, body.clone());
         }
@@ -736,6 +741,17 @@ impl Projections {
         s.pages = pages;
         s.last_publish_at = Some(now_ms());
         s.last_publish_ms = Some(render_ms + started.elapsed().as_millis() as u64);
+        // Where a publish's time goes (`RUST_LOG=sesame_node::pages::projection=debug`).
+        tracing::debug!(
+            site = %site,
+            files = manifest.files.len(),
+            new_blobs = projection.new_blobs.len(),
+            render_ms,
+            write_ms = written.as_millis() as u64,
+            commit_ms = (committed - written).as_millis() as u64,
+            install_ms = (started.elapsed() - committed).as_millis() as u64,
+            "published"
+        );
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -811,6 +827,7 @@ mod tests {
             render_pool: Arc::new(RenderPool::new(sesame_projector::sandbox::PoolConfig::new(
                 unused,
             ))),
+            site_pages_max: sesame_projector::SITE_PAGES_MAX_DEFAULT,
         };
         assert_eq!(path.base_url("demo"), "http://127.0.0.1:7700/demo");
         let sub = ProjectionConfig {

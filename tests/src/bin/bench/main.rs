@@ -24,7 +24,9 @@
 //! `cargo run --release -p sesame-tests --bin sesame-bench -- --help`
 
 mod cluster;
+mod cpu;
 mod etcd;
+mod fs;
 mod import;
 mod latency;
 mod live;
@@ -73,6 +75,11 @@ pub struct Args {
     /// so it is on the same disk as the fsync probe).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Put every section's data (Sesame's nodes and the peers' files) on a tmpfs mounted
+    /// under `--dir` for the run (or in /dev/shm when mounting is not allowed), so that
+    /// neither side pays for the disk's journal. The table says which filesystem was used.
+    #[arg(long)]
+    tmpfs: bool,
 
     /// writes: sequential durable writes by one client [default: 2000; 200 with --quick].
     #[arg(long)]
@@ -95,7 +102,8 @@ pub struct Args {
     #[arg(long)]
     runs: Option<usize>,
 
-    /// latency: site sizes in profiles, comma-separated
+    /// latency: site sizes in profiles, comma-separated, up to 1000000 (a 1M site takes
+    /// minutes to load and project, and gigabytes of memory)
     /// [default: 1000,10000,100000; 1000,10000 with --quick].
     #[arg(long, value_delimiter = ',')]
     latency_sizes: Option<Vec<usize>>,
@@ -114,6 +122,9 @@ pub struct Args {
     /// serving: length of each wrk run, in seconds [default: 10; 3 with --quick].
     #[arg(long)]
     wrk_seconds: Option<u64>,
+    /// serving: distinct pages in the random-pages run [default: 10000; 1000 with --quick].
+    #[arg(long)]
+    serving_pages: Option<usize>,
     /// serving: wrk threads.
     #[arg(long, default_value_t = 2)]
     wrk_threads: usize,
@@ -206,6 +217,9 @@ impl Args {
     pub fn import_tuples(&self) -> usize {
         self.pick(self.import_tuples, 1_000_000, 100_000)
     }
+    pub fn serving_pages(&self) -> usize {
+        self.pick(self.serving_pages, 10_000, 1_000)
+    }
     pub fn wrk_seconds(&self) -> u64 {
         self.pick(self.wrk_seconds, 10, 3).max(1)
     }
@@ -214,14 +228,24 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The nodes' logs on stderr when asked for, e.g.
+    // `RUST_LOG=sesame_node::pages::projection=debug` for where each publish's time goes.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let base = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::current_dir()?,
     };
-    let tmp = tempfile::Builder::new()
-        .prefix("sesame-bench-")
-        .tempdir_in(&base)
-        .context("make bench dir")?;
+    let tmp = fs::BenchDir::new(&base, args.tmpfs).context("make bench dir")?;
+    eprintln!(
+        "== data of every section in {} ({})",
+        tmp.path().display(),
+        tmp.describe
+    );
     let mut rows: Vec<Row> = Vec::new();
     let mut failed = 0;
     for section in [
@@ -261,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
             failed += 1;
         }
     }
-    report::print(&rows);
+    report::print(&tmp.describe, &rows);
     anyhow::ensure!(failed == 0, "{failed} section(s) failed; see the table");
     Ok(())
 }

@@ -12,7 +12,13 @@
 //! matter, and the same layout, list page, profile page and 404 page written as Hugo
 //! templates; `hugo --quiet` into a fresh temporary folder, wall-clock of the whole process.
 //!
-//! Both report the median of `--runs`.
+//! Both run on the same filesystem (the bench folder: the disk, or tmpfs with `--tmpfs`;
+//! Hugo's many small writes make its time depend on the filesystem far more than Sesame's).
+//! Each side reports best and median of `--runs`, and its CPU time (user / sys): Hugo's from
+//! `/usr/bin/time` (the child's own rusage), Sesame's as the delta of this process (where
+//! the node runs) and its live children (the render workers) over the rebuild, read from
+//! `/proc`, so it also holds the harness's status polling. Ratios are on medians; a side
+//! whose slowest run took more than 1.5× its fastest is flagged.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,7 +28,8 @@ use sesame_client::Http;
 use sesame_proto::api::SiteStatus;
 use sesame_proto::LogIndex;
 
-use crate::report::{count, dur, median, Row};
+use crate::cpu::{self, Cpu};
+use crate::report::{best_median, count, dur, median, spread_flag, Row};
 use crate::site::{self, SITE};
 use crate::tools;
 use crate::Args;
@@ -38,6 +45,7 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let n = args.profiles();
     let runs = args.runs();
+    let fs = crate::fs::fs_type(base)?;
     let sesame = sesame_rebuilds(args, base, n, runs).await?;
     let hugo = hugo_builds(base, n, runs).await;
 
@@ -47,53 +55,97 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     let (peer, hugo_median) = match &hugo {
         Ok(h) => (
             format!(
-                "Hugo {} `hugo --quiet`, same content ({} HTML files), median of {runs}: {}",
+                "Hugo {} `hugo --quiet`, same content ({} HTML files), source and output on \
+                 {fs}: {}",
                 h.version,
                 count(h.html_files),
-                dur(median(&h.times))
+                best_median(&h.times)
             ),
             Some(median(&h.times)),
         ),
         Err(e) => (format!("Hugo unavailable: {e:#}"), None),
     };
-    let ratio = |ours: Duration| match hugo_median {
-        Some(h) => format!(
-            "{:.2}× faster than Hugo (target ≥ 3×)",
-            h.as_secs_f64() / ours.as_secs_f64()
-        ),
-        None => "—".into(),
+    let hugo_times = hugo.as_ref().map(|h| h.times.clone()).unwrap_or_default();
+    let ratio = |ours: &[Duration], theirs: Option<Duration>, what: &str| {
+        let mut out = match theirs {
+            Some(h) => format!(
+                "{:.2}× {what} Hugo, on medians (target ≥ 3×)",
+                h.as_secs_f64() / median(ours).as_secs_f64()
+            ),
+            None => "—".into(),
+        };
+        for flag in [
+            spread_flag("Sesame", ours),
+            spread_flag("Hugo", &hugo_times),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push_str(&format!("; {flag}"));
+        }
+        out
     };
     let what = format!(
-        "full projection, {} profiles → {} pages + 404 + sitemap",
+        "full projection, {} profiles → {} pages + 404 + sitemap, data on {fs}",
         count(n),
         count(n + 1)
     );
-    let node_ms = median(&sesame.node);
     rows.push(Row::new(
-        format!(
-            "{what}: node's render + publish (`last_publish_ms` after a rebuild), median of {runs}"
-        ),
-        dur(node_ms),
+        format!("{what}: node's render + publish (`last_publish_ms` after a rebuild)"),
+        best_median(&sesame.node),
         peer.clone(),
-        ratio(node_ms),
+        ratio(&sesame.node, hugo_median, "faster than"),
     ));
-    let wall = median(&sesame.wall);
     rows.push(Row::new(
         format!(
-            "{what}: rebuild request → status shows the new publish (wall-clock, incl. the {} debounce), median of {runs}",
+            "{what}: rebuild request → status shows the new publish (wall-clock, incl. the {} \
+             debounce)",
             dur(debounce)
         ),
-        dur(wall),
+        best_median(&sesame.wall),
         peer,
-        ratio(wall),
+        ratio(&sesame.wall, hugo_median, "faster than"),
+    ));
+    let sesame_cpu: Vec<Duration> = sesame.cpu.iter().map(Cpu::total).collect();
+    let (hugo_cpu, hugo_cpu_median) = match &hugo {
+        Ok(h) if !h.cpu.is_empty() => {
+            let totals: Vec<Duration> = h.cpu.iter().map(Cpu::total).collect();
+            (
+                format!("Hugo, user / sys per run: {}", cpu_runs(&h.cpu)),
+                Some(median(&totals)),
+            )
+        }
+        Ok(_) => (
+            "Hugo's CPU time unavailable (no /usr/bin/time)".into(),
+            None,
+        ),
+        Err(_) => ("—".into(), None),
+    };
+    rows.push(Row::new(
+        format!(
+            "{what}: CPU time of the rebuild, user / sys per run (the node's process, incl. \
+             the harness's status polling, and its render workers)"
+        ),
+        cpu_runs(&sesame.cpu),
+        hugo_cpu,
+        ratio(&sesame_cpu, hugo_cpu_median, "less CPU than"),
     ));
     Ok(())
+}
+
+/// `0.41 s / 0.05 s, 0.39 s / 0.04 s`: user / sys of each run.
+fn cpu_runs(runs: &[Cpu]) -> String {
+    runs.iter()
+        .map(|c| format!("{} / {}", dur(c.user), dur(c.sys)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What the Sesame runs measured.
 struct Rebuilds {
     node: Vec<Duration>,
     wall: Vec<Duration>,
+    cpu: Vec<Cpu>,
 }
 
 async fn sesame_rebuilds(
@@ -112,6 +164,7 @@ async fn sesame_rebuilds(
         let mut out = Rebuilds {
             node: Vec::new(),
             wall: Vec::new(),
+            cpu: Vec::new(),
         };
         let mut footer = String::new();
         for run in 0..runs {
@@ -121,18 +174,21 @@ async fn sesame_rebuilds(
             // The rebuild first: it wakes the projector, which gathers commits for one
             // debounce; the layout write lands inside it, so one round renders everything
             // from scratch with the new layout and publishes it.
+            let cpu_before = cpu::self_and_children()?;
             let started = Instant::now();
             admin.rebuild(SITE).await?;
             let index = site::put_layout_footer(&admin, &footer).await?;
             let after = wait_new_publish(&admin, &before, index).await?;
             let wall = started.elapsed();
+            let cpu = cpu::self_and_children()?.since(cpu_before);
             let node_ms = after
                 .last_publish_ms
                 .context("status has no last_publish_ms after a publish")?;
             let rendered = after.pages_rendered_total - before.pages_rendered_total;
             eprintln!(
                 "   sesame rebuild {run}: node {node_ms} ms, wall-clock {wall:.1?}, \
-                 {rendered} page renders"
+                 {rendered} page renders, CPU user {:.2?} sys {:.2?}",
+                cpu.user, cpu.sys
             );
             if rendered > 2 * n as u64 {
                 eprintln!(
@@ -147,6 +203,7 @@ async fn sesame_rebuilds(
             );
             out.node.push(Duration::from_millis(node_ms));
             out.wall.push(wall);
+            out.cpu.push(cpu);
         }
         // The new version is what is served.
         let page = reqwest::get(format!("{}/{SITE}/{}", admin.base(), site::profile_key(0)))
@@ -190,6 +247,8 @@ async fn wait_new_publish(
 struct HugoBuilds {
     version: String,
     times: Vec<Duration>,
+    /// User and system time of each build (empty without `/usr/bin/time`).
+    cpu: Vec<Cpu>,
     /// HTML files the last build wrote.
     html_files: usize,
 }
@@ -206,13 +265,24 @@ async fn hugo_builds(base: &Path, n: usize, runs: usize) -> anyhow::Result<HugoB
         .prefix("hugo-src-")
         .tempdir_in(base)?;
     write_hugo_site(src.path(), n)?;
+    // `/usr/bin/time` reports the child's own rusage (wait4): exact user and system time.
+    let time = tools::which("time").filter(|p| p.starts_with("/usr/bin"));
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let mut html_files = 0;
     for run in 0..runs {
         let out = tempfile::Builder::new()
             .prefix("hugo-out-")
             .tempdir_in(base)?;
-        let mut cmd = tokio::process::Command::new(&hugo);
+        let usage = src.path().join("rusage");
+        let mut cmd = match &time {
+            Some(time) => {
+                let mut cmd = tokio::process::Command::new(time);
+                cmd.arg("-f").arg("%U %S").arg("-o").arg(&usage).arg(&hugo);
+                cmd
+            }
+            None => tokio::process::Command::new(&hugo),
+        };
         cmd.arg("--quiet")
             .arg("--source")
             .arg(src.path())
@@ -223,8 +293,17 @@ async fn hugo_builds(base: &Path, n: usize, runs: usize) -> anyhow::Result<HugoB
         let started = Instant::now();
         tools::run(&mut cmd, BUILD_TIMEOUT).await?;
         let took = started.elapsed();
-        eprintln!("   hugo build {run}: {took:.1?}");
+        let used = match &time {
+            Some(_) => Some(parse_time(&std::fs::read_to_string(&usage)?)?),
+            None => None,
+        };
+        eprintln!(
+            "   hugo build {run}: {took:.1?}{}",
+            used.map(|c| format!(", CPU user {:.2?} sys {:.2?}", c.user, c.sys))
+                .unwrap_or_default()
+        );
         times.push(took);
+        cpu.extend(used);
         html_files = count_html(out.path())?;
     }
     anyhow::ensure!(
@@ -235,8 +314,27 @@ async fn hugo_builds(base: &Path, n: usize, runs: usize) -> anyhow::Result<HugoB
     Ok(HugoBuilds {
         version,
         times,
+        cpu,
         html_files,
     })
+}
+
+/// `/usr/bin/time -f "%U %S"`'s output: user and system seconds (its last line: a failing
+/// child's exit status comes before it).
+fn parse_time(text: &str) -> anyhow::Result<Cpu> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("/usr/bin/time wrote nothing")?;
+    let mut fields = line.split_whitespace().map(|f| f.parse::<f64>());
+    match (fields.next(), fields.next()) {
+        (Some(Ok(user)), Some(Ok(sys))) => Ok(Cpu {
+            user: Duration::from_secs_f64(user),
+            sys: Duration::from_secs_f64(sys),
+        }),
+        _ => anyhow::bail!("unexpected /usr/bin/time output {line:?}"),
+    }
 }
 
 /// Hugo's version of the demo site: the same layout, list, profile and 404 templates, and a
@@ -347,3 +445,14 @@ const HUGO_404: &str = r#"{{ define "title" }}Not found · {{ site.Title }}{{ en
 <p>There is no page here. <a href="{{ site.BaseURL }}">See everyone</a>.</p>
 {{ end }}
 "#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn time_output_parses() {
+        let c = super::parse_time("0.85 13.20\n").unwrap();
+        assert_eq!(c.user.as_millis(), 850);
+        assert_eq!(c.sys.as_millis(), 13_200);
+        assert!(super::parse_time("Command exited with non-zero status 1\n").is_err());
+    }
+}

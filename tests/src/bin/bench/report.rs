@@ -27,8 +27,13 @@ impl Row {
     }
 }
 
-/// Prints the rows as one markdown table on stdout (progress goes to stderr).
-pub fn print(rows: &[Row]) {
+/// Prints the rows as one markdown table on stdout (progress goes to stderr), after a line
+/// naming the filesystem every section's data was on (`fs`).
+pub fn print(fs: &str, rows: &[Row]) {
+    println!(
+        "Every section's data (Sesame's nodes, Hugo's source and output, nginx's root, etcd's \
+         data) on {fs}.\n"
+    );
     println!("| what | Sesame | peer (same run) | ratio |");
     println!("| --- | --- | --- | --- |");
     for r in rows {
@@ -55,6 +60,36 @@ pub fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
     percentile(&sorted, 50.0)
+}
+
+/// The smallest of the samples.
+pub fn best(samples: &[Duration]) -> Duration {
+    *samples.iter().min().expect("best of nothing")
+}
+
+/// Largest spread of repeated runs (max / min) before a row is flagged as untrustworthy.
+pub const SPREAD_MAX: f64 = 1.5;
+
+/// `⚠ spread 2.3× (Hugo)` when the slowest of `samples` took more than [`SPREAD_MAX`] times
+/// the fastest: the machine was busy, or the runs were not alike.
+pub fn spread_flag(who: &str, samples: &[Duration]) -> Option<String> {
+    let min = samples.iter().min()?.as_secs_f64();
+    let max = samples.iter().max()?.as_secs_f64();
+    let spread = if min > 0.0 { max / min } else { f64::INFINITY };
+    (spread > SPREAD_MAX).then(|| format!("⚠ spread {spread:.1}× ({who})"))
+}
+
+/// `best 1.2 s / median 1.4 s of 3` (or the one figure of a single run).
+pub fn best_median(samples: &[Duration]) -> String {
+    if samples.len() == 1 {
+        return format!("{} (1 run)", dur(samples[0]));
+    }
+    format!(
+        "best {} / median {} of {}",
+        dur(best(samples)),
+        dur(median(samples)),
+        samples.len()
+    )
 }
 
 /// Milliseconds with three decimals (the write rows, where fractions of a millisecond matter).
@@ -106,6 +141,20 @@ mod tests {
         assert_eq!(
             median(&[Duration::from_secs(3), Duration::from_secs(1)]),
             Duration::from_secs(3)
+        );
+        let s = |ms: &[u64]| {
+            ms.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spread_flag("x", &s(&[100, 140])), None);
+        assert_eq!(
+            spread_flag("Hugo", &s(&[100, 300, 200])).as_deref(),
+            Some("⚠ spread 3.0× (Hugo)")
+        );
+        assert_eq!(
+            best_median(&s(&[300, 100, 200])),
+            "best 100.0 ms / median 200.0 ms of 3"
         );
     }
 }

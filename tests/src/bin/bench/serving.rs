@@ -1,7 +1,9 @@
-//! Serving one page under load: `wrk` (keep-alive, `--wrk-threads`, `--wrk-connections`,
-//! `--wrk-seconds`) against a profile page served by a node in this process, then against
-//! nginx serving the same bytes from a file on the same machine, and the ratio of their
-//! requests per second.
+//! Serving pages under load: `wrk` (keep-alive, `--wrk-threads`, `--wrk-connections`,
+//! `--wrk-seconds`) against a node in this process, then against nginx serving the same bytes
+//! from files on the same filesystem (the bench folder: disk, or tmpfs with `--tmpfs`), and
+//! the ratio of their requests per second. Two workloads: one profile page again and again,
+//! and `--serving-pages` distinct profile pages, each request a random one (a wrk Lua script
+//! picks the path), so neither side is measured on one hot file only.
 //!
 //! nginx is started here with a minimal configuration in a temporary folder (`daemon off`,
 //! `access_log off`, its pid file and temporary paths in that folder, listening on a free
@@ -12,80 +14,174 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::process::{Child, Command};
 
+use crate::fs::set_mode;
 use crate::report::{count, Row};
 use crate::site::{self, SITE};
 use crate::tools;
 use crate::Args;
 
-/// Profiles in the site whose page is served (its size does not matter here).
-const SITE_PROFILES: usize = 100;
 /// Longest nginx may take to start listening, or to stop.
 const NGINX_WAIT: Duration = Duration::from_secs(10);
 /// Extra time a wrk run may take past its own duration.
 const WRK_GRACE: Duration = Duration::from_secs(30);
+/// Page requests in flight while copying the node's pages for nginx.
+const COPY_CONCURRENCY: usize = 16;
+/// The profile whose page the one-page run asks for.
+const ONE_PAGE: usize = 42;
+
+/// What a server measured: the one-page run and the random-pages run.
+struct Rates {
+    one: Rate,
+    random: Rate,
+}
 
 pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let wrk = tools::ensure("wrk", "wrk").await?;
-    let key = site::profile_key(42 % SITE_PROFILES);
+    let n = args.serving_pages().max(ONE_PAGE + 1);
+    let key = site::profile_key(ONE_PAGE);
 
     let dir = tempfile::Builder::new()
         .prefix("serving-")
         .tempdir_in(base)?;
     let node = site::start_node(dir.path(), args.debounce()).await?;
     let measured = async {
-        site::create(&node.admin(), SITE_PROFILES).await?;
-        let url = format!("{}/{SITE}/{key}", node.node.url());
-        let body = reqwest::get(&url)
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        let rate = wrk_run(&wrk, &url, args).await?;
-        anyhow::Ok((body, rate))
+        site::create(&node.admin(), n).await?;
+        let base_url = node.node.url();
+        let pages = copy_pages(&base_url, n).await?;
+        let one = wrk_run(&wrk, &format!("{base_url}/{SITE}/{key}"), None, args).await?;
+        let random = random_pages(&wrk, &base_url, n, base, args).await?;
+        anyhow::Ok((pages, Rates { one, random }))
     }
     .await;
     node.stop().await?;
-    let (body, sesame) = measured?;
-    eprintln!("   sesame: {:.0} req/s", sesame.rps);
+    let (pages, sesame) = measured?;
+    eprintln!(
+        "   sesame: one page {:.0} req/s, {n} random pages {:.0} req/s",
+        sesame.one.rps, sesame.random.rps
+    );
 
-    let nginx = nginx_run(&wrk, &body, &key, args).await;
+    let nginx = nginx_run(&wrk, &pages, base, args).await;
     if let Ok((version, r)) = &nginx {
-        eprintln!("   {version}: {:.0} req/s", r.rps);
+        eprintln!(
+            "   {version}: one page {:.0} req/s, {n} random pages {:.0} req/s",
+            r.one.rps, r.random.rps
+        );
     }
 
-    let mut value = format!("{:.0} req/s", sesame.rps);
-    if let Some(e) = &sesame.errors {
-        value.push_str(&format!(" ({e})"));
-    }
-    let (peer, ratio) = match &nginx {
-        Ok((version, r)) => (
-            format!(
-                "{version}, same bytes from disk: {:.0} req/s{}",
-                r.rps,
-                r.errors
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
+    // An edge server (`sesame edge`) is a third column to come: start it over the same
+    // object store here, call `random_pages` (and `wrk_run` for one page) with its base URL,
+    // and add its rate and its ratio to nginx to the two rows below.
+
+    let one_bytes = pages
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, b)| b.len())
+        .unwrap_or(0);
+    let total_bytes: usize = pages.iter().map(|(_, b)| b.len()).sum();
+    let wrk_flags = format!(
+        "`wrk -t{} -c{} -d{}s`",
+        args.wrk_threads,
+        args.wrk_connections,
+        args.wrk_seconds()
+    );
+    let fs = crate::fs::fs_type(base).unwrap_or_else(|_| "?".into());
+    let row = |what: String, ours: &Rate, theirs: Option<&Rate>| {
+        let (peer, ratio) = match (&nginx, theirs) {
+            (Ok((version, _)), Some(r)) => (
+                format!("{version}, same bytes from files on {fs}: {}", r.describe()),
+                format!("{:.2}× nginx (target ≥ 1.0×)", ours.rps / r.rps),
             ),
-            format!("{:.2}× nginx (target ≥ 1.0×)", sesame.rps / r.rps),
-        ),
-        Err(e) => (format!("nginx unavailable: {e:#}"), "—".into()),
+            (Err(e), _) => (format!("nginx unavailable: {e:#}"), "—".into()),
+            _ => ("—".into(), "—".into()),
+        };
+        Row::new(what, ours.describe(), peer, ratio)
     };
-    rows.push(Row::new(
+    let theirs = nginx.as_ref().ok().map(|(_, r)| r);
+    rows.push(row(
         format!(
-            "serving one page ({} bytes), keep-alive, `wrk -t{} -c{} -d{}s`",
-            count(body.len()),
-            args.wrk_threads,
-            args.wrk_connections,
-            args.wrk_seconds()
+            "serving one page ({} bytes), keep-alive, {wrk_flags}",
+            count(one_bytes)
         ),
-        value,
-        peer,
-        ratio,
+        &sesame.one,
+        theirs.map(|r| &r.one),
+    ));
+    rows.push(row(
+        format!(
+            "serving {} distinct pages at random ({} bytes in all; a wrk Lua script picks each \
+             request's path), keep-alive, {wrk_flags}",
+            count(n),
+            count(total_bytes)
+        ),
+        &sesame.random,
+        theirs.map(|r| &r.random),
     ));
     Ok(())
+}
+
+/// Every profile page the node serves, as `(key, body)`: what nginx is given to serve.
+async fn copy_pages(base_url: &str, n: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let client = reqwest::Client::new();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            let key = site::profile_key(i);
+            let url = format!("{base_url}/{SITE}/{key}");
+            async move {
+                let body = client
+                    .get(&url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?
+                    .to_vec();
+                anyhow::Ok((key, body))
+            }
+        })
+        .buffered(COPY_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Requests per second for `n` distinct profile pages under `base_url` (`http://host:port`,
+/// the site at `/<SITE>/`), each request a random one. Any server that serves the bench
+/// site's paths can be measured with it: the node, nginx, an edge server.
+async fn random_pages(
+    wrk: &Path,
+    base_url: &str,
+    n: usize,
+    scratch: &Path,
+    args: &Args,
+) -> anyhow::Result<Rate> {
+    let script = tempfile::Builder::new()
+        .prefix("random-pages-")
+        .suffix(".lua")
+        .tempfile_in(scratch)?;
+    std::fs::write(script.path(), random_pages_lua(n))?;
+    wrk_run(wrk, base_url, Some(script.path()), args).await
+}
+
+/// A wrk script whose every request asks for one of the `n` profile pages at random (seeded
+/// per thread, so the threads do not walk the same sequence).
+fn random_pages_lua(n: usize) -> String {
+    format!(
+        r#"local n = {n}
+local counter = 0
+function setup(thread)
+  counter = counter + 1
+  thread:set("seed", counter)
+end
+function init(args)
+  math.randomseed(os.time() * 1000 + (seed or 0))
+end
+function request()
+  return wrk.format("GET", string.format("/{SITE}/p%06d", math.random(0, n - 1)))
+end
+"#
+    )
 }
 
 /// What one wrk run reported.
@@ -95,14 +191,31 @@ struct Rate {
     errors: Option<String>,
 }
 
-/// A one-second warm-up, then the measured run.
-async fn wrk_run(wrk: &Path, url: &str, args: &Args) -> anyhow::Result<Rate> {
+impl Rate {
+    fn describe(&self) -> String {
+        match &self.errors {
+            Some(e) => format!("{:.0} req/s ({e})", self.rps),
+            None => format!("{:.0} req/s", self.rps),
+        }
+    }
+}
+
+/// A one-second warm-up, then the measured run; with `script`, wrk runs that Lua script.
+async fn wrk_run(
+    wrk: &Path,
+    url: &str,
+    script: Option<&Path>,
+    args: &Args,
+) -> anyhow::Result<Rate> {
     let run = |seconds: u64| {
         let mut cmd = Command::new(wrk);
         cmd.arg(format!("-t{}", args.wrk_threads))
             .arg(format!("-c{}", args.wrk_connections))
-            .arg(format!("-d{seconds}s"))
-            .arg(url);
+            .arg(format!("-d{seconds}s"));
+        if let Some(s) = script {
+            cmd.arg("-s").arg(s);
+        }
+        cmd.arg(url);
         (cmd, Duration::from_secs(seconds) + WRK_GRACE)
     };
     let (mut warm, limit) = run(1);
@@ -130,28 +243,40 @@ fn parse_wrk(text: &str) -> anyhow::Result<Rate> {
     })
 }
 
-/// Serves `body` at `/<SITE>/<key>` with nginx and measures it; returns nginx's version too.
+/// Serves `pages` at `/<SITE>/<key>` with nginx from files under `base` and measures both
+/// workloads; returns nginx's version too.
 async fn nginx_run(
     wrk: &Path,
-    body: &[u8],
-    key: &str,
+    pages: &[(String, Vec<u8>)],
+    base: &Path,
     args: &Args,
-) -> anyhow::Result<(String, Rate)> {
+) -> anyhow::Result<(String, Rates)> {
     let bin = tools::ensure("nginx", "nginx").await?;
     let version = tools::version(&bin, &["-v"])
         .await?
         .trim_start_matches("nginx version: ")
         .replace('/', " ");
-    let mut nginx = Nginx::start(&bin, body, key).await?;
+    let mut nginx = Nginx::start(&bin, pages, base).await?;
     let measured = async {
-        let url = format!("http://127.0.0.1:{}/{SITE}/{key}", nginx.port);
+        let base_url = format!("http://127.0.0.1:{}", nginx.port);
+        let key = site::profile_key(ONE_PAGE);
+        let url = format!("{base_url}/{SITE}/{key}");
         let served = reqwest::get(&url)
             .await?
             .error_for_status()?
             .bytes()
             .await?;
-        anyhow::ensure!(served == body, "nginx serves other bytes than Sesame");
-        wrk_run(wrk, &url, args).await
+        let ours = pages
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, b)| b.as_slice());
+        anyhow::ensure!(
+            ours == Some(&served[..]),
+            "nginx serves other bytes than Sesame"
+        );
+        let one = wrk_run(wrk, &url, None, args).await?;
+        let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
+        anyhow::Ok(Rates { one, random })
     }
     .await;
     nginx.stop().await?;
@@ -168,20 +293,22 @@ struct Nginx {
 }
 
 impl Nginx {
-    async fn start(bin: &Path, body: &[u8], key: &str) -> anyhow::Result<Nginx> {
-        // Under /tmp and world-readable: nginx's workers drop root for an unprivileged user.
-        let dir = tempfile::Builder::new()
-            .prefix("sesame-bench-nginx-")
-            .tempdir()?;
+    async fn start(bin: &Path, pages: &[(String, Vec<u8>)], base: &Path) -> anyhow::Result<Nginx> {
+        // In the bench folder (the filesystem Sesame's data was on) and world-readable:
+        // nginx's workers drop root for an unprivileged user.
+        let dir = tempfile::Builder::new().prefix("nginx-").tempdir_in(base)?;
         let root = dir.path().to_path_buf();
         let www = root.join("www").join(SITE);
         std::fs::create_dir_all(&www)?;
         std::fs::create_dir_all(root.join("tmp"))?;
-        std::fs::write(www.join(key), body)?;
+        for (key, body) in pages {
+            let file = www.join(key);
+            std::fs::write(&file, body).with_context(|| format!("write {}", file.display()))?;
+            set_mode(&file, 0o644)?;
+        }
         for p in [root.clone(), root.join("www"), www.clone()] {
             set_mode(&p, 0o755)?;
         }
-        set_mode(&www.join(key), 0o644)?;
         let port = tools::free_port()?;
         let conf = root.join("nginx.conf");
         std::fs::write(&conf, config(&root, port))?;
@@ -267,12 +394,6 @@ impl Drop for Nginx {
             let _ = self.child.start_kill();
         }
     }
-}
-
-fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
 }
 
 /// A minimal static-file configuration: as many workers as cores, no access log, keep-alive

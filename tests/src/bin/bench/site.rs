@@ -194,11 +194,12 @@ pub async fn put_layout_footer(admin: &Http, footer: &str) -> anyhow::Result<Log
     .await
 }
 
-/// Starts a node in `data` for benchmarks: no write rate limit, and the given projector
-/// debounce (`None`: the node's default).
+/// Starts a node in `data` for benchmarks: no write rate limit, a page limit that fits
+/// [`PROFILES_MAX`] profiles, and the given projector debounce (`None`: the node's default).
 pub async fn start_node(data: &Path, debounce: Option<Duration>) -> anyhow::Result<TestNode> {
     TestNode::start_in_with(data, |c| {
         c.write_rate = None;
+        c.site_pages_max = SITE_PAGES_MAX;
         if let Some(d) = debounce {
             c.debounce = d;
         }
@@ -206,9 +207,12 @@ pub async fn start_node(data: &Path, debounce: Option<Duration>) -> anyhow::Resu
     .await
 }
 
-/// Most profiles a site can have: a page each, plus the list page, within the projector's
-/// page limit.
-pub const PROFILES_MAX: usize = sesame_projector::SITE_PAGES_MAX_DEFAULT - 1;
+/// Most profiles a bench site can have: the latency section's largest size (1,000,000) is ten
+/// times the node's default page limit, which the bench nodes raise to fit.
+pub const PROFILES_MAX: usize = 1_000_000;
+/// The bench nodes' page limit (`--site-pages-max` on `sesame dev`/`node`): a page per
+/// profile, the list page and the 404 page.
+const SITE_PAGES_MAX: usize = PROFILES_MAX + 2;
 
 /// Creates the site with `profiles` generated profiles (loaded first, in transactions of
 /// [`LOAD_OPS_PER_TX`]), then its templates and routes in one transaction, and waits until
@@ -216,8 +220,8 @@ pub const PROFILES_MAX: usize = sesame_projector::SITE_PAGES_MAX_DEFAULT - 1;
 pub async fn create(admin: &Http, profiles: usize) -> anyhow::Result<SiteStatus> {
     anyhow::ensure!(
         profiles <= PROFILES_MAX,
-        "{profiles} profiles make more pages than a site may have ({PROFILES_MAX} profiles \
-         and the list page)"
+        "{profiles} profiles make more pages than a bench site may have ({PROFILES_MAX} \
+         profiles and the list page)"
     );
     admin.create_site(SITE).await?;
     let started = Instant::now();
