@@ -1,12 +1,11 @@
 //! Full projection of a generated site, side by side with Hugo building the same pages.
 //!
 //! Sesame: a site of N profiles (a page each, plus the list page, the 404 page and the
-//! sitemap), rebuilt from scratch with a changed layout so that every page's bytes change
-//! and the new version is really published (a rebuild that renders identical bytes
-//! publishes nothing: there is no new version to wait for). Two figures per run: the node's
-//! own `last_publish_ms` (render + publish: blobs, manifest, root through Raft), and the
-//! wall-clock from the rebuild request until status shows the new publish, polled every few
-//! milliseconds (it also holds the projector's debounce).
+//! sitemap), every page rendered again by a change to the layout they all extend, so that
+//! every page's bytes change and the new version is really published. Two figures per run:
+//! the node's own `last_publish_ms` (render + publish: blobs, manifest, root through Raft),
+//! and the wall-clock from the layout write until status shows the new publish, polled every
+//! few milliseconds (it also holds the projector's debounce).
 //!
 //! Hugo (Debian's `hugo`): one markdown file per profile with the same fields as front
 //! matter, and the same layout, list page, profile page and 404 page written as Hugo
@@ -69,8 +68,14 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     let ratio = |ours: &[Duration], theirs: Option<Duration>, what: &str| {
         let mut out = match theirs {
             Some(h) => format!(
-                "{:.2}× {what} Hugo, on medians (target ≥ 3×)",
-                h.as_secs_f64() / median(ours).as_secs_f64()
+                "{:.2}× {what} Hugo, on medians{}",
+                h.as_secs_f64() / median(ours).as_secs_f64(),
+                // The target is for time; the CPU row only compares.
+                if what == "faster than" {
+                    " (target ≥ 3×)"
+                } else {
+                    ""
+                }
             ),
             None => "—".into(),
         };
@@ -91,14 +96,14 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         count(n + 1)
     );
     rows.push(Row::new(
-        format!("{what}: node's render + publish (`last_publish_ms` after a rebuild)"),
+        format!("{what}: node's render + publish (`last_publish_ms` after the full re-render)"),
         best_median(&sesame.node),
         peer.clone(),
         ratio(&sesame.node, hugo_median, "faster than"),
     ));
     rows.push(Row::new(
         format!(
-            "{what}: rebuild request → status shows the new publish (wall-clock, incl. the {} \
+            "{what}: layout write → status shows the new publish (wall-clock, incl. the {} \
              debounce)",
             dur(debounce)
         ),
@@ -171,12 +176,11 @@ async fn sesame_rebuilds(
             tokio::time::sleep(SETTLE).await;
             let before = admin.status(SITE).await?;
             footer = format!("Static pages projected by Sesame (build {run}).");
-            // The rebuild first: it wakes the projector, which gathers commits for one
-            // debounce; the layout write lands inside it, so one round renders everything
-            // from scratch with the new layout and publishes it.
+            // A new footer in the layout every page extends: one round renders every page
+            // again and publishes them (a rebuild request as well would start a round at once
+            // and the write would land in a second one: two full renders).
             let cpu_before = cpu::self_and_children()?;
             let started = Instant::now();
-            admin.rebuild(SITE).await?;
             let index = site::put_layout_footer(&admin, &footer).await?;
             let after = wait_new_publish(&admin, &before, index).await?;
             let wall = started.elapsed();
@@ -191,10 +195,7 @@ async fn sesame_rebuilds(
                 cpu.user, cpu.sys
             );
             if rendered > 2 * n as u64 {
-                eprintln!(
-                    "   (the layout write missed the rebuild's round: this run holds two full \
-                     renders)"
-                );
+                eprintln!("   (this run holds two full renders)");
             }
             anyhow::ensure!(
                 rendered > n as u64,
