@@ -1076,12 +1076,55 @@ fn profile_from(fields: &[(String, String)]) -> Result<Profile, (String, Profile
     }
 }
 
-fn put_profile(username: &str, p: &Profile) -> Result<Op, String> {
-    Ok(Op::Put {
-        collection: "profiles".into(),
-        key: username.to_string(),
-        value: Value::from_json(p.to_value())?,
-        if_version: None,
+/// A profile edit a form describes, checked, for the logged-in person who sent it: the put
+/// of their profile (keeping the picture it has), or the answer that says what is wrong.
+struct Edit {
+    secret: String,
+    username: String,
+    site: String,
+    profile: Profile,
+    put: Op,
+}
+
+async fn edit_from_form(node: &Node, headers: &HeaderMap, body: &[u8]) -> Result<Edit, Response> {
+    let fields =
+        form(body).map_err(|e| welcome(StatusCode::PAYLOAD_TOO_LARGE, Some(&e.message)))?;
+    let (secret, username, site) = form_session(node, headers, &fields).await?;
+    let profile = match profile_from(&fields) {
+        Ok(p) => p,
+        Err((e, p)) => {
+            return Err(editor(node, &secret, &username, &site, None, Some((&e, p))).await)
+        }
+    };
+    let mut value = profile.to_value();
+    let (s, k) = (site.clone(), username.clone());
+    let stored = node
+        .read(move |v| v.get(&s, "profiles", &k))
+        .await
+        .ok()
+        .flatten();
+    if let Some(avatar) =
+        stored.and_then(|t| t.value.to_json()["avatar"].as_str().map(str::to_string))
+    {
+        value["avatar"] = serde_json::Value::String(avatar);
+    }
+    let put = match Value::from_json(value) {
+        Ok(value) => Op::Put {
+            collection: "profiles".into(),
+            key: username.clone(),
+            value,
+            if_version: None,
+        },
+        Err(e) => {
+            return Err(editor(node, &secret, &username, &site, None, Some((&e, profile))).await)
+        }
+    };
+    Ok(Edit {
+        secret,
+        username,
+        site,
+        profile,
+        put,
     })
 }
 
@@ -1090,52 +1133,24 @@ async fn save(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let fields = match form(&body) {
-        Ok(f) => f,
-        Err(e) => return welcome(StatusCode::PAYLOAD_TOO_LARGE, Some(&e.message)),
-    };
-    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
-        Ok(s) => s,
+    let edit = match edit_from_form(&node, &headers, &body).await {
+        Ok(e) => e,
         Err(resp) => return resp,
     };
-    let profile = match profile_from(&fields) {
-        Ok(p) => p,
-        Err((e, p)) => return editor(&node, &secret, &username, &site, None, Some((&e, p))).await,
-    };
-    let op = match put_profile(&username, &profile) {
-        Ok(op) => op,
-        Err(e) => return editor(&node, &secret, &username, &site, None, Some((&e, profile))).await,
-    };
-    // Keep the avatar the profile has.
-    let (s2, k2) = (site.clone(), username.clone());
-    let avatar = node
-        .read(move |v| v.get(&s2, "profiles", &k2))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|t| t.value.to_json()["avatar"].as_str().map(str::to_string));
-    let op = match avatar {
-        Some(a) => {
-            let mut v = profile.to_value();
-            v["avatar"] = serde_json::Value::String(a);
-            match Value::from_json(v) {
-                Ok(value) => Op::Put {
-                    collection: "profiles".into(),
-                    key: username.clone(),
-                    value,
-                    if_version: None,
-                },
-                Err(_) => op,
-            }
-        }
-        None => op,
-    };
     let mut ops = Vec::new();
-    if let Op::Put { value, .. } = &op {
-        ops.extend(history_ops(&node, &site, &username, value).await);
+    if let Op::Put { value, .. } = &edit.put {
+        ops.extend(history_ops(&node, &edit.site, &edit.username, value).await);
     }
-    ops.insert(0, op);
-    commit(&node, &secret, &username, &site, ops, profile).await
+    ops.insert(0, edit.put);
+    commit(
+        &node,
+        &edit.secret,
+        &edit.username,
+        &edit.site,
+        ops,
+        edit.profile,
+    )
+    .await
 }
 
 async fn preview(
@@ -1143,37 +1158,29 @@ async fn preview(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let fields = match form(&body) {
-        Ok(f) => f,
-        Err(e) => return welcome(StatusCode::PAYLOAD_TOO_LARGE, Some(&e.message)),
-    };
-    let (secret, username, site) = match form_session(&node, &headers, &fields).await {
-        Ok(s) => s,
+    let edit = match edit_from_form(&node, &headers, &body).await {
+        Ok(e) => e,
         Err(resp) => return resp,
-    };
-    let profile = match profile_from(&fields) {
-        Ok(p) => p,
-        Err((e, p)) => return editor(&node, &secret, &username, &site, None, Some((&e, p))).await,
-    };
-    let op = match put_profile(&username, &profile) {
-        Ok(op) => op,
-        Err(e) => return editor(&node, &secret, &username, &site, None, Some((&e, profile))).await,
     };
     match node
         .projections
-        .preview(&site, vec![op], std::time::Duration::from_secs(600))
+        .preview(
+            &edit.site,
+            vec![edit.put],
+            std::time::Duration::from_secs(600),
+        )
         .await
     {
-        Ok(built) => redirect(&format!("{}{username}", built.url), None),
+        Ok(built) => redirect(&format!("{}{}", built.url, edit.username), None),
         Err(e) => {
             let msg = format!("The preview failed: {e:#}");
             editor(
                 &node,
-                &secret,
-                &username,
-                &site,
+                &edit.secret,
+                &edit.username,
+                &edit.site,
                 None,
-                Some((&msg, profile)),
+                Some((&msg, edit.profile)),
             )
             .await
         }
