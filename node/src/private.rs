@@ -26,7 +26,11 @@ pub fn make_private(dir: &Path) -> io::Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
-        let kind = entry.file_type()?;
+        let kind = match entry.file_type() {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if kind.is_dir() {
             set_mode(&path, DIR_MODE, &mut fixed)?;
             let walked = entry
@@ -56,10 +60,20 @@ pub fn make_file_private(path: &Path) -> io::Result<()> {
 #[cfg(unix)]
 fn set_mode(path: &Path, mode: u32, fixed: &mut Vec<PathBuf>) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
-    let current = std::fs::symlink_metadata(path)?.permissions().mode() & 0o777;
+    // A file removed while the folder is walked (SQLite's -wal and -shm files of a store a
+    // previous run is still closing) has nothing left to protect.
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let current = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     if current != mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        fixed.push(path.to_path_buf());
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => fixed.push(path.to_path_buf()),
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
