@@ -58,27 +58,27 @@ pub async fn export(http: &Http, site: &str, out: &mut impl std::io::Write) -> a
 struct Line {
     collection: String,
     key: String,
-    value: serde_json::Value,
+    value: Value,
 }
 
 /// One line, checked as the node would check it.
 fn parse(line: &str) -> Result<Op, String> {
     let l: Line = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let value = Value::from_json(l.value)?;
     let op = Op::Put {
         collection: l.collection,
         key: l.key,
-        value,
+        value: l.value,
         if_version: None,
     };
-    sesame_proto::Transaction {
+    let mut check = sesame_proto::Transaction {
         site: "check".into(),
-        ops: vec![op.clone()],
+        ops: vec![op],
         origin: None,
-    }
-    .validate()
-    .map_err(|e| e.to_string().replace("op 0: ", ""))?;
-    Ok(op)
+    };
+    check
+        .validate()
+        .map_err(|e| e.to_string().replace("op 0: ", ""))?;
+    Ok(check.ops.pop().expect("the one op checked"))
 }
 
 /// Imports `file` into `site`; returns how many tuples were written (by this run).

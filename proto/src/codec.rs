@@ -41,11 +41,16 @@ pub enum CodecError {
 /// (see [`crate::Transaction::validate`]).
 pub fn encode<T: bincode::Encode>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
+    encode_into(value, &mut out);
+    out
+}
+
+/// [`encode`], appending the frame to `out` (a buffer reused across many values).
+pub fn encode_into<T: bincode::Encode>(value: &T, out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT_VERSION);
-    bincode::encode_into_std_write(value, &mut out, config())
+    bincode::encode_into_std_write(value, out, config())
         .expect("encode a value that validation bounded in size");
-    out
 }
 
 /// Decodes a frame made by [`encode`].

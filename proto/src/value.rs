@@ -117,16 +117,147 @@ impl Value {
     }
 }
 
+/// Written as its JSON form (see [`Value::to_json`]) without building that form first.
 impl Serialize for Value {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.to_json().serialize(serializer)
+        use serde::ser::{SerializeMap as _, SerializeSeq as _};
+        match self {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Int(i) => serializer.serialize_i64(*i),
+            Value::Float(f) if f.is_finite() => serializer.serialize_f64(*f),
+            Value::Float(_) => serializer.serialize_unit(),
+            Value::String(s) => serializer.serialize_str(s),
+            Value::Bytes(b) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry(
+                    BYTES_TAG,
+                    &base64::engine::general_purpose::STANDARD.encode(b),
+                )?;
+                map.end()
+            }
+            Value::List(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Map(map) => {
+                let mut out = serializer.serialize_map(Some(map.len()))?;
+                for (k, v) in map {
+                    out.serialize_entry(k, v)?;
+                }
+                out.end()
+            }
+        }
     }
 }
 
+/// Read from its JSON form (see [`Value::from_json`]) without building that form first:
+/// the same values, the same `$bytes` rule and the same depth limit.
 impl<'de> Deserialize<'de> for Value {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let json = serde_json::Value::deserialize(deserializer)?;
-        Value::from_json(json).map_err(serde::de::Error::custom)
+        use serde::de::DeserializeSeed as _;
+        ValueSeed { depth: 0 }.deserialize(deserializer)
+    }
+}
+
+/// Deserializes one value at a nesting depth.
+struct ValueSeed {
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ValueSeed {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl ValueSeed {
+    /// The seed for a list item or map value inside this one.
+    fn inner<E: serde::de::Error>(&self) -> Result<ValueSeed, E> {
+        let depth = self.depth + 1;
+        if depth > VALUE_DEPTH_MAX {
+            return Err(E::custom(format!(
+                "value nests deeper than {VALUE_DEPTH_MAX} levels"
+            )));
+        }
+        Ok(ValueSeed { depth })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ValueSeed {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, deserializer)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Int(i))
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        // As serde_json's `as_i64`: past i64 a whole number is a float.
+        Ok(i64::try_from(u).map_or(Value::Float(u as f64), Value::Int))
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(Value::Float(f))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_string()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element_seed(self.inner()?)? {
+            items.push(item);
+        }
+        Ok(Value::List(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(self.inner()?)?;
+            out.insert(key, value);
+        }
+        if out.len() == 1 {
+            if let Some(Value::String(b64)) = out.get(BYTES_TAG) {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| {
+                        serde::de::Error::custom(format!("invalid base64 in {BYTES_TAG}: {e}"))
+                    })?;
+                return Ok(Value::Bytes(bytes));
+            }
+        }
+        Ok(Value::Map(out))
     }
 }
 
@@ -169,6 +300,60 @@ mod tests {
         );
         let err = Value::from_json(json!([j])).unwrap_err();
         assert!(err.contains("deeper"), "{err}");
+    }
+
+    /// Reading JSON text straight into a value, and writing it back, agree with the
+    /// conversions through `serde_json::Value` on every shape and edge.
+    #[test]
+    fn direct_serde_agrees_with_the_json_conversions() {
+        let docs = [
+            r#"{"name":"Alice","age":33,"ratio":0.5,"ok":true,"none":null,"links":["a",{"b":[]}]}"#,
+            r#"{"$bytes":"AAEC"}"#,
+            r#"{"$bytes":"AAEC","x":1}"#,
+            r#"{"$bytes":5}"#,
+            r#"{"$bytes":"AA","$bytes":"AAEC"}"#,
+            r#"{"a":1,"a":2}"#,
+            "18446744073709551615",
+            "-9223372036854775808",
+            "9223372036854775807",
+            "1.0",
+            "-0.0",
+            "1e300",
+            r#""snow ☃ \u0000""#,
+            "[]",
+            "{}",
+            "null",
+        ];
+        for doc in docs {
+            let direct: Value = serde_json::from_str(doc).unwrap();
+            let via = Value::from_json(serde_json::from_str(doc).unwrap()).unwrap();
+            assert_eq!(direct, via, "{doc}");
+            assert_eq!(
+                serde_json::to_string(&direct).unwrap(),
+                serde_json::to_string(&direct.to_json()).unwrap(),
+                "{doc}"
+            );
+        }
+        for bad in [r#"{"$bytes":"!!"}"#, "1e400", "[1,", r#"{"a"}"#] {
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+        }
+        let mut deep = "1".to_string();
+        for _ in 0..VALUE_DEPTH_MAX {
+            deep = format!("[{deep}]");
+        }
+        let v: Value = serde_json::from_str(&deep).unwrap();
+        assert_eq!(v.depth(), VALUE_DEPTH_MAX);
+        let err = serde_json::from_str::<Value>(&format!("[{deep}]")).unwrap_err();
+        assert!(err.to_string().contains("deeper"), "{err}");
+        let err =
+            serde_json::from_str::<Value>(&format!(r#"{{"a":{deep}}}"#).replacen('1', "[1]", 1))
+                .unwrap_err();
+        assert!(err.to_string().contains("deeper"), "{err}");
+        // Non-finite floats are written as null, as `to_json` does.
+        assert_eq!(
+            serde_json::to_string(&Value::Float(f64::NAN)).unwrap(),
+            "null"
+        );
     }
 
     #[test]

@@ -678,6 +678,17 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
         Some(o) => (Some(o.client_id.as_str()), Some(sql_int(o.seq))),
         None => (None, None),
     };
+    // Statements taken from the cache once per transaction, not once per op.
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO tuples
+           (site, collection, key, value, version, origin_client, origin_seq, home_mailbox)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut delete = tx.prepare_cached(
+        "UPDATE tuples SET value = NULL, version = ?4, origin_client = ?5, origin_seq = ?6
+         WHERE site = ?1 AND collection = ?2 AND key = ?3 AND value IS NOT NULL",
+    )?;
+    let mut bytes = Vec::new();
     for op in &t.ops {
         match op {
             Op::Put {
@@ -692,28 +703,36 @@ fn apply_tx(tx: &SqlTx<'_>, index: LogIndex, t: &Transaction) -> Result<CommandR
                 value,
                 ..
             } => {
-                let bytes = codec::encode(value);
+                bytes.clear();
+                codec::encode_into(value, &mut bytes);
                 let home = match op {
                     Op::Send { to, .. } => Some(to.as_str()),
                     _ => None,
                 };
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO tuples
-                       (site, collection, key, value, version, origin_client, origin_seq, home_mailbox)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?
-                .execute(params![t.site, collection, key, bytes, index as i64, origin_client, origin_seq, home])?;
+                put.execute(params![
+                    t.site,
+                    collection,
+                    key,
+                    bytes,
+                    index as i64,
+                    origin_client,
+                    origin_seq,
+                    home
+                ])?;
             }
             Op::Delete {
                 collection, key, ..
             } => {
                 // Deleting leaves a tombstone so the change feed can report it; deleting
                 // what is not there changes nothing.
-                tx.prepare_cached(
-                    "UPDATE tuples SET value = NULL, version = ?4, origin_client = ?5, origin_seq = ?6
-                     WHERE site = ?1 AND collection = ?2 AND key = ?3 AND value IS NOT NULL",
-                )?
-                .execute(params![t.site, collection, key, index as i64, origin_client, origin_seq])?;
+                delete.execute(params![
+                    t.site,
+                    collection,
+                    key,
+                    index as i64,
+                    origin_client,
+                    origin_seq
+                ])?;
             }
         }
     }

@@ -359,6 +359,28 @@ impl<'c> View<'c> {
         Ok(out)
     }
 
+    /// The keys of `site` written (put or deleted) after index `since`, in no particular
+    /// order, or `None` when there are more than `max`: what the projector needs to find the
+    /// pages a round must render, without reading the values.
+    pub fn changed_keys(
+        &self,
+        site: &str,
+        since: LogIndex,
+        max: usize,
+    ) -> Result<Option<Vec<(String, String)>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT collection, key FROM tuples INDEXED BY tuples_by_site_version
+             WHERE site = ?1 AND version > ?2 LIMIT ?3",
+        )?;
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let limit = i64::try_from(max.saturating_add(1)).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![site, since, limit], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let keys: Vec<(String, String)> = rows.collect::<Result<_, _>>()?;
+        Ok((keys.len() <= max).then_some(keys))
+    }
+
     /// The sites with changes after index `since`, each with the index of its newest change:
     /// how a follower of the log learns which sites a batch of commits touched without
     /// reading the changes themselves.

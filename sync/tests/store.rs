@@ -765,3 +765,58 @@ fn a_batch_applies_each_transaction_on_its_own_at_one_index() {
     );
     assert!(v.get("demo", "p", "c").unwrap().is_some());
 }
+
+/// The projector's question: which keys of a site were written (put or deleted) after an
+/// index, without their values, and "too many" past a bound.
+#[test]
+fn changed_keys_name_puts_and_deletes_after_an_index_and_stop_at_the_bound() {
+    let mut f = Fixture::new();
+    f.apply(tx(vec![
+        put("p", "a", 1),
+        put("p", "b", 1),
+        put("q", "c", 1),
+    ])); // 2
+    f.apply(site("other")); // 3
+    f.apply(Command::Txs(vec![Transaction {
+        site: "other".into(),
+        ops: vec![put("p", "x", 1)],
+        origin: None,
+    }])); // 4
+    let del = Op::Delete {
+        collection: "p".into(),
+        key: "a".into(),
+        if_version: None,
+    };
+    f.apply(tx(vec![del, put("p", "d", 1)])); // 5
+    let v = f.store.view();
+    let sorted = |keys: Option<Vec<(String, String)>>| {
+        let mut keys = keys.expect("within the bound");
+        keys.sort();
+        keys.into_iter()
+            .map(|(c, k)| format!("{c}/{k}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        sorted(v.changed_keys("demo", 0, 10).unwrap()),
+        ["p/a", "p/b", "p/d", "q/c"]
+    );
+    assert_eq!(
+        sorted(v.changed_keys("demo", 2, 10).unwrap()),
+        ["p/a", "p/d"],
+        "the delete is a change; keys at or below the index are not"
+    );
+    assert_eq!(
+        sorted(v.changed_keys("demo", 5, 10).unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(sorted(v.changed_keys("other", 0, 10).unwrap()), ["p/x"]);
+    assert_eq!(
+        v.changed_keys("demo", 0, 4).unwrap().map(|k| k.len()),
+        Some(4)
+    );
+    assert_eq!(
+        v.changed_keys("demo", 0, 3).unwrap(),
+        None,
+        "past the bound"
+    );
+}

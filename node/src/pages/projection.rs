@@ -35,7 +35,7 @@ use sesame_projector::{
     Source, SourceError, TemplateError,
 };
 use sesame_proto::{Command, CommandResult, LogIndex, Publish, Tuple};
-use sesame_sync::{StoreError, View, CHANGES_LIMIT_MAX};
+use sesame_sync::{StoreError, View};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -776,30 +776,19 @@ fn render_site(
     if projector.manifest_id() != expected.as_deref() {
         return Ok(Rendered::RootMoved);
     }
-    let mut keys: Vec<ChangedKey> = Vec::new();
-    let mut too_many = false;
-    let mut cursor = since;
-    while cursor < index && !too_many {
-        let page = view.changes(Some(site), cursor, CHANGES_LIMIT_MAX)?;
-        for c in page.changes {
-            if keys.len() >= CHANGED_KEYS_PER_SITE_MAX {
-                too_many = true;
-                break;
-            }
-            keys.push(ChangedKey::new(c.collection, c.key));
-        }
-        assert!(
-            page.next_since > cursor || page.next_since >= index,
-            "change feed did not advance"
-        );
-        cursor = page.next_since;
-    }
+    // More changed keys than a round should track: render the whole site instead.
+    let keys: Option<Vec<ChangedKey>> = view
+        .changed_keys(site, since, CHANGED_KEYS_PER_SITE_MAX)?
+        .map(|keys| {
+            keys.into_iter()
+                .map(|(collection, key)| ChangedKey { collection, key })
+                .collect()
+        });
     let src = SiteSource { view, site };
     let started = Instant::now();
-    let result = if rebuild || too_many {
-        projector.render_all(&src, index)
-    } else {
-        projector.render_changes(&src, index, &keys)
+    let result = match keys {
+        Some(keys) if !rebuild => projector.render_changes(&src, index, &keys),
+        _ => projector.render_all(&src, index),
     };
     let projection = match result {
         Ok(p) => p,
