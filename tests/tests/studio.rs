@@ -144,6 +144,7 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
         .await
         .unwrap();
     assert!(page.contains("Eve Without Scripts"));
+    driver.quit().await.unwrap();
     node.stop().await.unwrap();
 }
 
