@@ -1,7 +1,8 @@
 //! Headless Chromium for the tests, driven over WebDriver (`chromedriver`): installed from
 //! Debian when missing, one driver process per test, sessions with or without JavaScript,
 //! and screenshots kept under `target/test-artifacts/`; a driver ends the browsers it
-//! started, and can tell which processes are still theirs.
+//! started, and can tell which processes are still theirs. Also the checkers the tests run
+//! on pages, installed from npm under the target folder: axe-core and Lighthouse.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ pub fn ensure_chromium() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Longest the browsers of an ended driver may take to be gone.
+/// Longest the browsers of an ended driver (or Lighthouse run) may take to be gone.
 const BROWSERS_GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs chromedriver on port `$1` for as long as process `$2` (the test) runs, then ends
@@ -362,4 +363,29 @@ pub async fn all_ended(group: Option<u32>, path: &std::path::Path) -> anyhow::Re
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The Lighthouse version the tests run (the 12 line runs on Node.js 18.16 and newer; 13
+/// needs 22.19).
+pub const LIGHTHOUSE_VERSION: &str = "12.8.2";
+
+/// Lighthouse's command line, installed from npm under the target folder when missing.
+pub fn lighthouse_bin() -> anyhow::Result<PathBuf> {
+    let dir = artifacts_dir().join(format!("../lighthouse-{LIGHTHOUSE_VERSION}"));
+    let bin = dir.join("node_modules/.bin/lighthouse");
+    if !bin.is_file() {
+        std::fs::create_dir_all(&dir)?;
+        eprintln!("installing lighthouse@{LIGHTHOUSE_VERSION} with npm");
+        let status = std::process::Command::new("npm")
+            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(format!("lighthouse@{LIGHTHOUSE_VERSION}"))
+            .status()
+            .context("run npm (install Node.js and npm)")?;
+        anyhow::ensure!(
+            status.success() && bin.is_file(),
+            "npm install lighthouse@{LIGHTHOUSE_VERSION} failed"
+        );
+    }
+    Ok(bin)
 }
