@@ -303,7 +303,9 @@ async fn history(node: &Node, site: &str, username: &str) -> Vec<(String, u64, S
     rows
 }
 
-/// `POST /_studio/restore`: saves an earlier version of the person's profile again.
+/// `POST /_studio/restore`: saves an earlier version of the person's profile again, as a
+/// new save through the ordinary write path (their rights, the save limit, one
+/// transaction); the version they had stays in the history.
 async fn restore(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -340,15 +342,61 @@ async fn restore(
         )
         .await;
     };
-    let profile = Profile::from_value(&old.value.to_json());
+    // Pictures have no history (a new upload replaces the asset), so the page keeps the
+    // picture it has now, as a save from the form does.
+    let (s, k) = (site.clone(), username.clone());
+    let current_avatar = node
+        .read(move |v| v.get(&s, "profiles", &k))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|t| t.value.to_json()["avatar"].as_str().map(str::to_string));
+    let mut restored = old.value.to_json();
+    let profile = Profile::from_value(&restored);
+    match (restored.as_object_mut(), current_avatar) {
+        (Some(fields), Some(avatar)) => {
+            fields.insert("avatar".into(), serde_json::Value::String(avatar));
+        }
+        (Some(fields), None) => {
+            fields.remove("avatar");
+        }
+        (None, _) => {}
+    }
+    let value = match Value::from_json(restored) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = format!("Not restored: {e}");
+            return editor(
+                &node,
+                &secret,
+                &username,
+                &site,
+                None,
+                Some((&msg, profile)),
+            )
+            .await;
+        }
+    };
     let mut ops = vec![Op::Put {
         collection: "profiles".into(),
         key: username.clone(),
-        value: old.value.clone(),
+        value: value.clone(),
         if_version: None,
     }];
-    ops.extend(history_ops(&node, &site, &username, &old.value).await);
+    ops.extend(history_ops(&node, &site, &username, &value).await);
     commit(&node, &secret, &username, &site, ops, profile).await
+}
+
+/// How long ago `at_ms` was, for people: "12 s", "5 min", "3 h", "2 days".
+fn ago(at_ms: u64) -> String {
+    let secs = now_ms().saturating_sub(at_ms) / 1_000;
+    match secs {
+        0..=59 => format!("{secs} s"),
+        60..=3_599 => format!("{} min", secs / 60),
+        3_600..=86_399 => format!("{} h", secs / 3_600),
+        86_400..=172_799 => "1 day".to_string(),
+        _ => format!("{} days", secs / 86_400),
+    }
 }
 
 /// `GET /_studio/export.zip`: the person's page, its stylesheet and their pictures, as the
@@ -824,15 +872,15 @@ async fn editor(
         .await
         .into_iter()
         .map(|(key, at, name)| {
-            let ago = now_ms().saturating_sub(at) / 1_000;
             format!(
                 "<li><form method=\"post\" action=\"/_studio/restore\">\
                  <input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\
                  <input type=\"hidden\" name=\"key\" value=\"{key}\">\
-                 <span>{name}, saved {ago} s ago</span> \
-                 <button type=\"submit\" class=\"link\">Restore</button></form></li>\n",
+                 <span>{name}, saved {ago} ago</span> \
+                 <button type=\"submit\" class=\"link\" aria-describedby=\"history-help\">Restore this version</button></form></li>\n",
                 key = esc(&key),
                 name = esc(&name),
+                ago = ago(at),
             )
         })
         .collect();
@@ -841,6 +889,10 @@ async fn editor(
     } else {
         format!(
             "<section aria-labelledby=\"history-title\">\n<h2 id=\"history-title\">Earlier versions</h2>\n\
+             <p class=\"hint\" id=\"history-help\">Your latest saves, newest first. \
+             Restoring one saves its name, bio, links and theme as your page again, as pressing Save \
+             does: your public page changes back once it is published, your picture stays as it is, \
+             and the restore is added to this list, so you can go forward again.</p>\n\
              <ul class=\"history\">\n{saved_versions}</ul>\n</section>\n"
         )
     };

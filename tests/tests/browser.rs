@@ -172,6 +172,7 @@ async fn islands_guestbook_notice_and_viewers() {
     .unwrap();
     screenshot(&b, "live-demo-newer-version.png").await;
     b.close().await.unwrap();
+    driver.quit().await.unwrap();
     node.stop().await.unwrap();
 }
 
@@ -235,6 +236,7 @@ async fn without_javascript_pages_work_and_without_a_grant_nothing_is_read() {
         "no grant: the island is not fed"
     );
     b.close().await.unwrap();
+    driver.quit().await.unwrap();
     node.stop().await.unwrap();
 }
 
@@ -290,6 +292,76 @@ async fn the_service_worker_serves_one_version_at_a_time_and_offline() {
     assert_eq!(markers(&b).await, ("v2".to_string(), "v2".to_string()));
     screenshot(&b, "demo-bob-offline.png").await;
     b.close().await.unwrap();
+    driver.quit().await.unwrap();
+}
+
+/// A driver's browsers end with it: sessions left open (as a failing test leaves them) are
+/// ended by `quit`, by dropping the driver, and when the test process ends otherwise (here
+/// a stand-in process the driver watches); the check sees them while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_leaves_no_browser_behind() {
+    for how in ["quit", "drop", "the test process ends"] {
+        let mut stand_in = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let driver = if how == "the test process ends" {
+            Driver::start_watching(stand_in.id()).await.unwrap()
+        } else {
+            Driver::start().await.unwrap()
+        };
+        let with_js = driver.session(true).await.unwrap();
+        let without_js = driver.session(false).await.unwrap();
+        for b in [&with_js, &without_js] {
+            b.goto("data:text/html,<title>x</title><p>hello</p>")
+                .await
+                .unwrap();
+        }
+        let running = driver.browsers();
+        assert!(
+            running
+                .iter()
+                .any(|(_, cmd)| cmd.contains("--type=renderer")),
+            "{how}: the check sees the browsers' renderers: {running:#?}"
+        );
+        let profiles = running
+            .iter()
+            .filter(|(_, cmd)| cmd.contains("--user-data-dir="))
+            .count();
+        assert!(profiles >= 2, "{how}: two browsers: {running:#?}");
+        // Their pids, to look for after the driver is gone (its own check ends with it).
+        let pids: Vec<u32> = running.iter().map(|(pid, _)| *pid).collect();
+        let mut kept = None;
+        match how {
+            "quit" => driver.quit().await.unwrap(),
+            "drop" => drop(driver),
+            _ => {
+                stand_in.kill().unwrap();
+                stand_in.wait().unwrap();
+                kept = Some(driver);
+            }
+        }
+        wait_for(WAIT, "the browsers end", || async {
+            Ok(pids.iter().all(|pid| !alive(*pid)).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
+            panic!("{how}: {e:#}; still running: {left:?}")
+        });
+        drop(kept);
+        let _ = stand_in.kill();
+        let _ = stand_in.wait();
+    }
+}
+
+/// Whether process `pid` runs (and is not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 fn regex_like_replace_body(src: &str, v: &str) -> String {

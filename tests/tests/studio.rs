@@ -144,6 +144,7 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
         .await
         .unwrap();
     assert!(page.contains("Eve Without Scripts"));
+    driver.quit().await.unwrap();
     node.stop().await.unwrap();
 }
 
@@ -367,7 +368,12 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
         keys.len() >= 2 && keys.iter().all(|k| k.starts_with("fay/")),
         "{keys:?}"
     );
-    // Newest first: the second entry is the save before "Fay Two".
+    assert!(
+        editor.contains("changes back once it is published")
+            && editor.contains("your picture stays as it is"),
+        "the studio says what a restore does: {editor}"
+    );
+    // Newest first: the second entry is the save before "Fay Two" (made before the picture).
     let restored = client
         .post(format!("{url}/_studio/restore"))
         .header(COOKIE, &cookie)
@@ -376,15 +382,56 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
         .await
         .unwrap();
     assert_eq!(restored.status(), 303);
-    let name = node
-        .admin()
-        .get("demo", "profiles", "fay")
+    // A restore is a save: one committed transaction through the write path, whose index
+    // the studio waits for and the profile now carries.
+    let restore_index: u64 = restored.headers()[LOCATION]
+        .to_str()
+        .unwrap()
+        .strip_prefix("/_studio/?saved=")
+        .expect("back to the studio with the commit index")
+        .parse()
+        .unwrap();
+    let profile = node.admin().get("demo", "profiles", "fay").await.unwrap();
+    assert_eq!(profile.version, restore_index);
+    let profile = profile.value.to_json();
+    assert_eq!(profile["name"], "Fay", "the earlier version is back");
+    assert!(
+        profile["avatar"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("avatars/fay.")),
+        "the picture stays: {profile}"
+    );
+    // The public page changes back, picture and all.
+    let page = reqwest::Client::new()
+        .get(format!("{url}/demo/fay"))
+        .header("Sesame-Min-Index", restore_index.to_string())
+        .send()
         .await
         .unwrap()
-        .value
-        .to_json()["name"]
-        .clone();
-    assert_ne!(name, "Fay Two", "an earlier version is back");
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<h1") && page.contains(">Fay</h1>") && !page.contains("Fay Two"),
+        "{page}"
+    );
+    assert!(page.contains("class=\"avatar\""), "{page}");
+    // And it is in the history, newest, so the person can go forward again.
+    let history = node
+        .admin()
+        .scan(
+            "demo",
+            sesame_node::http::accounts::HISTORY_COLLECTION,
+            "fay/",
+            None,
+            50,
+        )
+        .await
+        .unwrap();
+    let newest = history.tuples.last().expect("history entries");
+    assert_eq!(newest.version, restore_index);
+    assert_eq!(newest.value.to_json()["name"], "Fay");
+    assert_eq!(history.tuples.len(), keys.len() + 1);
     let theirs = client
         .post(format!("{url}/_studio/restore"))
         .header(COOKIE, &cookie)
