@@ -7,10 +7,12 @@
 //! in order gives the newest.
 //!
 //! Import reads the whole file first and refuses it, naming every bad line (up to
-//! [`BAD_LINES_SHOWN`]), before writing anything. Then it writes in order, in transactions of
-//! at most [`IMPORT_OPS_PER_TX`] puts, each with the import's client id and a sequence number,
-//! and records after each one how far it got in `FILE.progress`: run again, it resumes
-//! there, and a transaction whose answer was lost is applied at most once.
+//! [`BAD_LINES_SHOWN`]), before writing anything. Then it writes in transactions of at most
+//! [`IMPORT_OPS_PER_TX`] puts, each with a client id and a sequence number, and records how
+//! far the file is wholly committed in `FILE.progress`: run again, it resumes there, and a
+//! transaction whose answer was lost is applied at most once. When no key comes twice in the
+//! file, [`IMPORT_LANES`] transactions are in flight at once (each lane its own client id,
+//! so their order does not matter); otherwise one, so the last line of a key wins.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -88,17 +90,21 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
             .map(std::io::BufReader::new)
             .with_context(|| format!("open {}", file.display()))
     };
-    // First pass: every line must be good, or nothing is written.
+    // First pass: every line must be good, or nothing is written. It also learns whether a
+    // key comes back later in the file, which decides how many transactions may be in
+    // flight at once.
     let mut bad = Vec::new();
     let mut total = 0u64;
+    let mut keys = KeySeen::default();
     for (i, line) in open()?.lines().enumerate() {
         let line = line.with_context(|| format!("read line {}", i + 1))?;
         total += 1;
         if line.trim().is_empty() {
             continue;
         }
-        if let Err(e) = parse(&line) {
-            bad.push(format!("line {}: {e}", i + 1));
+        match parse(&line) {
+            Ok(op) => keys.see(op.collection(), op.key()),
+            Err(e) => bad.push(format!("line {}: {e}", i + 1)),
         }
     }
     if !bad.is_empty() {
@@ -110,6 +116,7 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
             if bad.len() > shown { "\n…" } else { "" }
         );
     }
+    let lanes = if keys.repeated { 1 } else { IMPORT_LANES };
 
     let progress_file = progress_path(file);
     let (client_id, done) = read_progress(&progress_file, file)?;
@@ -117,19 +124,23 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
     let mut ops = Vec::new();
     let mut bytes = 0;
     let mut written = 0u64;
-    let mut seq = done_seq(&progress_file)?;
-    // One transaction in flight while the next is read: they still commit in file order.
-    let mut in_flight: Option<InFlight> = None;
-    let settle = |in_flight: &mut Option<InFlight>| {
-        let taken = in_flight.take();
+    // Transactions sent so far, counting those of earlier runs: the n-th goes to lane
+    // n % lanes with sequence number n / lanes + 1, the same in every run, so a resumed
+    // import resends a transaction under the same (client id, seq) and the node applies it
+    // at most once.
+    let mut sent = done_txs(&progress_file)?;
+    // Waited for oldest first, so the progress file only ever records a prefix of the file
+    // that is wholly committed.
+    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
+    let settle = |taken: Option<InFlight>| {
         let progress_file = progress_file.clone();
         let client_id = client_id.clone();
         async move {
-            let Some((task, line, seq)) = taken else {
+            let Some(InFlight { task, line, txs }) = taken else {
                 return anyhow::Ok(0);
             };
             let n = task.await.context("the import task failed")??;
-            write_progress(&progress_file, &client_id, line, seq)?;
+            write_progress(&progress_file, &client_id, line, txs)?;
             Ok(n)
         }
     };
@@ -148,32 +159,78 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
         if !ops.is_empty()
             && (ops.len() >= IMPORT_OPS_PER_TX || bytes >= IMPORT_BYTES_PER_TX || last)
         {
-            written += settle(&mut in_flight).await?;
+            if in_flight.len() >= lanes {
+                written += settle(in_flight.pop_front()).await?;
+            }
             bar.at(line_no);
-            seq += 1;
-            let (http, site, id, batch) = (
-                http.clone(),
-                site.to_string(),
-                client_id.clone(),
-                std::mem::take(&mut ops),
-            );
-            in_flight = Some((
-                tokio::spawn(async move { send(&http, &site, &id, seq, batch).await }),
-                line_no,
-                seq,
-            ));
+            let lane = sent % lanes as u64;
+            let seq = sent / lanes as u64 + 1;
+            sent += 1;
+            let id = if lanes == 1 {
+                client_id.clone()
+            } else {
+                format!("{client_id}-{lane}")
+            };
+            let (http, site, batch) = (http.clone(), site.to_string(), std::mem::take(&mut ops));
+            in_flight.push_back(InFlight {
+                task: tokio::spawn(async move { send(&http, &site, &id, seq, batch).await }),
+                line: line_no,
+                txs: sent,
+            });
             bytes = 0;
         }
     }
-    written += settle(&mut in_flight).await?;
+    while let Some(next) = in_flight.pop_front() {
+        written += settle(Some(next)).await?;
+    }
     bar.at(total);
     bar.finish();
     let _ = std::fs::remove_file(&progress_file);
     Ok(written)
 }
 
-/// A transaction being written: its task, its last line, its sequence number.
-type InFlight = (tokio::task::JoinHandle<anyhow::Result<u64>>, u64, u64);
+/// Transactions in flight at once when no key repeats in the file: the node decodes and logs
+/// one while it applies the other. With a repeated key the import keeps one in flight, so
+/// the key's last line is the value that stays.
+pub const IMPORT_LANES: usize = 2;
+/// Keys remembered by the first pass; a larger file is imported one transaction at a time.
+const KEYS_SEEN_MAX: usize = 20_000_000;
+
+/// Whether any key comes twice: 64-bit hashes of the keys seen (a collision only makes the
+/// import take the careful path).
+#[derive(Default)]
+struct KeySeen {
+    hashes: std::collections::HashSet<u64>,
+    repeated: bool,
+}
+
+impl KeySeen {
+    fn see(&mut self, collection: &str, key: &str) {
+        if self.repeated {
+            return;
+        }
+        if self.hashes.len() >= KEYS_SEEN_MAX {
+            self.repeated = true;
+            self.hashes = Default::default();
+            return;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(collection.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(key.as_bytes());
+        let hash = hasher.finalize();
+        let first: [u8; 8] = hash.as_bytes()[..8].try_into().expect("8 of 32 bytes");
+        self.repeated = !self.hashes.insert(u64::from_le_bytes(first));
+    }
+}
+
+/// A transaction being written: its task, its last line, and the transactions sent up to and
+/// including it.
+struct InFlight {
+    task: tokio::task::JoinHandle<anyhow::Result<u64>>,
+    line: u64,
+    txs: u64,
+}
 
 /// Commits one batch; a retried one that was applied before counts as written.
 async fn send(
@@ -227,19 +284,21 @@ fn read_progress(path: &Path, file: &Path) -> anyhow::Result<(String, u64)> {
     }
 }
 
-fn done_seq(path: &Path) -> anyhow::Result<u64> {
+/// Transactions an earlier run committed (`seq`: written by imports that kept one in flight,
+/// whose last sequence number was that count).
+fn done_txs(path: &Path) -> anyhow::Result<u64> {
     Ok(std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["seq"].as_u64())
+        .and_then(|v| v["txs"].as_u64().or_else(|| v["seq"].as_u64()))
         .unwrap_or(0))
 }
 
-fn write_progress(path: &Path, client_id: &str, line: u64, seq: u64) -> anyhow::Result<()> {
+fn write_progress(path: &Path, client_id: &str, line: u64, txs: u64) -> anyhow::Result<()> {
     let tmp = path.with_extension("progress.tmp");
     std::fs::write(
         &tmp,
-        serde_json::json!({"client_id": client_id, "line": line, "seq": seq}).to_string(),
+        serde_json::json!({"client_id": client_id, "line": line, "txs": txs}).to_string(),
     )?;
     std::fs::rename(&tmp, path)?;
     Ok(())
@@ -290,5 +349,22 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeySeen;
+
+    #[test]
+    fn a_key_seen_twice_is_a_repeat_and_collections_keep_keys_apart() {
+        let mut seen = KeySeen::default();
+        seen.see("items", "a");
+        seen.see("other", "a");
+        seen.see("items", "b");
+        seen.see("item", "sa");
+        assert!(!seen.repeated);
+        seen.see("items", "a");
+        assert!(seen.repeated);
     }
 }

@@ -112,3 +112,92 @@ async fn import_export_round_trip_refuse_bad_files_and_resume() {
     );
     node.stop().await.unwrap();
 }
+
+fn item(i: usize, n: i64) -> sesame_proto::Op {
+    sesame_proto::Op::Put {
+        collection: "items".into(),
+        key: format!("k{i:05}"),
+        value: sesame_proto::Value::from_json(serde_json::json!({ "n": n })).unwrap(),
+        if_version: None,
+    }
+}
+
+/// With no key repeated, two transactions are in flight, each lane under its own client id.
+/// A run that stopped with the second transaction committed but unrecorded resends it under
+/// the same client id and sequence number: applied once, not twice. A file that repeats a
+/// key keeps one transaction in flight, so the key's last line wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_in_two_lanes_resumes_at_most_once_and_a_repeated_key_keeps_its_last_line() {
+    let node = TestNode::start_with(|c| c.write_rate = None).await.unwrap();
+    let admin = node.admin();
+    admin.create_site("demo").await.unwrap();
+    let url = node.node.url();
+    let token = node.node.admin_token.clone();
+    let dir = tempfile::tempdir().unwrap();
+
+    let good = dir.path().join("lanes.jsonl");
+    let mut f = std::fs::File::create(&good).unwrap();
+    for i in 0..15_000 {
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"collection": "items", "key": format!("k{i:05}"), "value": {"n": i}})
+        )
+        .unwrap();
+    }
+    drop(f);
+    // The earlier run: transaction 0 (lines 1-5,000) recorded, transaction 1 (lines
+    // 5,001-10,000: lane 1, sequence 1) committed, its answer lost.
+    let lost = sesame_proto::api::TxRequest {
+        ops: (5_000..10_000).map(|i| item(i, i as i64)).collect(),
+        client_id: Some("import-test-1".into()),
+        seq: Some(1),
+    };
+    let first = admin.tx("demo", &lost).await.unwrap();
+    std::fs::write(
+        dir.path().join("lanes.jsonl.progress"),
+        r#"{"client_id": "import-test", "line": 5000, "txs": 1}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = sesame(&["import", "demo", good.to_str().unwrap()], &url, &token).await;
+    assert!(ok, "{err}");
+    let before = admin.get("demo", "items", "k05000").await.unwrap();
+    assert_eq!(
+        before.version, first.index,
+        "the resent transaction was applied once, by the earlier run"
+    );
+    let after = admin.get("demo", "items", "k14999").await.unwrap();
+    assert!(after.version > first.index);
+    assert!(admin.get("demo", "items", "k04999").await.is_err());
+
+    // A key written at the start and again near the end, transactions apart.
+    let repeats = dir.path().join("repeats.jsonl");
+    let mut f = std::fs::File::create(&repeats).unwrap();
+    for i in 0..15_000 {
+        let (key, n) = if i % 5_000 == 0 {
+            ("same".to_string(), i)
+        } else {
+            (format!("r{i:05}"), i)
+        };
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"collection": "items", "key": key, "value": {"n": n}})
+        )
+        .unwrap();
+    }
+    drop(f);
+    let (ok, _, err) = sesame(&["import", "demo", repeats.to_str().unwrap()], &url, &token).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        admin
+            .get("demo", "items", "same")
+            .await
+            .unwrap()
+            .value
+            .to_json(),
+        serde_json::json!({"n": 10_000}),
+        "the last line of a repeated key wins"
+    );
+    node.stop().await.unwrap();
+}
