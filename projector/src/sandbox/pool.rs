@@ -595,6 +595,7 @@ fn send_pages(shared: &Shared, slot: &mut Slot, pages: &mut VecDeque<InHand>) ->
     for page in pages.iter_mut().filter(|p| !p.sent) {
         let (batch, i) = (&page.batch, page.i);
         let render: ToWorker<RenderJobRef<'_>> = ToWorker::Render(RenderJobRef {
+            batch: batch.id,
             templates: &batch.inputs.templates.id,
             fuel_per_page: batch.inputs.templates.fuel_per_page,
             recursion_depth_max: batch.inputs.templates.recursion_depth_max as u64,

@@ -11,7 +11,8 @@
 //! [`ToWorker::Render`]; the worker asks for templates ([`FromWorker::LoadTemplate`]) and
 //! reads ([`FromWorker::Get`], [`FromWorker::List`]) one at a time, each answered before it
 //! goes on, and ends with [`FromWorker::Done`]. `asset_url()` asks about an asset the same
-//! way ([`FromWorker::Asset`]).
+//! way ([`FromWorker::Asset`]), once per asset and batch: the answer holds for every page of
+//! the batch, so the worker keeps it.
 
 use std::io::{self, Read, Write};
 
@@ -26,7 +27,7 @@ use crate::render::{PageJob, ServedAsset};
 /// First bytes of every frame ("Sesame render worker").
 pub(crate) const MAGIC: [u8; 3] = *b"SRW";
 /// Bumped whenever a message changes incompatibly; a worker from another build is refused.
-pub(crate) const PROTOCOL_VERSION: u8 = 2;
+pub(crate) const PROTOCOL_VERSION: u8 = 3;
 /// Largest frame body either side writes or reads, in bytes.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
@@ -57,6 +58,9 @@ pub(crate) enum ToWorker<R = Box<RenderJob>> {
 /// One page to render, with what the worker needs to know about its batch.
 #[derive(Debug, Encode, Decode)]
 pub(crate) struct RenderJob {
+    /// The pool's batch (one site version being made): the worker keeps the answers about
+    /// assets, which hold for a whole batch, until the batch changes.
+    pub batch: u64,
     /// `TemplateSet::id`: the worker caches environments by it.
     pub templates: [u8; 32],
     pub fuel_per_page: u64,
@@ -70,6 +74,7 @@ pub(crate) struct RenderJob {
 /// [`RenderJob`] as the pool encodes it: the same fields in the same order, borrowed.
 #[derive(Debug, Encode)]
 pub(crate) struct RenderJobRef<'a> {
+    pub batch: u64,
     pub templates: &'a [u8; 32],
     pub fuel_per_page: u64,
     pub recursion_depth_max: u64,
@@ -247,6 +252,7 @@ mod tests {
         };
         let mut buf = Vec::new();
         let sent: ToWorker<RenderJobRef<'_>> = ToWorker::Render(RenderJobRef {
+            batch: 4,
             templates: &[7; 32],
             fuel_per_page: 5,
             recursion_depth_max: 6,
@@ -261,8 +267,13 @@ mod tests {
             panic!("not a page")
         };
         assert_eq!(
-            (got.templates, got.fuel_per_page, got.recursion_depth_max),
-            ([7; 32], 5, 6)
+            (
+                got.batch,
+                got.templates,
+                got.fuel_per_page,
+                got.recursion_depth_max
+            ),
+            (4, [7; 32], 5, 6)
         );
         assert_eq!(
             (got.site.as_str(), got.base_url.as_str()),

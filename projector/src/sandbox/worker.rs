@@ -78,6 +78,7 @@ fn serve() -> Result<(), WorkerError> {
     }
     link.send(&FromWorker::Started)?;
     let mut environments = Environments::default();
+    let assets = Arc::new(Mutex::new(AssetAnswers::default()));
     loop {
         let job = match link.next_page() {
             Ok(ToWorker::Render(job)) => job,
@@ -86,7 +87,7 @@ fn serve() -> Result<(), WorkerError> {
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let done = render(&link, &mut environments, *job);
+        let done = render(&link, &mut environments, &assets, *job);
         match link.send(&done) {
             Err(WireError::TooLarge { bytes }) => {
                 let FromWorker::Done { result, .. } = done else {
@@ -126,7 +127,16 @@ fn what(message: &ToWorker) -> &'static str {
     }
 }
 
-fn render(link: &Arc<Link>, environments: &mut Environments, job: RenderJob) -> FromWorker {
+fn render(
+    link: &Arc<Link>,
+    environments: &mut Environments,
+    assets: &Arc<Mutex<AssetAnswers>>,
+    job: RenderJob,
+) -> FromWorker {
+    assets
+        .lock()
+        .expect("asset answers lock poisoned")
+        .start_batch(job.batch);
     let escape = template_kind(&job.job.template).escape;
     let env = environments.get(link, &job, escape);
     let site = site_value(&job.site, &job.base_url);
@@ -139,6 +149,7 @@ fn render(link: &Arc<Link>, environments: &mut Environments, job: RenderJob) -> 
     };
     let reader: Arc<dyn PageReader> = Arc::new(PipeReader {
         link: Arc::clone(link),
+        assets: Arc::clone(assets),
     });
     let outcome = render_page(&cx, &job.job, reader);
     FromWorker::Done {
@@ -242,6 +253,29 @@ impl Link {
 /// `get`, `list` and `asset_url` of a render in a worker: answered by the pool.
 struct PipeReader {
     link: Arc<Link>,
+    assets: Arc<Mutex<AssetAnswers>>,
+}
+
+/// Most asset answers a worker keeps per batch (a layout names a few assets; a template
+/// naming more asks the pool for the rest each time).
+const ASSET_ANSWERS_MAX: usize = 256;
+
+/// The pool's answers about assets in the current batch: they hold for all its pages (the
+/// batch makes one site version), so a layout's `asset_url()` calls cost one round trip per
+/// asset and batch, not per page. Each page still records the dependency itself.
+#[derive(Default)]
+struct AssetAnswers {
+    batch: Option<u64>,
+    answers: HashMap<String, Option<ServedAsset>>,
+}
+
+impl AssetAnswers {
+    fn start_batch(&mut self, batch: u64) {
+        if self.batch != Some(batch) {
+            self.batch = Some(batch);
+            self.answers.clear();
+        }
+    }
 }
 
 fn lost(e: impl std::fmt::Display) -> SourceError {
@@ -278,11 +312,22 @@ impl PageReader for PipeReader {
     }
 
     fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError> {
+        let known = self.assets.lock().expect("asset answers lock poisoned");
+        if let Some(answer) = known.answers.get(key) {
+            return Ok(answer.clone());
+        }
+        drop(known);
         let question = FromWorker::Asset {
             key: key.to_string(),
         };
         match self.link.ask(&question).map_err(lost)? {
-            ToWorker::AssetIs(answer) => Ok(answer),
+            ToWorker::AssetIs(answer) => {
+                let mut known = self.assets.lock().expect("asset answers lock poisoned");
+                if known.answers.len() < ASSET_ANSWERS_MAX {
+                    known.answers.insert(key.to_string(), answer.clone());
+                }
+                Ok(answer)
+            }
             other => Err(lost(format!("it answered with {}", what(&other)))),
         }
     }
