@@ -10,7 +10,7 @@ use serde_json::json;
 use sesame_client::{ClientError, Http};
 use sesame_node::pages::bundle;
 use sesame_node::pages::gc::HistoryConfig;
-use sesame_projector::Manifest;
+use sesame_projector::Publisher;
 use sesame_proto::api::TxRequest;
 use sesame_tests::TestNode;
 
@@ -91,14 +91,17 @@ fn names(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Every manifest `ids` names is in the store, and so is every file it names.
-fn assert_complete(node: &TestNode, ids: &BTreeSet<String>) {
+/// Every manifest `ids` names is in the store, and so is every chunk of its file tree (read
+/// and hash-checked) and every file it names.
+async fn assert_complete(node: &TestNode, ids: &BTreeSet<String>) {
     let dir = objects(node);
     let blobs = names(&dir.join("blobs"));
+    let store = Publisher::local(node.data_dir().join("objects")).unwrap();
     for id in ids {
-        let bytes = std::fs::read(dir.join("manifests").join(format!("{id}.json")))
-            .unwrap_or_else(|e| panic!("retained manifest {id} is gone: {e}"));
-        let manifest = Manifest::from_json(&bytes).unwrap();
+        let manifest = store
+            .get_manifest(SITE, id, None)
+            .await
+            .unwrap_or_else(|e| panic!("retained manifest {id} cannot be read whole: {e}"));
         for (path, f) in &manifest.files {
             assert!(
                 blobs.contains(&f.hash),
@@ -165,12 +168,20 @@ async fn history_is_pruned_and_files_only_pruned_versions_used_are_collected() {
     }
     let kept = retained(&admin).await;
     assert_eq!(kept.len(), 3);
-    assert_complete(&node, &kept);
+    assert_complete(&node, &kept).await;
     assert_eq!(
         names(&objects(&node).join("manifests")).len(),
         3,
         "only the retained manifests stay"
     );
+    // And only the chunks of their file trees: those of pruned versions went too.
+    let store = Publisher::local(node.data_dir().join("objects")).unwrap();
+    let mut reachable = BTreeSet::new();
+    for id in &kept {
+        let m = store.get_manifest(SITE, id, None).await.unwrap();
+        reachable.extend(m.files.chunk_ids().into_iter().map(|c| format!("{c}.json")));
+    }
+    assert_eq!(names(&objects(&node).join("chunks")), reachable);
 
     // A pruned version cannot be rolled back to; a retained one can, and is served.
     let err = admin.rollback(SITE, indexes[1]).await.unwrap_err();
@@ -251,7 +262,7 @@ async fn collection_races_publishing_and_rollback_without_losing_a_file() {
     // including after a restart (nothing cached hides a hole).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let kept = retained(&admin).await;
-    assert_complete(&node, &kept);
+    assert_complete(&node, &kept).await;
     let dir = node.stop().await.unwrap().expect("owned dir");
     let node = TestNode::start_in_with(dir.path(), history(2, 5))
         .await

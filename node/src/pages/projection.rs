@@ -663,9 +663,11 @@ impl Projections {
         render.pages_max = self.config.site_pages_max;
         let mut p = SiteProjector::new(site, render);
         if let Some(root) = &root {
+            // The served version shares most chunks with the root's (after a rollback too).
+            let served = self.pages.manifest(site);
             let manifest = self
                 .publisher
-                .get_manifest(site, &root.manifest)
+                .get_manifest(site, &root.manifest, served.as_deref())
                 .await
                 .with_context(|| format!("read the published manifest of site {site}"))?;
             p.adopt(manifest);
