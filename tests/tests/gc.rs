@@ -288,3 +288,105 @@ async fn collection_races_publishing_and_rollback_without_losing_a_file() {
         }
     }
 }
+
+/// A version published before tree manifests (a format-1 manifest, every file inline, no
+/// chunks) is still served after a rollback to it and a restart, is backed up and restored,
+/// keeps its files while retained and is collected once pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_version_is_served_backed_up_and_collected() {
+    let node = TestNode::start_with(history(2, 50)).await.unwrap();
+    let admin = node.admin();
+    deploy_demo(&admin).await;
+    let first = rename(&node, "Alice Flat", true).await;
+    rename(&node, "Alice Tree", true).await;
+    let v1 = admin
+        .versions(SITE, 10)
+        .await
+        .unwrap()
+        .versions
+        .into_iter()
+        .find(|v| v.index >= first && !v.current)
+        .expect("the first rename is in the history");
+
+    // Stored as an older build stored it: the same files, format 1, under its own id; the
+    // history names that manifest instead of the tree one.
+    let dir = node.stop().await.unwrap().expect("owned dir");
+    let objects_dir = dir.path().join("objects");
+    let store = Publisher::local(&objects_dir).unwrap();
+    let mut flat = store.get_manifest(SITE, &v1.manifest, None).await.unwrap();
+    flat.format = sesame_projector::MANIFEST_FORMAT_FLAT;
+    let flat_id = store.put_manifest(&flat).await.unwrap();
+    let flat_path = objects_dir.join(format!("sites/{SITE}/manifests/{flat_id}.json"));
+    let text = std::fs::read_to_string(&flat_path).unwrap();
+    assert!(text.starts_with(r#"{"format":1,"#), "{text}");
+    std::fs::remove_file(objects_dir.join(format!("sites/{SITE}/manifests/{}.json", v1.manifest)))
+        .unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        let changed = db
+            .execute(
+                "UPDATE versions SET manifest = ?1 WHERE manifest = ?2",
+                (&flat_id, &v1.manifest),
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+
+    // Rolled back to and served, also across a restart.
+    let node = TestNode::start_in_with(dir.path(), history(2, 50))
+        .await
+        .unwrap();
+    let admin = node.admin();
+    admin.rollback(SITE, v1.index).await.unwrap();
+    let url = node.node.url();
+    let page = |url: String| async move {
+        reqwest::get(format!("{url}/demo/alice"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(page(url.clone()).await.contains("Alice Flat"));
+    assert_eq!(
+        admin.versions(SITE, 1).await.unwrap().versions[0].manifest,
+        flat_id
+    );
+    // Collection runs meanwhile: the retained flat version keeps its files.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_complete(&node, &retained(&admin).await).await;
+    assert!(flat_path.is_file(), "a retained flat manifest stays");
+
+    // Backed up with its files, and restored as a node that serves it.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let backup = restored_dir.path().join("flat.backup");
+    let summary = sesame_node::backup::download(&url, Some(&node.node.admin_token), &backup)
+        .await
+        .unwrap();
+    assert!(summary.objects > 3, "{summary:?}");
+    let data = restored_dir.path().join("data");
+    sesame_node::backup::restore(tokio::fs::File::open(&backup).await.unwrap(), &data, 1)
+        .await
+        .unwrap();
+    std::fs::remove_file(&backup).unwrap();
+    let restored = TestNode::start_in_with(&data, history(2, 50))
+        .await
+        .unwrap();
+    assert!(page(restored.node.url()).await.contains("Alice Flat"));
+    restored.stop().await.unwrap();
+
+    // Pruned by newer versions, it is collected like any other.
+    for i in 0..3 {
+        rename(&node, &format!("Alice After {i}"), true).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while flat_path.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "the pruned flat manifest was never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_complete(&node, &retained(&admin).await).await;
+    node.stop().await.unwrap();
+}
