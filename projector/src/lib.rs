@@ -66,6 +66,6 @@ pub use site::{ASSETS, ROUTES, TEMPLATES};
 pub use sitemap::{sitemaps, SITEMAP_URLS_MAX};
 pub use source::{MemorySource, Source, SourceError};
 pub use tree::{
-    entry_weight, ChunkSource, FileTree, TreeUpdate, CHUNK_BYTES_MAX, CHUNK_FORMAT,
+    entry_weight, is_page, ChunkSource, FileTree, TreeUpdate, CHUNK_BYTES_MAX, CHUNK_FORMAT,
     CHUNK_GETS_CONCURRENT_MAX, LEAF_BYTES_MAX, LEAF_ENTRIES_MAX, TREE_DEPTH_MAX, TREE_FANOUT,
 };

@@ -34,6 +34,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{content_hash, is_hash, Delta, FileEntry};
+use crate::paths::NOT_FOUND_PATH;
 use crate::publish::PublishError;
 
 /// Version of the chunk JSON format (the same number as the tree manifest's format).
@@ -83,6 +84,11 @@ pub fn entry_weight(path: &str, entry: &FileEntry) -> usize {
     path.len() + entry.hash.len() + entry.content_type.len() + ENTRY_JSON_BYTES
 }
 
+/// Whether a file is an HTML page a visitor can reach (the 404 page is not one).
+pub fn is_page(path: &str, entry: &FileEntry) -> bool {
+    entry.content_type.starts_with("text/html") && path != NOT_FOUND_PATH
+}
+
 /// Whether a set of `len` entries weighing `weight` is one leaf at `depth`.
 fn fits_leaf(len: usize, weight: usize, depth: usize) -> bool {
     len <= 1 || depth >= TREE_DEPTH_MAX || (len <= LEAF_ENTRIES_MAX && weight <= LEAF_BYTES_MAX)
@@ -96,6 +102,8 @@ pub(crate) struct Node {
     len: usize,
     /// Sum of [`entry_weight`] over the subtree.
     weight: usize,
+    /// HTML pages in the subtree ([`is_page`]), so a version's page count costs nothing.
+    pages: usize,
     body: Body,
 }
 
@@ -140,13 +148,7 @@ impl Node {
             entries.len(),
             json.len()
         );
-        let weight = entries.iter().map(|(p, e)| entry_weight(p, e)).sum();
-        let node = Node {
-            id: content_hash(&json),
-            len: entries.len(),
-            weight,
-            body: Body::Leaf(entries),
-        };
+        let node = Node::leaf_from(content_hash(&json), entries);
         (Arc::new(node), Bytes::from(json))
     }
 
@@ -162,17 +164,36 @@ impl Node {
             inner,
         })
         .expect("an inner node always serializes");
-        let (len, weight) = children
-            .iter()
-            .flatten()
-            .fold((0, 0), |(l, w), c| (l + c.len, w + c.weight));
-        let node = Node {
-            id: content_hash(&json),
+        let node = Node::inner_from(content_hash(&json), children);
+        (Arc::new(node), Bytes::from(json))
+    }
+
+    /// A leaf named `id` (its sums made from its entries).
+    fn leaf_from(id: String, entries: BTreeMap<String, FileEntry>) -> Node {
+        Node {
+            id,
+            len: entries.len(),
+            weight: entries.iter().map(|(p, e)| entry_weight(p, e)).sum(),
+            pages: entries.iter().filter(|(p, e)| is_page(p, e)).count(),
+            body: Body::Leaf(entries),
+        }
+    }
+
+    /// An inner node named `id` (its sums made from its children's).
+    fn inner_from(id: String, children: Box<[Option<Arc<Node>>; TREE_FANOUT]>) -> Node {
+        let (mut len, mut weight, mut pages) = (0, 0, 0);
+        for c in children.iter().flatten() {
+            len += c.len;
+            weight += c.weight;
+            pages += c.pages;
+        }
+        Node {
+            id,
             len,
             weight,
+            pages,
             body: Body::Inner(children),
-        };
-        (Arc::new(node), Bytes::from(json))
+        }
     }
 
     /// Every entry of the subtree, into `out`.
@@ -379,6 +400,11 @@ impl FileTree {
 
     pub fn is_empty(&self) -> bool {
         self.root.is_none()
+    }
+
+    /// How many files are HTML pages ([`is_page`]), without a walk.
+    pub fn pages(&self) -> usize {
+        self.root.as_ref().map_or(0, |n| n.pages)
     }
 
     /// The entry at `path`.
@@ -688,15 +714,7 @@ impl<'a> LoadContext<'a> {
                 return Err(corrupt(format!("bytes hash to {actual}")));
             }
             match parse_chunk(&bytes, &prefix).map_err(corrupt)? {
-                Parsed::Leaf(entries) => {
-                    let weight = entries.iter().map(|(p, e)| entry_weight(p, e)).sum();
-                    Ok(Arc::new(Node {
-                        id,
-                        len: entries.len(),
-                        weight,
-                        body: Body::Leaf(entries),
-                    }))
-                }
+                Parsed::Leaf(entries) => Ok(Arc::new(Node::leaf_from(id, entries))),
                 Parsed::Inner(ids) => {
                     let loads = ids.into_iter().enumerate().filter_map(|(d, child)| {
                         let child = child?;
@@ -709,18 +727,10 @@ impl<'a> LoadContext<'a> {
                     });
                     let loaded = futures::future::try_join_all(loads).await?;
                     let mut children: Box<[Option<Arc<Node>>; TREE_FANOUT]> = Box::default();
-                    let (mut len, mut weight) = (0, 0);
                     for (d, child) in loaded {
-                        len += child.len;
-                        weight += child.weight;
                         children[d] = Some(child);
                     }
-                    Ok(Arc::new(Node {
-                        id,
-                        len,
-                        weight,
-                        body: Body::Inner(children),
-                    }))
+                    Ok(Arc::new(Node::inner_from(id, children)))
                 }
             }
         })
@@ -886,6 +896,19 @@ mod tests {
         assert_eq!(edited.get("/profiles/user-7"), Some(&files[7].1));
         assert_eq!(edited.get("/profiles/user-2000"), None);
         assert_eq!(edited.iter().count(), 2_000);
+        assert_eq!(edited.pages(), 2_000);
+        let with_404 = edited.apply([
+            (NOT_FOUND_PATH.to_string(), Some(entry("404"))),
+            (
+                "/style.css".to_string(),
+                Some(FileEntry {
+                    content_type: "text/css".into(),
+                    ..entry("css")
+                }),
+            ),
+            ("/profiles/user-1".to_string(), None),
+        ]);
+        assert_eq!((with_404.tree.len(), with_404.tree.pages()), (2_001, 1_999));
     }
 
     /// One page edited on a site of `pages` pages: how many chunks and bytes are written.

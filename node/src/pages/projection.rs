@@ -731,14 +731,7 @@ impl Projections {
             // by the next publish.
             tracing::warn!("mirror root of site {site}: {e:#}");
         }
-        let pages = manifest
-            .files
-            .iter()
-            .filter(|(path, f)| {
-                f.content_type.starts_with("text/html")
-                    && path.as_str() != sesame_projector::NOT_FOUND_PATH
-            })
-            .count() as u64;
+        let pages = manifest.files.pages() as u64;
         let mut s = slot.state();
         s.pages = pages;
         s.last_publish_at = Some(now_ms());
