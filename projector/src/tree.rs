@@ -12,12 +12,14 @@
 //!
 //! Each chunk is stored as JSON under the blake3 hash of its bytes
 //! (`sites/<site>/chunks/<id>.json`). Why fan-out 16: a one-page edit rewrites the leaf of
-//! its path and every inner node above it. Leaves hold 4–64 entries (about 140 bytes each),
-//! an inner node of fan-out 16 about 1.2 KB, one of fan-out 256 about 18 KB. At 10k pages
-//! that is depth 2 and about 8 KB per edit with 16, against 24 KB with 256; at 1M pages
-//! depth 4 and about 7 KB against 38 KB. Fan-out 256 saves one or two chunk writes per edit,
-//! but each is written in parallel, and bytes (hashing, upload, a follower's fetch) are what
-//! grows with the fan-out.
+//! its path and every inner node above it. A leaf holds up to 64 entries of about 140 bytes
+//! (a few KB), an inner node of fan-out 16 about 1.2 KB, one of fan-out 256 about 18 KB.
+//! With 16, an edit rewrites 3 chunks and about 8 KB at 10k pages and 4 chunks and about
+//! 7 KB at 100k (measured by `one_page_edit_is_flat_in_the_size_of_the_site`); at 1M pages
+//! the path is one level deeper (estimated: 5 chunks, about 8 KB). With 256 it would be 2
+//! chunks and about 24 KB at 10k, 3 chunks and about 38 KB at 1M. Fan-out 256 saves a chunk
+//! write or two per edit, but chunks are written in parallel, while bytes (hashing, upload,
+//! a follower's or an edge's fetch) grow with the fan-out.
 //!
 //! Nodes are immutable and shared through `Arc` between versions: applying changes makes new
 //! nodes along the changed paths only, and a reader loading a version reuses every node of a
@@ -663,6 +665,7 @@ pub async fn load(
         source,
         site,
         gets: &gets,
+        seen: std::sync::Mutex::default(),
     };
     let node = ctx.node(root.to_string(), Vec::new(), base).await?;
     Ok(FileTree { root: Some(node) })
@@ -672,6 +675,10 @@ struct LoadContext<'a> {
     source: &'a dyn ChunkSource,
     site: &'a str,
     gets: &'a tokio::sync::Semaphore,
+    /// Ids read so far. A node sits at one place only (its leaves' paths fix where), so an
+    /// id met twice is damage, and refusing it keeps a hostile store from making a few
+    /// chunks that name each other over and over into an exponential number of reads.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -693,6 +700,16 @@ impl<'a> LoadContext<'a> {
             let depth = prefix.len();
             if depth > TREE_DEPTH_MAX {
                 return Err(corrupt(format!("the tree is deeper than {TREE_DEPTH_MAX}")));
+            }
+            let first = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id.clone());
+            if !first {
+                return Err(corrupt(
+                    "the chunk appears at two places in the tree".into(),
+                ));
             }
             let bytes = {
                 let _slot = self
@@ -845,11 +862,23 @@ mod tests {
             self.reads.fetch_add(1, Ordering::Relaxed);
             let found = self.chunks.lock().unwrap().get(id).cloned();
             Box::pin(async move {
+                // As a store would: other reads go on meanwhile.
+                tokio::task::yield_now().await;
                 found.ok_or_else(|| PublishError::NotFound {
                     path: format!("sites/{site}/chunks/{id}.json"),
                 })
             })
         }
+    }
+
+    /// Whether every path of a leaf's JSON hashes to first digit 0 (then it belongs under 0).
+    fn leaf_under_0(leaf: &[u8]) -> bool {
+        let chunk: ChunkIn = serde_json::from_slice(leaf).unwrap();
+        chunk
+            .leaf
+            .unwrap()
+            .keys()
+            .all(|p| digit(&digest(p), 0) == 0)
     }
 
     fn depth(tree: &FileTree) -> usize {
@@ -1101,8 +1130,43 @@ mod tests {
         memory.put(vec![(inner_id.clone(), Bytes::from(inner))]);
         let e = load(&memory, "demo", Some(&inner_id), None)
             .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not belong") || e.contains("two places"),
+            "{e}"
+        );
+        // The first leaf in order is under digit 0; under f it does not belong.
+        assert!(leaf_under_0(&leaf));
+        let misplaced = format!(r#"{{"format":2,"inner":{{"f":"{leaf_id}"}}}}"#);
+        let misplaced_id = content_hash(misplaced.as_bytes());
+        memory.put(vec![(misplaced_id.clone(), Bytes::from(misplaced))]);
+        let e = load(&memory, "demo", Some(&misplaced_id), None)
+            .await
             .unwrap_err();
         assert!(e.to_string().contains("does not belong"), "{e}");
+
+        // Chunks naming one another 16 times over at every level (16^64 places from 64
+        // objects) are refused at once, not walked.
+        let bomb = Memory::default();
+        bomb.put(vec![(leaf_id.clone(), leaf.clone())]);
+        let mut id = leaf_id.clone();
+        for _ in 0..TREE_DEPTH_MAX {
+            let children: Vec<String> = DIGITS.iter().map(|d| format!(r#""{d}":"{id}""#)).collect();
+            let json = format!(r#"{{"format":2,"inner":{{{}}}}}"#, children.join(","));
+            id = content_hash(json.as_bytes());
+            bomb.put(vec![(id.clone(), Bytes::from(json))]);
+        }
+        let e = load(&bomb, "demo", Some(&id), None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("two places") || e.contains("does not belong"),
+            "{e}"
+        );
+        let reads = bomb.reads.load(Ordering::Relaxed);
+        assert!(reads <= TREE_DEPTH_MAX * TREE_FANOUT, "{reads} reads");
 
         // Too large, and a chain deeper than a hash has digits.
         let huge = Bytes::from(vec![b' '; CHUNK_BYTES_MAX + 1]);
