@@ -2,8 +2,9 @@
 //!
 //! `GET /v1/backup` (admin) streams a backup of the node while writes go on: a consistent
 //! copy of the tuple store (tuples, sites, token hashes, roots, version history, previews,
-//! and openraft's applied id and membership, all at one index) followed by every manifest
-//! and blob a root, a retained version or a preview in that copy names. Garbage collection
+//! and openraft's applied id and membership, all at one index) followed by every manifest,
+//! tree chunk and blob a root, a retained version or a preview in that copy names (each
+//! chunk and blob once, however many versions share it). Garbage collection
 //! is held off while it streams ([`Publisher::pin`]), so every file the copy names is there.
 //! `sesame backup --node URL FILE` writes it to a file, checking it as it arrives;
 //! `sesame restore FILE --data DIR` makes a new single node from one.
@@ -16,8 +17,9 @@
 //! records: kind u8, name length u16, name (UTF-8), data length u64, data
 //!   kind 1  info      name "info.json": JSON (node, applied index, time, build)
 //!   kind 2  store     name "state.db": the SQLite copy of the tuple store
-//!   kind 3  object    name "sites/<site>/blobs/<hash>" or "sites/<site>/manifests/<id>.json";
-//!                     its bytes hash (blake3) to <hash> / <id>
+//!   kind 3  object    name "sites/<site>/blobs/<hash>", "sites/<site>/chunks/<id>.json"
+//!                     or "sites/<site>/manifests/<id>.json"; its bytes hash (blake3) to
+//!                     <hash> / <id>
 //! end:   kind 255, name length 0, data length 32, data: blake3 of every byte before it
 //! ```
 //!
@@ -36,7 +38,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
 pub const MAGIC: &[u8; 8] = b"SESAMEBK";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added tree chunks (`sites/<site>/chunks/<id>.json`) to the objects; a version-1
+/// backup (manifests and blobs only) is still read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest backup format this build reads.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 const KIND_INFO: u8 = 1;
 const KIND_STORE: u8 = 2;
 const KIND_OBJECT: u8 = 3;
@@ -170,31 +176,67 @@ async fn write_all(
         left -= buf.len() as u64;
         out.send(Bytes::from(buf)).await?;
     }
+    let mut chunks_sent = std::collections::HashSet::new();
     let mut blobs_sent = std::collections::HashSet::new();
+    // The last manifest read of each site: the next one of that site is read on top of it,
+    // so chunks the versions share are read once.
+    let mut last: Option<sesame_projector::Manifest> = None;
     for (site, id) in manifests {
         let bytes = publisher
             .get_manifest_bytes(site, id)
             .await
             .with_context(|| format!("read manifest {id} of site {site}"))?;
-        let manifest = sesame_projector::Manifest::from_json(&bytes)
-            .with_context(|| format!("parse manifest {id} of site {site}"))?;
+        let base = last.as_ref().filter(|m| m.site == *site);
+        let manifest = publisher
+            .get_manifest(site, id, base)
+            .await
+            .with_context(|| format!("read manifest {id} of site {site} and its tree"))?;
         out.record(
             KIND_OBJECT,
             &format!("sites/{site}/manifests/{id}.json"),
             bytes,
         )
         .await?;
-        for f in manifest.files.values() {
-            if !blobs_sent.insert((site.clone(), f.hash.clone())) {
+        // A format-1 manifest holds its files itself: its tree is built in memory only.
+        let stored_tree = manifest.format != sesame_projector::MANIFEST_FORMAT_FLAT;
+        let (mut chunks, mut blobs) = (Vec::new(), Vec::new());
+        manifest.files.walk(
+            &mut |chunk| {
+                if !stored_tree {
+                    return true;
+                }
+                let new = chunks_sent.insert((site.clone(), chunk.to_string()));
+                if new {
+                    chunks.push(chunk.to_string());
+                }
+                new
+            },
+            &mut |_, f| blobs.push(f.hash.clone()),
+        );
+        for chunk in chunks {
+            let body = publisher
+                .get_chunk_bytes(site, &chunk)
+                .await
+                .with_context(|| format!("read chunk {chunk} of site {site}"))?;
+            out.record(
+                KIND_OBJECT,
+                &format!("sites/{site}/chunks/{chunk}.json"),
+                body,
+            )
+            .await?;
+        }
+        for hash in blobs {
+            if !blobs_sent.insert((site.clone(), hash.clone())) {
                 continue;
             }
             let body = publisher
-                .get_blob(site, &f.hash)
+                .get_blob(site, &hash)
                 .await
-                .with_context(|| format!("read blob {} of site {site}", f.hash))?;
-            out.record(KIND_OBJECT, &format!("sites/{site}/blobs/{}", f.hash), body)
+                .with_context(|| format!("read blob {hash} of site {site}"))?;
+            out.record(KIND_OBJECT, &format!("sites/{site}/blobs/{hash}"), body)
                 .await?;
         }
+        last = Some(manifest);
     }
     let sum = out.hasher.finalize();
     out.record_head(KIND_END, "", 32).await?;
@@ -251,8 +293,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         );
         let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
         anyhow::ensure!(
-            version == FORMAT_VERSION,
-            "backup format version {version}; this build reads version {FORMAT_VERSION}"
+            (FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version),
+            "backup format version {version}; this build reads versions {FORMAT_VERSION_MIN} to {FORMAT_VERSION}"
         );
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
@@ -380,8 +422,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 }
 
-/// The hash an object key must have: `sites/<site>/blobs/<hash>` or
-/// `sites/<site>/manifests/<hash>.json`.
+/// The hash an object key must have: `sites/<site>/blobs/<hash>`,
+/// `sites/<site>/chunks/<hash>.json` or `sites/<site>/manifests/<hash>.json`.
 fn object_hash(key: &str) -> anyhow::Result<String> {
     let mut parts = key.split('/');
     let (Some("sites"), Some(site), Some(dir), Some(file), None) = (
@@ -396,9 +438,9 @@ fn object_hash(key: &str) -> anyhow::Result<String> {
     validate_site(site).map_err(|e| anyhow::anyhow!("site: {e}"))?;
     let hash = match dir {
         "blobs" => file,
-        "manifests" => file
+        "manifests" | "chunks" => file
             .strip_suffix(".json")
-            .context("a manifest name ends in .json")?,
+            .context("a manifest or chunk name ends in .json")?,
         _ => anyhow::bail!("unknown object kind {dir:?}"),
     };
     anyhow::ensure!(is_hash(hash), "{hash:?} is not a content hash");

@@ -243,6 +243,7 @@ impl NodeService {
         let bytes = match kind {
             ObjectKind::Manifest => publisher.get_manifest_bytes(site, hash).await,
             ObjectKind::Blob => publisher.get_blob(site, hash).await,
+            ObjectKind::Chunk => publisher.get_chunk_bytes(site, hash).await,
         };
         match bytes {
             Ok(b) => Ok(PeerResponse::Object(Some(b.to_vec()))),

@@ -1,18 +1,19 @@
 //! `sesame edge`: a stateless page server that reads only the object store.
 //!
 //! Nodes publish every site version to the object store (projector/src/publish.rs):
-//! content-addressed blobs, a manifest per version, and `sites/<site>/root`, a mirror of the
-//! site's committed root. An edge lists `sites/`, reads each site's root every poll interval
-//! (and at once on `POST /_sesame/notify`), fetches a new root's manifest (hash-checked) and
-//! installs it whole, then answers requests exactly as a node does: the answer itself is
+//! content-addressed blobs, a manifest per version over a tree of content-addressed chunks,
+//! and `sites/<site>/root`, a mirror of the site's committed root. An edge lists `sites/`,
+//! reads each site's root every poll interval (and at once on `POST /_sesame/notify`),
+//! fetches a new root's manifest and the chunks of its tree that the served version does not
+//! share (each hash-checked and size-bounded) and installs it whole, then answers requests exactly as a node does: the answer itself is
 //! [`crate::pages::serve::answer`], shared with the node; blobs come on demand
 //! (hash-checked) into the same byte-bounded cache.
 //!
 //! What an edge does not have: a log. `Sesame-Min-Index: N` re-reads the roots until the
 //! site's installed version reflects N, within the node's bound (2 s), else 503. A store
-//! that cannot be reached leaves the installed versions served; a root or manifest that is
-//! damaged is never installed (the previous version stays served; with none, the site
-//! answers 503), and a damaged blob is answered with a 503, never served.
+//! that cannot be reached leaves the installed versions served; a root, manifest or chunk
+//! that is damaged is never installed (the previous version stays served; with none, the
+//! site answers 503), and a damaged blob is answered with a 503, never served.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -244,7 +245,13 @@ impl Edge {
         if self.with_site(site, |f| f.installed.as_ref() == Some(&root)) {
             return;
         }
-        let manifest = match self.publisher.get_manifest(site, &root.manifest).await {
+        // Chunks the served version has at the same place are reused, not read again.
+        let served = self.pages.manifest(site);
+        let read = self
+            .publisher
+            .get_manifest(site, &root.manifest, served.as_deref())
+            .await;
+        let manifest = match read {
             Ok(m) if m.index == root.index => m,
             Ok(m) => {
                 let why = format!(

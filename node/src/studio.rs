@@ -414,7 +414,12 @@ async fn export_zip(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
             || path == "/style.css"
     };
     let mut own = (*manifest).clone();
-    own.files.retain(|path, _| mine(path));
+    own.files = manifest
+        .files
+        .iter()
+        .filter(|(path, _)| mine(path))
+        .map(|(p, e)| (p.clone(), e.clone()))
+        .collect();
     if !own.files.contains_key(&format!("/{username}")) {
         return ApiError::not_found("your page is not published yet; save it first")
             .into_response();

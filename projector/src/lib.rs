@@ -3,7 +3,8 @@
 //! The node follows the commit log and, per site, hands a [`SiteProjector`] a consistent read
 //! view ([`Source`]) and the keys that changed. The projector works out which pages those keys
 //! touched, renders them with minijinja in a sandbox, content-addresses every file with
-//! blake3 and returns a [`Projection`]: a new [`Manifest`] plus the blobs it introduced. The
+//! blake3 and returns a [`Projection`]: a new [`Manifest`] (a version over a [`FileTree`] of
+//! content-addressed chunks) plus the blobs and chunks it introduced. The
 //! node publishes them with a [`Publisher`], commits the new [`Root`] through Raft itself and
 //! mirrors it to the store.
 //!
@@ -20,7 +21,8 @@
 //!   dependency index; `render`: minijinja, its limits and the page renderer; `sandbox`: the
 //!   worker processes that run it with memory and time bounded; `sitemap`; `view`: tuples
 //!   as templates see them;
-//! - `manifest`: manifests and roots; `publish`: the object store.
+//! - `manifest`: manifests (versions) and roots; `tree`: the chunked file tree of a version;
+//!   `publish`: the object store.
 
 mod config;
 mod deps;
@@ -35,6 +37,7 @@ pub mod sandbox;
 mod site;
 mod sitemap;
 mod source;
+mod tree;
 mod view;
 
 pub use config::{
@@ -43,8 +46,8 @@ pub use config::{
 };
 pub use error::{ProjectError, TemplateError};
 pub use manifest::{
-    content_hash, is_hash, Delta, FileEntry, Manifest, ManifestError, Root, MANIFEST_FORMAT,
-    ROOT_FORMAT,
+    content_hash, is_hash, Delta, FileEntry, Manifest, ManifestError, ManifestHead, Root,
+    StoredManifest, MANIFEST_BYTES_MAX, MANIFEST_FORMAT, MANIFEST_FORMAT_FLAT, ROOT_FORMAT,
 };
 pub use paths::{
     content_type_for, encode_segment, template_kind, Escape, PageKind, NOT_FOUND_PATH, ROBOTS_PATH,
@@ -62,3 +65,7 @@ pub use render::{
 pub use site::{ASSETS, ROUTES, TEMPLATES};
 pub use sitemap::{sitemaps, SITEMAP_URLS_MAX};
 pub use source::{MemorySource, Source, SourceError};
+pub use tree::{
+    entry_weight, is_page, ChunkSource, FileTree, TreeUpdate, CHUNK_BYTES_MAX, CHUNK_FORMAT,
+    CHUNK_GETS_CONCURRENT_MAX, LEAF_BYTES_MAX, LEAF_ENTRIES_MAX, TREE_DEPTH_MAX, TREE_FANOUT,
+};

@@ -11,8 +11,17 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Version of the manifest JSON format.
-pub const MANIFEST_FORMAT: u32 = 1;
+use crate::tree::FileTree;
+
+/// Version of the manifest JSON format this build writes: a version object over a tree of
+/// chunks (`tree.rs`).
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The format before tree manifests: every file in the manifest itself. Still read.
+pub const MANIFEST_FORMAT_FLAT: u32 = 1;
+/// Largest manifest (version object) a reader accepts. A format-2 manifest is small but for
+/// its delta, which lists the paths a version changed (all of them in a first or full
+/// rebuild); a format-1 manifest lists every file (about 140 bytes each).
+pub const MANIFEST_BYTES_MAX: usize = 256 << 20;
 /// Version of the root JSON format.
 pub const ROOT_FORMAT: u32 = 1;
 /// Length of a blake3 hash in hex.
@@ -49,22 +58,10 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// The difference between two file maps, each list in path order.
-    pub fn between(old: &BTreeMap<String, FileEntry>, new: &BTreeMap<String, FileEntry>) -> Delta {
-        let mut delta = Delta::default();
-        for (path, entry) in new {
-            match old.get(path) {
-                None => delta.added.push(path.clone()),
-                Some(previous) if previous != entry => delta.changed.push(path.clone()),
-                Some(_) => {}
-            }
-        }
-        delta.removed = old
-            .keys()
-            .filter(|p| !new.contains_key(*p))
-            .cloned()
-            .collect();
-        delta
+    /// The difference between two versions' files, each list in path order; costs as much
+    /// as the difference (see [`FileTree::diff`]).
+    pub fn between(old: &FileTree, new: &FileTree) -> Delta {
+        FileTree::diff(old, new)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,10 +78,13 @@ impl Delta {
     }
 }
 
-/// One version of one site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One version of one site, in memory. Format 2 (what this build writes) is stored as a
+/// small version object naming the top chunk of its [`FileTree`]; format 1 (written before
+/// tree manifests) held every file in the manifest itself, and is still read.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
-    /// [`MANIFEST_FORMAT`].
+    /// [`MANIFEST_FORMAT`], or [`MANIFEST_FORMAT_FLAT`] for a version read from an old
+    /// manifest: the format its JSON (and so its id) has.
     pub format: u32,
     pub site: String,
     /// The commit index this version reflects: every commit up to it is projected.
@@ -92,7 +92,7 @@ pub struct Manifest {
     /// Id of the manifest this one follows, if any.
     pub previous: Option<String>,
     /// URL path (`/`, `/alice`, `/style.css`) → file.
-    pub files: BTreeMap<String, FileEntry>,
+    pub files: FileTree,
     /// What changed since `previous`.
     pub delta: Delta,
 }
@@ -102,16 +102,131 @@ pub struct Manifest {
 pub enum ManifestError {
     #[error("decoding JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("unknown format {found}, this build reads format {expected}")]
+    #[error(
+        "unknown format {found}, this build reads formats {MANIFEST_FORMAT_FLAT} and {expected}"
+    )]
     Format { found: u32, expected: u32 },
     #[error("invalid content: {0}")]
     Invalid(String),
 }
 
+/// A format-1 manifest as stored.
+#[derive(Serialize)]
+struct FlatOut<'a> {
+    format: u32,
+    site: &'a str,
+    index: u64,
+    previous: &'a Option<String>,
+    files: BTreeMap<&'a str, &'a FileEntry>,
+    delta: &'a Delta,
+}
+
+#[derive(Deserialize)]
+struct FlatIn {
+    format: u32,
+    site: String,
+    index: u64,
+    previous: Option<String>,
+    files: BTreeMap<String, FileEntry>,
+    delta: Delta,
+}
+
+/// A format-2 manifest (the version object) as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionFile {
+    format: u32,
+    site: String,
+    index: u64,
+    previous: Option<String>,
+    /// The top chunk of the file tree; `None` for a version with no files.
+    tree: Option<String>,
+    /// How many files the tree holds (checked once it is loaded).
+    files: u64,
+    delta: Delta,
+}
+
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
+/// A stored manifest, decoded: whole (format 1), or the head of a tree whose chunks are
+/// still to be read (format 2).
+#[derive(Debug)]
+pub enum StoredManifest {
+    Flat(Manifest),
+    Tree(ManifestHead),
+}
+
+/// A format-2 manifest before its tree is loaded.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub site: String,
+    pub index: u64,
+    pub previous: Option<String>,
+    /// The id of the top chunk.
+    pub tree: Option<String>,
+    /// Files in the tree.
+    pub files: u64,
+    pub delta: Delta,
+}
+
+impl ManifestHead {
+    /// The manifest, with its loaded tree; refused when the tree does not hold as many
+    /// files as the head says.
+    pub fn with_tree(self, files: FileTree) -> Result<Manifest, ManifestError> {
+        if files.root_id() != self.tree.as_deref() {
+            return Err(ManifestError::Invalid(format!(
+                "the tree loaded is {:?}, the manifest names {:?}",
+                files.root_id(),
+                self.tree
+            )));
+        }
+        if files.len() as u64 != self.files {
+            return Err(ManifestError::Invalid(format!(
+                "the tree holds {} files, the manifest says {}",
+                files.len(),
+                self.files
+            )));
+        }
+        Ok(Manifest {
+            format: MANIFEST_FORMAT,
+            site: self.site,
+            index: self.index,
+            previous: self.previous,
+            files,
+            delta: self.delta,
+        })
+    }
+}
+
 impl Manifest {
-    /// The canonical JSON bytes: what is stored and what the id hashes.
+    /// The canonical JSON bytes: what is stored and what the id hashes. For format 2 the
+    /// version object only; its chunks are stored on their own.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a manifest has string keys only and always serializes")
+        let json = if self.format == MANIFEST_FORMAT_FLAT {
+            serde_json::to_vec(&FlatOut {
+                format: self.format,
+                site: &self.site,
+                index: self.index,
+                previous: &self.previous,
+                files: self.files.iter().map(|(p, e)| (p.as_str(), e)).collect(),
+                delta: &self.delta,
+            })
+        } else {
+            assert_eq!(self.format, MANIFEST_FORMAT, "a manifest of a known format");
+            serde_json::to_vec(&VersionFile {
+                format: self.format,
+                site: self.site.clone(),
+                index: self.index,
+                previous: self.previous.clone(),
+                tree: self.files.root_id().map(str::to_string),
+                files: self.files.len() as u64,
+                delta: self.delta.clone(),
+            })
+        };
+        json.expect("a manifest has string keys only and always serializes")
     }
 
     /// The manifest id: blake3 hex of [`Manifest::to_json`].
@@ -119,36 +234,77 @@ impl Manifest {
         content_hash(&self.to_json())
     }
 
-    /// Decodes and checks a stored manifest.
-    pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let manifest: Manifest = serde_json::from_slice(bytes)?;
-        if manifest.format != MANIFEST_FORMAT {
-            return Err(ManifestError::Format {
-                found: manifest.format,
+    /// Decodes and checks stored manifest bytes (either format).
+    pub fn decode(bytes: &[u8]) -> Result<StoredManifest, ManifestError> {
+        let format = serde_json::from_slice::<FormatOnly>(bytes)?.format;
+        match format {
+            MANIFEST_FORMAT_FLAT => {
+                let flat: FlatIn = serde_json::from_slice(bytes)?;
+                for (path, entry) in &flat.files {
+                    check_entry(path, entry)?;
+                }
+                check_previous(&flat.previous)?;
+                Ok(StoredManifest::Flat(Manifest {
+                    format: flat.format,
+                    site: flat.site,
+                    index: flat.index,
+                    previous: flat.previous,
+                    files: flat.files.into_iter().collect(),
+                    delta: flat.delta,
+                }))
+            }
+            MANIFEST_FORMAT => {
+                let file: VersionFile = serde_json::from_slice(bytes)?;
+                check_previous(&file.previous)?;
+                if let Some(tree) = file.tree.as_ref().filter(|t| !is_hash(t)) {
+                    return Err(ManifestError::Invalid(format!(
+                        "tree {tree:?} is not a chunk id"
+                    )));
+                }
+                if file.tree.is_none() != (file.files == 0) {
+                    return Err(ManifestError::Invalid(format!(
+                        "{} files with tree {:?}",
+                        file.files, file.tree
+                    )));
+                }
+                Ok(StoredManifest::Tree(ManifestHead {
+                    site: file.site,
+                    index: file.index,
+                    previous: file.previous,
+                    tree: file.tree,
+                    files: file.files,
+                    delta: file.delta,
+                }))
+            }
+            found => Err(ManifestError::Format {
+                found,
                 expected: MANIFEST_FORMAT,
-            });
+            }),
         }
-        for (path, entry) in &manifest.files {
-            if !path.starts_with('/') {
-                return Err(ManifestError::Invalid(format!(
-                    "path {path:?} does not start with '/'"
-                )));
-            }
-            if !is_hash(&entry.hash) {
-                return Err(ManifestError::Invalid(format!(
-                    "{path}: hash {:?} is not blake3 hex",
-                    entry.hash
-                )));
-            }
-        }
-        if let Some(previous) = &manifest.previous {
-            if !is_hash(previous) {
-                return Err(ManifestError::Invalid(format!(
-                    "previous {previous:?} is not a manifest id"
-                )));
-            }
-        }
-        Ok(manifest)
+    }
+}
+
+fn check_entry(path: &str, entry: &FileEntry) -> Result<(), ManifestError> {
+    if !path.starts_with('/') {
+        return Err(ManifestError::Invalid(format!(
+            "path {path:?} does not start with '/'"
+        )));
+    }
+    if !is_hash(&entry.hash) {
+        return Err(ManifestError::Invalid(format!(
+            "{path}: hash {:?} is not blake3 hex",
+            entry.hash
+        )));
+    }
+    Ok(())
+}
+
+fn check_previous(previous: &Option<String>) -> Result<(), ManifestError> {
+    match previous {
+        Some(previous) if !is_hash(previous) => Err(ManifestError::Invalid(format!(
+            "previous {previous:?} is not a manifest id"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -242,32 +398,75 @@ mod tests {
         assert_ne!(a.id(), d.id(), "the index is part of the content");
     }
 
+    fn head(bytes: &[u8]) -> ManifestHead {
+        match Manifest::decode(bytes).unwrap() {
+            StoredManifest::Tree(head) => head,
+            StoredManifest::Flat(m) => panic!("format 2 decoded as flat: {m:?}"),
+        }
+    }
+
     #[test]
     fn json_round_trip_and_checks() {
         let m = manifest(&[("/", "home")]);
-        let back = Manifest::from_json(&m.to_json()).unwrap();
+        let back = head(&m.to_json()).with_tree(m.files.clone()).unwrap();
         assert_eq!(back, m);
         let text = String::from_utf8(m.to_json()).unwrap();
         assert!(
-            text.starts_with(
-                r#"{"format":1,"site":"demo","index":7,"previous":null,"files":{"/":{"hash":""#
-            ),
+            text.starts_with(r#"{"format":2,"site":"demo","index":7,"previous":null,"tree":""#),
             "{text}"
         );
-
-        let mut future = m.clone();
-        future.format = 2;
+        assert!(text.contains(r#","files":1,"delta":"#), "{text}");
+        // A tree that does not match the head is refused.
+        let other = manifest(&[("/", "other")]).files;
         assert!(matches!(
-            Manifest::from_json(&future.to_json()),
-            Err(ManifestError::Format { found: 2, .. })
-        ));
-        let mut bad = m.clone();
-        bad.files.get_mut("/").unwrap().hash = "../../etc".into();
-        assert!(matches!(
-            Manifest::from_json(&bad.to_json()),
+            head(&m.to_json()).with_tree(other),
             Err(ManifestError::Invalid(_))
         ));
-        assert!(Manifest::from_json(b"{").is_err());
+
+        let future = text.replace(r#""format":2"#, r#""format":3"#);
+        assert!(matches!(
+            Manifest::decode(future.as_bytes()),
+            Err(ManifestError::Format { found: 3, .. })
+        ));
+        let bad = text.replace(m.files.root_id().unwrap(), "../../etc");
+        assert!(matches!(
+            Manifest::decode(bad.as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
+        let counted = text.replace(r#""files":1"#, r#""files":0"#);
+        assert!(matches!(
+            Manifest::decode(counted.as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
+        assert!(Manifest::decode(b"{").is_err());
+    }
+
+    /// A manifest written before tree manifests (format 1, every file inline) still decodes,
+    /// and keeps its id.
+    #[test]
+    fn flat_format_still_read() {
+        let home = entry("home");
+        let stored = format!(
+            r#"{{"format":1,"site":"demo","index":7,"previous":null,"files":{{"/":{{"hash":"{}","content_type":"text/plain","size":4}}}},"delta":{{"added":["/"],"changed":[],"removed":[]}}}}"#,
+            home.hash
+        );
+        let StoredManifest::Flat(m) = Manifest::decode(stored.as_bytes()).unwrap() else {
+            panic!("format 1 decodes whole");
+        };
+        assert_eq!(m.format, MANIFEST_FORMAT_FLAT);
+        assert_eq!(m.files.get("/"), Some(&home));
+        assert_eq!(m.delta.added, ["/"]);
+        assert_eq!(
+            m.to_json(),
+            stored.as_bytes(),
+            "re-encodes to the same bytes"
+        );
+        assert_eq!(m.id(), content_hash(stored.as_bytes()));
+        let bad = stored.replace(&home.hash, "../../etc");
+        assert!(matches!(
+            Manifest::decode(bad.as_bytes()),
+            Err(ManifestError::Invalid(_))
+        ));
     }
 
     #[test]

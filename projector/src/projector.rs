@@ -10,7 +10,8 @@
 //!    (see `deps.rs`) include a changed key;
 //! 3. re-renders the dirty pages (in parallel), reloads the dirty assets, and regenerates the
 //!    sitemap if the set of HTML pages changed;
-//! 4. diffs the files against the previous manifest into a new manifest.
+//! 4. applies the files it changed to the previous version's file tree (`tree.rs`): only the
+//!    chunks on the changed paths are new, and the delta is what it changed.
 //!
 //! A page or asset that fails keeps its last good file; the error is reported. Pages that never
 //! rendered are left out. When two claims want one path, a fixed precedence decides (a route
@@ -35,6 +36,7 @@ use crate::render::{self, AssetIndex, BatchInputs, PageJob, Preloaded, ServedAss
 use crate::site::{self, Route, ASSETS, ROUTES, TEMPLATES};
 use crate::sitemap;
 use crate::source::{get_checked, list_checked, Source, SourceError};
+use crate::tree::FileTree;
 
 /// Most templates one site may have.
 pub const TEMPLATES_MAX: usize = 10_000;
@@ -82,6 +84,10 @@ pub struct Projection {
     /// Blobs this version references that the previous one did not have at the same path:
     /// `(hash, bytes)`. Publish them before the manifest.
     pub new_blobs: Vec<(String, Bytes)>,
+    /// Chunks of this version's file tree that the previous one did not have: `(id, JSON)`,
+    /// only those on the paths that changed. Publish them after the blobs, before the
+    /// manifest.
+    pub new_chunks: Vec<(String, Bytes)>,
     /// Page renders attempted (successful or not).
     pub pages_rendered: u64,
     /// Problems found in this projection, deduplicated, at most [`ERRORS_REPORTED_MAX`].
@@ -330,7 +336,11 @@ impl SiteProjector {
     /// become the last good versions, so unchanged files keep their hashes and the next
     /// manifest's delta holds only real differences. The next projection renders everything.
     pub fn adopt(&mut self, manifest: Manifest) {
-        self.files = manifest.files.clone();
+        self.files = manifest
+            .files
+            .iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
         self.undo.clear();
         self.current = Some((manifest.id(), Arc::new(manifest)));
         self.states.clear();
@@ -1154,22 +1164,13 @@ impl SiteProjector {
                 _ => {}
             }
         }
-        debug_assert_eq!(
-            delta,
-            Delta::between(
-                self.current
-                    .as_ref()
-                    .map_or(&BTreeMap::new(), |(_, m)| &m.files),
-                &self.files
-            ),
-            "the undo log must account for every change"
-        );
         if let Some((id, manifest)) = self.current.as_ref().filter(|_| delta.is_empty()) {
             return Projection {
                 manifest: Arc::clone(manifest),
                 manifest_id: id.clone(),
                 manifest_json: Bytes::new(),
                 new_blobs: Vec::new(),
+                new_chunks: Vec::new(),
                 pages_rendered: run.pages_rendered,
                 errors,
                 changed: false,
@@ -1187,12 +1188,30 @@ impl SiteProjector {
             .into_iter()
             .filter(|(hash, _)| referenced.contains(hash.as_str()))
             .collect();
+        let previous = self
+            .current
+            .as_ref()
+            .map_or_else(FileTree::default, |(_, m)| m.files.clone());
+        let update = previous.apply(
+            delta
+                .added
+                .iter()
+                .chain(&delta.changed)
+                .map(|path| (path.clone(), Some(self.files[path].clone())))
+                .chain(delta.removed.iter().map(|path| (path.clone(), None))),
+        );
+        debug_assert_eq!(
+            delta,
+            FileTree::diff(&previous, &update.tree),
+            "the undo log must account for every change"
+        );
+        debug_assert_eq!(update.tree.len(), self.files.len());
         let manifest = Arc::new(Manifest {
             format: MANIFEST_FORMAT,
             site: self.site.clone(),
             index,
             previous: self.current.as_ref().map(|(id, _)| id.clone()),
-            files: self.files.clone(),
+            files: update.tree,
             delta,
         });
         let manifest_json = Bytes::from(manifest.to_json());
@@ -1203,6 +1222,7 @@ impl SiteProjector {
             manifest_id: id,
             manifest_json,
             new_blobs,
+            new_chunks: update.new_chunks,
             pages_rendered: run.pages_rendered,
             errors,
             changed: true,

@@ -2,13 +2,18 @@
 //!
 //! Layout, per site:
 //! - `sites/<site>/blobs/<hash>`: every file, once, under the blake3 hash of its bytes;
-//! - `sites/<site>/manifests/<id>.json`: every site version, under the hash of its JSON;
+//! - `sites/<site>/manifests/<id>.json`: every site version, under the hash of its JSON
+//!   (format 2: a small version object naming the top chunk of its file tree);
+//! - `sites/<site>/chunks/<id>.json`: the nodes of the file trees (`tree.rs`), each under
+//!   the hash of its JSON and shared by every version that has it;
 //! - `sites/<site>/root`: a mirror of the site's current root (the Raft log holds the real
 //!   one), for edge readers.
 //!
-//! Order makes a version visible only when complete: blobs, then the manifest, then (after
-//! the node commits the root through Raft) the root mirror. Blobs and manifests are immutable
-//! and content-addressed, so writing one twice is harmless and retries are always safe.
+//! Order makes a version visible only when complete: blobs, then the chunks, then the
+//! manifest, then (after the node commits the root through Raft) the root mirror. Blobs,
+//! chunks and manifests are immutable and content-addressed, so writing one twice is
+//! harmless and retries are always safe. Every read is bounded in size
+//! ([`CHUNK_BYTES_MAX`], [`MANIFEST_BYTES_MAX`]) and checked against its hash.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,8 +26,9 @@ use object_store::{ObjectStore, PutMode, PutPayload, UpdateVersion};
 use sesame_proto::validate_site;
 use thiserror::Error;
 
-use crate::manifest::{content_hash, is_hash, Manifest, Root};
+use crate::manifest::{content_hash, is_hash, Manifest, Root, StoredManifest, MANIFEST_BYTES_MAX};
 use crate::projector::Projection;
+use crate::tree::{self, ChunkSource, CHUNK_BYTES_MAX};
 
 /// Blob uploads in flight at once for one publish.
 pub const BLOB_PUTS_CONCURRENT_MAX: usize = 32;
@@ -50,6 +56,8 @@ pub enum PublishError {
     Corrupt { path: String, reason: String },
     #[error("the root of site {site} changed while it was being mirrored; mirror the committed root again")]
     RootConflict { site: String },
+    #[error("fetching {what}: {reason}")]
+    Fetch { what: String, reason: String },
 }
 
 /// Writes and reads site versions in one object store.
@@ -68,11 +76,11 @@ pub struct Publisher {
     pins: Arc<tokio::sync::RwLock<()>>,
 }
 
-/// A site's collectable object: a blob or a manifest, and when it was last written.
+/// A site's collectable object: a blob, a chunk or a manifest, and when it was last written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredObject {
     pub kind: ObjectKind,
-    /// The blob's hash, or the manifest's id.
+    /// The blob's hash, or the chunk's or manifest's id.
     pub name: String,
     pub last_modified_ms: u64,
     pub size: u64,
@@ -83,6 +91,18 @@ pub struct StoredObject {
 pub enum ObjectKind {
     Blob,
     Manifest,
+    Chunk,
+}
+
+impl ObjectKind {
+    /// Where an object of this kind named `name` lives under `sites/<site>/`.
+    fn relative(self, site: &str, name: &str) -> String {
+        match self {
+            ObjectKind::Blob => format!("sites/{site}/blobs/{name}"),
+            ObjectKind::Manifest => format!("sites/{site}/manifests/{name}.json"),
+            ObjectKind::Chunk => format!("sites/{site}/chunks/{name}.json"),
+        }
+    }
 }
 
 impl Publisher {
@@ -124,13 +144,14 @@ impl Publisher {
         Ok(sites)
     }
 
-    /// The blobs and manifests stored for `site`.
+    /// The blobs, chunks and manifests stored for `site`.
     pub async fn list_objects(&self, site: &str) -> Result<Vec<StoredObject>, PublishError> {
         check_site(site)?;
         let mut out = Vec::new();
         for (kind, dir) in [
             (ObjectKind::Blob, "blobs"),
             (ObjectKind::Manifest, "manifests"),
+            (ObjectKind::Chunk, "chunks"),
         ] {
             let prefix = self.path(&format!("sites/{site}/{dir}"));
             let mut listing = self.store.list(Some(&prefix));
@@ -140,7 +161,7 @@ impl Publisher {
                 };
                 let name = match kind {
                     ObjectKind::Blob => file,
-                    ObjectKind::Manifest => match file.strip_suffix(".json") {
+                    ObjectKind::Manifest | ObjectKind::Chunk => match file.strip_suffix(".json") {
                         Some(id) => id,
                         None => continue,
                     },
@@ -160,7 +181,7 @@ impl Publisher {
         Ok(out)
     }
 
-    /// Deletes blobs and manifests of `site` (absent ones are fine); returns how many were
+    /// Deletes blobs, chunks and manifests of `site` (absent ones are fine); returns how many were
     /// asked for. For garbage collection, under [`Publisher::exclusive`].
     pub async fn delete_objects(
         &self,
@@ -176,10 +197,7 @@ impl Publisher {
                     value: name.clone(),
                 });
             }
-            paths.push(match kind {
-                ObjectKind::Blob => self.path(&format!("sites/{site}/blobs/{name}")),
-                ObjectKind::Manifest => self.path(&format!("sites/{site}/manifests/{name}.json")),
-            });
+            paths.push(self.path(&kind.relative(site, name)));
         }
         {
             let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
@@ -235,12 +253,14 @@ impl Publisher {
         &self.store
     }
 
-    /// Writes a projection's new blobs, then its manifest. Returns the manifest id. The node
-    /// then commits the root through Raft and calls [`Publisher::mirror_root`].
+    /// Writes a projection's new blobs, then its new chunks, then its manifest. Returns the
+    /// manifest id. The node then commits the root through Raft and calls
+    /// [`Publisher::mirror_root`].
     pub async fn publish(&self, projection: &Projection) -> Result<String, PublishError> {
         let site = &projection.manifest.site;
         check_site(site)?;
         self.put_blobs(site, &projection.new_blobs).await?;
+        self.put_chunks(site, &projection.new_chunks).await?;
         // The projector serialised the manifest once for its id; store those very bytes.
         let json = &projection.manifest_json;
         let id = content_hash(json);
@@ -302,9 +322,76 @@ impl Publisher {
         Ok(written)
     }
 
-    /// Writes a manifest under its id and returns the id.
+    /// Writes tree chunks, [`BLOB_PUTS_CONCURRENT_MAX`] at a time, each checked against its
+    /// id and size first. Returns how many were written.
+    pub async fn put_chunks(
+        &self,
+        site: &str,
+        chunks: &[(String, Bytes)],
+    ) -> Result<usize, PublishError> {
+        check_site(site)?;
+        let mut todo = Vec::with_capacity(chunks.len());
+        for (id, bytes) in chunks {
+            if !is_hash(id) {
+                return Err(PublishError::InvalidName {
+                    what: "chunk id",
+                    value: id.clone(),
+                });
+            }
+            todo.push((id.clone(), bytes.clone()));
+        }
+        futures::stream::iter(todo)
+            .map(|(id, bytes)| async move { self.put_chunk_bytes(site, &id, bytes).await })
+            .buffer_unordered(BLOB_PUTS_CONCURRENT_MAX)
+            .try_for_each(|()| futures::future::ready(Ok(())))
+            .await?;
+        Ok(chunks.len())
+    }
+
+    /// Stores a chunk received as bytes (from a projection or a peer) under `id`, after
+    /// checking its size and that the bytes hash to `id`.
+    pub async fn put_chunk_bytes(
+        &self,
+        site: &str,
+        id: &str,
+        bytes: Bytes,
+    ) -> Result<(), PublishError> {
+        check_site(site)?;
+        if !is_hash(id) {
+            return Err(PublishError::InvalidName {
+                what: "chunk id",
+                value: id.to_string(),
+            });
+        }
+        let path = self.path(&ObjectKind::Chunk.relative(site, id));
+        check_bytes(&path, id, &bytes, CHUNK_BYTES_MAX)?;
+        self.store.put(&path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// A stored chunk's bytes, checked against its id and [`CHUNK_BYTES_MAX`].
+    pub async fn get_chunk_bytes(&self, site: &str, id: &str) -> Result<Bytes, PublishError> {
+        check_site(site)?;
+        if !is_hash(id) {
+            return Err(PublishError::InvalidName {
+                what: "chunk id",
+                value: id.to_string(),
+            });
+        }
+        let path = self.path(&ObjectKind::Chunk.relative(site, id));
+        let bytes = self.read_bounded(&path, CHUNK_BYTES_MAX).await?;
+        check_bytes(&path, id, &bytes, CHUNK_BYTES_MAX)?;
+        Ok(bytes)
+    }
+
+    /// Writes a manifest built in memory under its id, with every chunk of its tree first,
+    /// and returns the id (a projection writes only its new chunks: [`Publisher::publish`]).
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<String, PublishError> {
         check_site(&manifest.site)?;
+        if manifest.format != crate::manifest::MANIFEST_FORMAT_FLAT {
+            self.put_chunks(&manifest.site, &manifest.files.all_chunks())
+                .await?;
+        }
         let json = manifest.to_json();
         let id = content_hash(&json);
         let path = self.path(&format!("sites/{}/manifests/{id}.json", manifest.site));
@@ -332,13 +419,14 @@ impl Publisher {
             path: path.to_string(),
             reason,
         };
-        let actual = content_hash(&bytes);
-        if actual != id {
-            return Err(corrupt(format!("bytes hash to {actual}")));
-        }
-        let manifest = Manifest::from_json(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if manifest.site != site {
-            return Err(corrupt(format!("manifest is for site {:?}", manifest.site)));
+        check_bytes(&path, id, &bytes, MANIFEST_BYTES_MAX)?;
+        let stored = Manifest::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let manifest_site = match &stored {
+            StoredManifest::Flat(m) => &m.site,
+            StoredManifest::Tree(head) => &head.site,
+        };
+        if manifest_site != site {
+            return Err(corrupt(format!("manifest is for site {manifest_site:?}")));
         }
         self.store.put(&path, PutPayload::from(bytes)).await?;
         Ok(())
@@ -354,14 +442,8 @@ impl Publisher {
             });
         }
         let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
-        let bytes = self.read(&path).await?;
-        let actual = content_hash(&bytes);
-        if actual != id {
-            return Err(PublishError::Corrupt {
-                path: path.to_string(),
-                reason: format!("bytes hash to {actual}"),
-            });
-        }
+        let bytes = self.read_bounded(&path, MANIFEST_BYTES_MAX).await?;
+        check_bytes(&path, id, &bytes, MANIFEST_BYTES_MAX)?;
         Ok(bytes)
     }
 
@@ -488,30 +570,48 @@ impl Publisher {
             })
     }
 
-    /// A stored manifest, checked against its id.
-    pub async fn get_manifest(&self, site: &str, id: &str) -> Result<Manifest, PublishError> {
-        check_site(site)?;
-        if !is_hash(id) {
-            return Err(PublishError::InvalidName {
-                what: "manifest id",
-                value: id.to_string(),
-            });
-        }
+    /// A stored manifest and its whole file tree, every object checked against its id.
+    /// Nodes of `base` (a version held already) with the same id at the same place are
+    /// reused instead of read, so reading a version a few edits from `base` reads a few
+    /// chunks.
+    pub async fn get_manifest(
+        &self,
+        site: &str,
+        id: &str,
+        base: Option<&Manifest>,
+    ) -> Result<Manifest, PublishError> {
+        self.get_manifest_with(site, id, base, self).await
+    }
+
+    /// [`Publisher::get_manifest`] with the chunks read from `chunks` (a follower's source
+    /// fetches the ones this store lacks from a peer). The manifest itself is read here.
+    pub async fn get_manifest_with(
+        &self,
+        site: &str,
+        id: &str,
+        base: Option<&Manifest>,
+        chunks: &dyn ChunkSource,
+    ) -> Result<Manifest, PublishError> {
+        let bytes = self.get_manifest_bytes(site, id).await?;
         let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
-        let bytes = self.read(&path).await?;
         let corrupt = |reason: String| PublishError::Corrupt {
             path: path.to_string(),
             reason,
         };
-        let actual = content_hash(&bytes);
-        if actual != id {
-            return Err(corrupt(format!("bytes hash to {actual}")));
+        let head = match Manifest::decode(&bytes).map_err(|e| corrupt(e.to_string()))? {
+            StoredManifest::Flat(manifest) => {
+                if manifest.site != site {
+                    return Err(corrupt(format!("manifest is for site {:?}", manifest.site)));
+                }
+                return Ok(manifest);
+            }
+            StoredManifest::Tree(head) => head,
+        };
+        if head.site != site {
+            return Err(corrupt(format!("manifest is for site {:?}", head.site)));
         }
-        let manifest = Manifest::from_json(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if manifest.site != site {
-            return Err(corrupt(format!("manifest is for site {:?}", manifest.site)));
-        }
-        Ok(manifest)
+        let files = tree::load(chunks, site, head.tree.as_deref(), base.map(|b| &b.files)).await?;
+        head.with_tree(files).map_err(|e| corrupt(e.to_string()))
     }
 
     /// A stored blob, checked against its hash.
@@ -534,6 +634,26 @@ impl Publisher {
         }
         self.remember(&path);
         Ok(bytes)
+    }
+
+    /// Reads an object of at most `max` bytes; a larger one is refused before it is read.
+    async fn read_bounded(&self, path: &Path, max: usize) -> Result<Bytes, PublishError> {
+        let result = match self.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(PublishError::NotFound {
+                    path: path.to_string(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if result.meta.size as u64 > max as u64 {
+            return Err(PublishError::Corrupt {
+                path: path.to_string(),
+                reason: format!("{} bytes, over {max}", result.meta.size),
+            });
+        }
+        Ok(result.bytes().await?)
     }
 
     async fn read(&self, path: &Path) -> Result<Bytes, PublishError> {
@@ -570,6 +690,34 @@ impl Publisher {
         }
         known.insert(path.to_string());
     }
+}
+
+impl ChunkSource for Publisher {
+    fn chunk<'a>(
+        &'a self,
+        site: &'a str,
+        id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Bytes, PublishError>> {
+        Box::pin(self.get_chunk_bytes(site, id))
+    }
+}
+
+/// Checks bytes read or about to be written against their name and size bound.
+fn check_bytes(path: &Path, id: &str, bytes: &[u8], max: usize) -> Result<(), PublishError> {
+    if bytes.len() > max {
+        return Err(PublishError::Corrupt {
+            path: path.to_string(),
+            reason: format!("{} bytes, over {max}", bytes.len()),
+        });
+    }
+    let actual = content_hash(bytes);
+    if actual != id {
+        return Err(PublishError::Corrupt {
+            path: path.to_string(),
+            reason: format!("bytes hash to {actual}"),
+        });
+    }
+    Ok(())
 }
 
 fn check_site(site: &str) -> Result<(), PublishError> {

@@ -35,6 +35,10 @@ async fn publish_to_a_local_folder_and_read_back() {
         assert!(site_dir.join("blobs").join(&entry.hash).is_file());
     }
     assert!(site_dir.join(format!("manifests/{id}.json")).is_file());
+    assert!(!p.new_chunks.is_empty());
+    for chunk in p.manifest.files.chunk_ids() {
+        assert!(site_dir.join(format!("chunks/{chunk}.json")).is_file());
+    }
 
     // Not mirrored yet.
     assert_eq!(publisher.get_root("demo").await.unwrap(), None);
@@ -49,7 +53,7 @@ async fn publish_to_a_local_folder_and_read_back() {
     );
 
     // Read the site back as an edge reader would: root → manifest → blob.
-    let manifest = publisher.get_manifest("demo", &id).await.unwrap();
+    let manifest = publisher.get_manifest("demo", &id, None).await.unwrap();
     assert_eq!(manifest, *p.manifest);
     let alice = publisher
         .get_blob("demo", &manifest.files["/alice"].hash)
@@ -69,11 +73,17 @@ async fn publish_to_a_local_folder_and_read_back() {
     };
     publisher.mirror_root("demo", &root2).await.unwrap();
     assert_eq!(publisher.get_root("demo").await.unwrap(), Some(root2));
-    let m2 = publisher.get_manifest("demo", &id2).await.unwrap();
+    let m2 = publisher
+        .get_manifest("demo", &id2, Some(&manifest))
+        .await
+        .unwrap();
     assert_eq!(m2.previous.as_deref(), Some(id.as_str()));
     assert_eq!(m2.delta.changed, ["/", "/bob"]);
     // Earlier versions stay addressable (rollback re-points the root at one).
-    assert_eq!(publisher.get_manifest("demo", &id).await.unwrap(), manifest);
+    assert_eq!(
+        publisher.get_manifest("demo", &id, None).await.unwrap(),
+        manifest
+    );
 
     // Blobs already written are skipped.
     assert_eq!(publisher.put_blobs("demo", &p2.new_blobs).await.unwrap(), 0);
@@ -92,14 +102,30 @@ async fn corrupt_or_missing_objects_are_reported() {
     let err = publisher.get_blob("demo", hash).await.unwrap_err();
     assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
 
+    // A damaged chunk of the tree fails the whole version.
+    let chunk = p.manifest.files.root_id().unwrap();
+    let chunk_file = dir.path().join(format!("sites/demo/chunks/{chunk}.json"));
+    let good = std::fs::read(&chunk_file).unwrap();
+    std::fs::write(&chunk_file, b"{\"format\":2,\"leaf\":{}}").unwrap();
+    let err = publisher.get_manifest("demo", &id, None).await.unwrap_err();
+    assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
+    std::fs::write(&chunk_file, &good).unwrap();
+    assert_eq!(
+        publisher.get_manifest("demo", &id, None).await.unwrap(),
+        *p.manifest
+    );
+
     let manifest_file = dir.path().join(format!("sites/demo/manifests/{id}.json"));
     let text = std::fs::read_to_string(&manifest_file).unwrap();
     std::fs::write(&manifest_file, text.replace("demo", "dem0")).unwrap();
-    let err = publisher.get_manifest("demo", &id).await.unwrap_err();
+    let err = publisher.get_manifest("demo", &id, None).await.unwrap_err();
     assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
 
     let missing = content_hash(b"never written");
-    let err = publisher.get_manifest("demo", &missing).await.unwrap_err();
+    let err = publisher
+        .get_manifest("demo", &missing, None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, PublishError::NotFound { .. }), "{err}");
     let err = publisher.get_blob("Bad Site", &missing).await.unwrap_err();
     assert!(matches!(err, PublishError::InvalidName { .. }), "{err}");
@@ -118,6 +144,48 @@ async fn corrupt_or_missing_objects_are_reported() {
         .await
         .unwrap_err();
     assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
+}
+
+/// A version stored before tree manifests (format 1: every file in the manifest) is read
+/// whole, and the next version, built on it, is a tree that names it as `previous`.
+#[tokio::test]
+async fn a_flat_manifest_is_read_and_built_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let publisher = Publisher::local(dir.path()).unwrap();
+    let mut h = Harness::demo();
+    let p = h.full();
+    publisher.put_blobs("demo", &p.new_blobs).await.unwrap();
+    let mut flat = (*p.manifest).clone();
+    flat.format = sesame_projector::MANIFEST_FORMAT_FLAT;
+    let flat_id = publisher.put_manifest(&flat).await.unwrap();
+    let text = std::fs::read_to_string(
+        dir.path()
+            .join(format!("sites/demo/manifests/{flat_id}.json")),
+    )
+    .unwrap();
+    assert!(text.starts_with(r#"{"format":1,"site":"demo""#), "{text}");
+    assert!(text.contains(r#""/alice":{"hash""#), "{text}");
+
+    let read = publisher
+        .get_manifest("demo", &flat_id, None)
+        .await
+        .unwrap();
+    assert_eq!(read, flat);
+    assert_eq!(read.id(), flat_id, "a flat manifest keeps its id");
+    assert_eq!(read.files["/alice"], p.manifest.files["/alice"]);
+
+    h.projector.adopt(read);
+    h.put("profiles", "bob", json!({ "name": "Robert" }));
+    let next = h.apply();
+    assert_eq!(next.manifest.format, sesame_projector::MANIFEST_FORMAT);
+    assert_eq!(next.manifest.previous.as_deref(), Some(flat_id.as_str()));
+    assert_eq!(next.manifest.delta.changed, ["/", "/bob"]);
+    let next_id = publisher.publish(&next).await.unwrap();
+    let back = publisher
+        .get_manifest("demo", &next_id, None)
+        .await
+        .unwrap();
+    assert_eq!(back, *next.manifest);
 }
 
 #[tokio::test]

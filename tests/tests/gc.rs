@@ -10,7 +10,7 @@ use serde_json::json;
 use sesame_client::{ClientError, Http};
 use sesame_node::pages::bundle;
 use sesame_node::pages::gc::HistoryConfig;
-use sesame_projector::Manifest;
+use sesame_projector::Publisher;
 use sesame_proto::api::TxRequest;
 use sesame_tests::TestNode;
 
@@ -91,14 +91,17 @@ fn names(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Every manifest `ids` names is in the store, and so is every file it names.
-fn assert_complete(node: &TestNode, ids: &BTreeSet<String>) {
+/// Every manifest `ids` names is in the store, and so is every chunk of its file tree (read
+/// and hash-checked) and every file it names.
+async fn assert_complete(node: &TestNode, ids: &BTreeSet<String>) {
     let dir = objects(node);
     let blobs = names(&dir.join("blobs"));
+    let store = Publisher::local(node.data_dir().join("objects")).unwrap();
     for id in ids {
-        let bytes = std::fs::read(dir.join("manifests").join(format!("{id}.json")))
-            .unwrap_or_else(|e| panic!("retained manifest {id} is gone: {e}"));
-        let manifest = Manifest::from_json(&bytes).unwrap();
+        let manifest = store
+            .get_manifest(SITE, id, None)
+            .await
+            .unwrap_or_else(|e| panic!("retained manifest {id} cannot be read whole: {e}"));
         for (path, f) in &manifest.files {
             assert!(
                 blobs.contains(&f.hash),
@@ -165,12 +168,20 @@ async fn history_is_pruned_and_files_only_pruned_versions_used_are_collected() {
     }
     let kept = retained(&admin).await;
     assert_eq!(kept.len(), 3);
-    assert_complete(&node, &kept);
+    assert_complete(&node, &kept).await;
     assert_eq!(
         names(&objects(&node).join("manifests")).len(),
         3,
         "only the retained manifests stay"
     );
+    // And only the chunks of their file trees: those of pruned versions went too.
+    let store = Publisher::local(node.data_dir().join("objects")).unwrap();
+    let mut reachable = BTreeSet::new();
+    for id in &kept {
+        let m = store.get_manifest(SITE, id, None).await.unwrap();
+        reachable.extend(m.files.chunk_ids().into_iter().map(|c| format!("{c}.json")));
+    }
+    assert_eq!(names(&objects(&node).join("chunks")), reachable);
 
     // A pruned version cannot be rolled back to; a retained one can, and is served.
     let err = admin.rollback(SITE, indexes[1]).await.unwrap_err();
@@ -251,7 +262,7 @@ async fn collection_races_publishing_and_rollback_without_losing_a_file() {
     // including after a restart (nothing cached hides a hole).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let kept = retained(&admin).await;
-    assert_complete(&node, &kept);
+    assert_complete(&node, &kept).await;
     let dir = node.stop().await.unwrap().expect("owned dir");
     let node = TestNode::start_in_with(dir.path(), history(2, 5))
         .await
@@ -276,4 +287,106 @@ async fn collection_races_publishing_and_rollback_without_losing_a_file() {
             );
         }
     }
+}
+
+/// A version published before tree manifests (a format-1 manifest, every file inline, no
+/// chunks) is still served after a rollback to it and a restart, is backed up and restored,
+/// keeps its files while retained and is collected once pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_version_is_served_backed_up_and_collected() {
+    let node = TestNode::start_with(history(2, 50)).await.unwrap();
+    let admin = node.admin();
+    deploy_demo(&admin).await;
+    let first = rename(&node, "Alice Flat", true).await;
+    rename(&node, "Alice Tree", true).await;
+    let v1 = admin
+        .versions(SITE, 10)
+        .await
+        .unwrap()
+        .versions
+        .into_iter()
+        .find(|v| v.index >= first && !v.current)
+        .expect("the first rename is in the history");
+
+    // Stored as an older build stored it: the same files, format 1, under its own id; the
+    // history names that manifest instead of the tree one.
+    let dir = node.stop().await.unwrap().expect("owned dir");
+    let objects_dir = dir.path().join("objects");
+    let store = Publisher::local(&objects_dir).unwrap();
+    let mut flat = store.get_manifest(SITE, &v1.manifest, None).await.unwrap();
+    flat.format = sesame_projector::MANIFEST_FORMAT_FLAT;
+    let flat_id = store.put_manifest(&flat).await.unwrap();
+    let flat_path = objects_dir.join(format!("sites/{SITE}/manifests/{flat_id}.json"));
+    let text = std::fs::read_to_string(&flat_path).unwrap();
+    assert!(text.starts_with(r#"{"format":1,"#), "{text}");
+    std::fs::remove_file(objects_dir.join(format!("sites/{SITE}/manifests/{}.json", v1.manifest)))
+        .unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        let changed = db
+            .execute(
+                "UPDATE versions SET manifest = ?1 WHERE manifest = ?2",
+                (&flat_id, &v1.manifest),
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+
+    // Rolled back to and served, also across a restart.
+    let node = TestNode::start_in_with(dir.path(), history(2, 50))
+        .await
+        .unwrap();
+    let admin = node.admin();
+    admin.rollback(SITE, v1.index).await.unwrap();
+    let url = node.node.url();
+    let page = |url: String| async move {
+        reqwest::get(format!("{url}/demo/alice"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(page(url.clone()).await.contains("Alice Flat"));
+    assert_eq!(
+        admin.versions(SITE, 1).await.unwrap().versions[0].manifest,
+        flat_id
+    );
+    // Collection runs meanwhile: the retained flat version keeps its files.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_complete(&node, &retained(&admin).await).await;
+    assert!(flat_path.is_file(), "a retained flat manifest stays");
+
+    // Backed up with its files, and restored as a node that serves it.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let backup = restored_dir.path().join("flat.backup");
+    let summary = sesame_node::backup::download(&url, Some(&node.node.admin_token), &backup)
+        .await
+        .unwrap();
+    assert!(summary.objects > 3, "{summary:?}");
+    let data = restored_dir.path().join("data");
+    sesame_node::backup::restore(tokio::fs::File::open(&backup).await.unwrap(), &data, 1)
+        .await
+        .unwrap();
+    std::fs::remove_file(&backup).unwrap();
+    let restored = TestNode::start_in_with(&data, history(2, 50))
+        .await
+        .unwrap();
+    assert!(page(restored.node.url()).await.contains("Alice Flat"));
+    restored.stop().await.unwrap();
+
+    // Pruned by newer versions, it is collected like any other.
+    for i in 0..3 {
+        rename(&node, &format!("Alice After {i}"), true).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while flat_path.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "the pruned flat manifest was never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_complete(&node, &retained(&admin).await).await;
+    node.stop().await.unwrap();
 }

@@ -235,7 +235,7 @@ async fn a_node_publishes_to_s3_and_an_edge_serves_from_it() {
     let publisher = Publisher::from_url(&objects, options).unwrap();
     let root = publisher.get_root("demo").await.unwrap().expect("a root");
     let manifest = publisher
-        .get_manifest("demo", &root.manifest)
+        .get_manifest("demo", &root.manifest, None)
         .await
         .unwrap();
     assert_eq!(manifest.index, root.index);
@@ -275,7 +275,7 @@ async fn a_node_publishes_to_s3_and_an_edge_serves_from_it() {
     publisher.remove_root("cas").await.unwrap();
     assert_eq!(publisher.get_root("cas").await.unwrap(), None);
     assert!(matches!(
-        publisher.get_manifest("demo", &"0".repeat(64)).await,
+        publisher.get_manifest("demo", &"0".repeat(64), None).await,
         Err(PublishError::NotFound { .. })
     ));
 

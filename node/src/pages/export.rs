@@ -38,7 +38,10 @@ pub async fn site_zip(
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated);
     let mut total = 0usize;
-    for (path, file) in &manifest.files {
+    // In path order, as a reader of the archive expects (the tree keeps hash order).
+    let files: std::collections::BTreeMap<&String, &sesame_projector::FileEntry> =
+        manifest.files.iter().collect();
+    for (path, file) in files {
         let Some(Ok((body, _))) = pages.blob(&manifest.site, &file.hash).await else {
             anyhow::bail!("file {path} ({}) cannot be read", file.hash);
         };

@@ -4,17 +4,20 @@
 //! On the leader the projector installs a version itself as soon as its root commits, so
 //! here it is already in place and skipped. On a follower the version's files may not be in
 //! its object store: with a shared store (S3, R2) the leader wrote them there; with per-node
-//! folders (the default) the follower fetches the manifest and every file it lacks from a
-//! peer over the cluster link, checks each against its hash, stores it, and only then
-//! installs the version, so a reader never sees half a version on any node.
+//! folders (the default) the follower fetches the manifest, the chunks of its file tree and
+//! every file it lacks from a peer over the cluster link, checks each against its hash,
+//! stores it, and only then installs the version, so a reader never sees half a version on
+//! any node. Chunks the served version has at the same place are reused, not read, so a
+//! one-page edit costs a few chunks and one blob whatever the size of the site.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use sesame_projector::{content_hash, FileEntry, Manifest, PublishError, Publisher};
+use futures::future::BoxFuture;
+use sesame_projector::{content_hash, ChunkSource, Delta, Manifest, PublishError, Publisher};
 use sesame_proto::LogIndex;
 use sesame_sync::RootRecord;
 use tokio_util::sync::CancellationToken;
@@ -113,36 +116,46 @@ impl Follower {
         self.ensure_version(&root.site, &root.manifest).await
     }
 
-    /// Makes sure manifest `id` of `site`, and every file it names, are in this node's
-    /// object store (fetched from peers when this node has a folder of its own); returns
-    /// the manifest. The caller pins the publisher while it relies on the files.
+    /// Makes sure manifest `id` of `site`, every chunk of its file tree and every file it
+    /// names are in this node's object store (fetched from peers when this node has a
+    /// folder of its own); returns the manifest. Only what differs from the version served
+    /// now is looked for: its chunks are reused in memory, unread, and its files are there.
+    /// The caller pins the publisher while it relies on the files.
     pub async fn ensure_version(&self, site: &str, id: &str) -> anyhow::Result<Manifest> {
-        let root_manifest = id;
-        let manifest = match self.publisher.get_manifest(site, root_manifest).await {
-            Ok(m) => m,
-            Err(PublishError::NotFound { .. }) if !self.shared_store => {
-                let bytes = self
-                    .fetch(site, ObjectKind::Manifest, root_manifest)
-                    .await?;
-                self.publisher
-                    .put_manifest_bytes(site, root_manifest, bytes)
-                    .await?;
-                self.publisher.get_manifest(site, root_manifest).await?
+        if !self.shared_store {
+            match self.publisher.get_manifest_bytes(site, id).await {
+                Ok(_) => {}
+                Err(PublishError::NotFound { .. }) => {
+                    let bytes = self.fetch(site, ObjectKind::Manifest, id).await?;
+                    self.publisher.put_manifest_bytes(site, id, bytes).await?;
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        };
+        }
+        let served = self.pages.manifest(site);
+        let manifest = self
+            .publisher
+            .get_manifest_with(site, id, served.as_deref(), &PeerChunks(self))
+            .await?;
         if self.shared_store {
             return Ok(manifest);
         }
         // Only files that differ from the version served now can be missing.
-        let served = self.pages.files(site);
-        let wanted: BTreeMap<&str, &FileEntry> = manifest
-            .files
-            .values()
-            .filter(|f| served.as_ref().is_none_or(|s| !s.contains(&f.hash)))
-            .map(|f| (f.hash.as_str(), f))
+        let delta = match &served {
+            Some(served) => Delta::between(&served.files, &manifest.files),
+            None => Delta {
+                added: manifest.files.keys().cloned().collect(),
+                ..Delta::default()
+            },
+        };
+        let wanted: BTreeSet<&str> = delta
+            .added
+            .iter()
+            .chain(&delta.changed)
+            .filter_map(|path| manifest.files.get(path))
+            .map(|f| f.hash.as_str())
             .collect();
-        for hash in wanted.keys() {
+        for hash in wanted {
             if self.publisher.has_blob(site, hash).await? {
                 continue;
             }
@@ -192,5 +205,37 @@ impl Follower {
             "no peer has {kind:?} {hash} of site {site}: {}",
             tried.join("; ")
         )
+    }
+}
+
+/// A follower's chunks: from this node's store, else fetched from a peer (hash-checked) and
+/// stored.
+struct PeerChunks<'a>(&'a Follower);
+
+impl ChunkSource for PeerChunks<'_> {
+    fn chunk<'a>(
+        &'a self,
+        site: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Bytes, PublishError>> {
+        Box::pin(async move {
+            let follower = self.0;
+            match follower.publisher.get_chunk_bytes(site, id).await {
+                Err(PublishError::NotFound { .. }) if !follower.shared_store => {}
+                other => return other,
+            }
+            let bytes = follower
+                .fetch(site, ObjectKind::Chunk, id)
+                .await
+                .map_err(|e| PublishError::Fetch {
+                    what: format!("chunk {id} of site {site}"),
+                    reason: format!("{e:#}"),
+                })?;
+            follower
+                .publisher
+                .put_chunk_bytes(site, id, bytes.clone())
+                .await?;
+            Ok(bytes)
+        })
     }
 }

@@ -1,5 +1,5 @@
-//! Garbage collection of published files: blobs and manifests that no retained version
-//! needs are deleted.
+//! Garbage collection of published files: blobs, tree chunks and manifests that no retained
+//! version needs are deleted.
 //!
 //! What a site retains is decided through the log: the leader prunes each site's history
 //! (`Command::PruneVersions`) to the newest [`HistoryConfig::keep`] versions, and never
@@ -8,7 +8,8 @@
 //! the prune no command can bring its files back into use.
 //!
 //! Then every node that owns a store sweeps it (each node its own folder; with a shared
-//! store, the leader): a file may go only when no retained manifest names it — the root's,
+//! store, the leader): a file may go only when no retained version reaches it (its manifest,
+//! every chunk of its file tree, every blob a leaf names) — the root's,
 //! the history's, live previews', and the version this node serves right now (a follower
 //! may still serve an older one) — and it was written more than [`HistoryConfig::grace`]
 //! ago. The decision and the deletes happen under [`Publisher::exclusive`], which waits for
@@ -17,14 +18,16 @@
 //! naming it while the blob is being judged unused.
 //!
 //! A sweep reads every retained manifest, so a site is swept only when its retained set
-//! changed since its last sweep on this node (and once after start-up).
+//! changed since its last sweep on this node (and once after start-up). Versions share most
+//! of their chunks: each is read on top of the one read before it (unchanged chunks are not
+//! read again) and a subtree already referenced is not walked again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use sesame_projector::{ObjectKind, PublishError, Publisher};
+use sesame_projector::{FileTree, Manifest, ObjectKind, PublishError, Publisher};
 use sesame_proto::{Command, CommandResult};
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +77,7 @@ impl Default for HistoryConfig {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
     pub blobs: usize,
+    pub chunks: usize,
     pub manifests: usize,
     /// Unreferenced files kept because they are younger than the grace period.
     pub young: usize,
@@ -213,6 +217,7 @@ impl Collector {
             }
             match o.kind {
                 ObjectKind::Blob => swept.blobs += 1,
+                ObjectKind::Chunk => swept.chunks += 1,
                 ObjectKind::Manifest => swept.manifests += 1,
             }
             doomed.push((o.kind, o.name));
@@ -220,21 +225,21 @@ impl Collector {
         for batch in doomed.chunks(DELETE_BATCH_MAX) {
             self.publisher.delete_objects(site, batch).await?;
         }
-        if swept.blobs + swept.manifests > 0 {
+        let deleted = swept.blobs + swept.chunks + swept.manifests;
+        if deleted > 0 {
             tracing::info!(
-                "site {site}: collected {} blobs and {} manifests no retained version uses",
+                "site {site}: collected {} blobs, {} chunks and {} manifests no retained version uses",
                 swept.blobs,
+                swept.chunks,
                 swept.manifests
             );
-            self.metrics
-                .gc_objects_deleted
-                .inc_by((swept.blobs + swept.manifests) as u64);
+            self.metrics.gc_objects_deleted.inc_by(deleted as u64);
         }
         Ok(swept)
     }
 
-    /// Adds to `referenced` the files of every manifest `site` retains now that is not in
-    /// `seen` yet (the manifests themselves included).
+    /// Adds to `referenced` the chunks and files of every manifest `site` retains now that
+    /// is not in `seen` yet (the manifests themselves included).
     async fn reference(
         &self,
         site: &str,
@@ -247,29 +252,34 @@ impl Collector {
             .reads
             .read(move |v| v.retained_manifests(&name, now))
             .await?;
-        if let Some(served) = self.pages.manifest(site) {
+        let served = self.pages.manifest(site);
+        if let Some(served) = &served {
             let id = served.id();
             if seen.insert(id.clone()) {
                 referenced.insert((ObjectKind::Manifest, id));
-                for f in served.files.values() {
-                    referenced.insert((ObjectKind::Blob, f.hash.clone()));
-                }
+                reference_tree(&served.files, referenced);
             }
         }
+        // Each version is read on top of the last one read: shared chunks are reused.
+        let mut base: Option<Arc<Manifest>> = served;
         for id in retained {
             if seen.contains(&id) {
                 continue;
             }
             referenced.insert((ObjectKind::Manifest, id.clone()));
-            match self.publisher.get_manifest(site, &id).await {
+            match self
+                .publisher
+                .get_manifest(site, &id, base.as_deref())
+                .await
+            {
                 Ok(m) => {
-                    for f in m.files.values() {
-                        referenced.insert((ObjectKind::Blob, f.hash.clone()));
-                    }
+                    reference_tree(&m.files, referenced);
+                    base = Some(Arc::new(m));
                 }
-                // Not in this node's store: a follower that needs it (a rollback) fetches it
-                // and then every file it lacks, pinned, so deleting its files now only
-                // means fetching them then. Looked for again under the exclusive guard.
+                // Not in this node's store (the manifest or a chunk): a follower that needs
+                // it (a rollback) fetches it and then every file it lacks, pinned, so
+                // deleting its files now only means fetching them then. Looked for again
+                // under the exclusive guard.
                 Err(PublishError::NotFound { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -277,4 +287,15 @@ impl Collector {
         }
         Ok(())
     }
+}
+
+/// Adds every chunk of `files` and every blob its leaves name to `referenced`, skipping the
+/// subtrees of chunks referenced already (the same id is the same subtree).
+fn reference_tree(files: &FileTree, referenced: &mut HashSet<(ObjectKind, String)>) {
+    let mut blobs = Vec::new();
+    files.walk(
+        &mut |chunk| referenced.insert((ObjectKind::Chunk, chunk.to_string())),
+        &mut |_, f| blobs.push(f.hash.clone()),
+    );
+    referenced.extend(blobs.into_iter().map(|hash| (ObjectKind::Blob, hash)));
 }

@@ -205,15 +205,7 @@ impl Projections {
             })
             .await?;
         let projection = projection.context("render the preview")?;
-        let pages = projection
-            .manifest
-            .files
-            .iter()
-            .filter(|(path, f)| {
-                f.content_type.starts_with("text/html")
-                    && path.as_str() != sesame_projector::NOT_FOUND_PATH
-            })
-            .count() as u64;
+        let pages = projection.manifest.files.pages() as u64;
         // Garbage collection waits until the preview is recorded (gc.rs).
         let _pin = self.publisher.pin().await;
         let manifest = self

@@ -663,9 +663,11 @@ impl Projections {
         render.pages_max = self.config.site_pages_max;
         let mut p = SiteProjector::new(site, render);
         if let Some(root) = &root {
+            // The served version shares most chunks with the root's (after a rollback too).
+            let served = self.pages.manifest(site);
             let manifest = self
                 .publisher
-                .get_manifest(site, &root.manifest)
+                .get_manifest(site, &root.manifest, served.as_deref())
                 .await
                 .with_context(|| format!("read the published manifest of site {site}"))?;
             p.adopt(manifest);
@@ -729,14 +731,7 @@ impl Projections {
             // by the next publish.
             tracing::warn!("mirror root of site {site}: {e:#}");
         }
-        let pages = manifest
-            .files
-            .iter()
-            .filter(|(path, f)| {
-                f.content_type.starts_with("text/html")
-                    && path.as_str() != sesame_projector::NOT_FOUND_PATH
-            })
-            .count() as u64;
+        let pages = manifest.files.pages() as u64;
         let mut s = slot.state();
         s.pages = pages;
         s.last_publish_at = Some(now_ms());

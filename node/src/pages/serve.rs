@@ -385,24 +385,6 @@ impl Pages {
             .map_or(0, |v| v.root_log_index)
     }
 
-    /// The content hashes of the files served for `site` now.
-    pub fn files(&self, site: &str) -> Option<std::collections::HashSet<String>> {
-        let version = self
-            .sites
-            .read()
-            .expect("pages lock poisoned")
-            .get(site)
-            .cloned()?;
-        Some(
-            version
-                .manifest
-                .files
-                .values()
-                .map(|f| f.hash.clone())
-                .collect(),
-        )
-    }
-
     /// Changes whenever a version is installed.
     pub fn installed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.installed.subscribe()

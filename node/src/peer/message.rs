@@ -43,7 +43,8 @@ pub enum PeerRequest {
         index: LogIndex,
         wait_ms: u64,
     },
-    /// A published object (a manifest or a blob) the asking node lacks.
+    /// A published object (a manifest, a chunk of a file tree, or a blob) the asking node
+    /// lacks.
     FetchObject {
         site: String,
         kind: ObjectKind,
@@ -60,6 +61,8 @@ pub enum PeerRequest {
 pub enum ObjectKind {
     Manifest,
     Blob,
+    /// A node of a version's file tree (`sites/<site>/chunks/<id>.json`).
+    Chunk,
 }
 
 /// A change of the cluster's members.
