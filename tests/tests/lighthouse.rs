@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{COOKIE, LOCATION};
 use serde_json::Value;
 use sesame_tests::browser::{
     all_ended, artifacts_dir, ensure_chromium, kill, lighthouse_bin, processes,
@@ -25,42 +25,11 @@ const RUN_WAIT: Duration = Duration::from_secs(180);
 
 /// A person with a profile: their session cookie (`name=value`).
 async fn person_with_a_profile(url: &str, username: &str) -> String {
+    let (cookie, csrf) = sesame_tests::studio::http_sign_up(url, username).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = client
-        .post(format!("{url}/_studio/signup"))
-        .form(&[
-            ("username", username),
-            ("password", "correct horse battery"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
-    let cookie = r.headers()[SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let editor = client
-        .get(format!("{url}/_studio/"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = editor
-        .split("name=\"_csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap()
-        .to_string();
     let saved = client
         .post(format!("{url}/_studio/save"))
         .header(COOKIE, &cookie)

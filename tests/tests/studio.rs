@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use fantoccini::{Client, Locator};
-use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{COOKIE, LOCATION};
 use sesame_tests::browser::{artifacts_dir, axe_script, axe_violations, wait_for, Driver};
+use sesame_tests::studio::http_sign_up;
 use sesame_tests::TestNode;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -146,47 +147,6 @@ async fn a_person_signs_up_edits_and_sees_their_page_change() {
     assert!(page.contains("Eve Without Scripts"));
     driver.quit().await.unwrap();
     node.stop().await.unwrap();
-}
-
-/// Signs up over plain HTTP; returns the session cookie and the CSRF field of the editor.
-async fn http_sign_up(url: &str, username: &str) -> (String, String) {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let r = client
-        .post(format!("{url}/_studio/signup"))
-        .form(&[
-            ("username", username),
-            ("password", "correct horse battery"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303);
-    let cookie = r.headers()[SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let page = client
-        .get(format!("{url}/_studio/"))
-        .header(COOKIE, &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = page
-        .split("name=\"_csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .unwrap()
-        .to_string();
-    (cookie, csrf)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
