@@ -221,6 +221,70 @@ async fn damaged_log_rows_are_errors_not_panics() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The state machine gets each entry from memory, as it was appended: the core's read moves a
+/// durable entry out of the log's cache (the file is not read), and a later read finds it in
+/// the file. Shown by damaging the file's rows behind the store's back: only a read that
+/// really goes to the file sees the damage.
+#[tokio::test]
+async fn the_core_reads_entries_to_apply_from_memory_once() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let (mut log_store, _) = open_storage(dir.path())?;
+    let entries = first_entries()?;
+    log_store.blocking_append(entries.clone()).await?;
+    damage_log_row(dir.path(), 2, "kind = 7")?;
+    damage_log_row(dir.path(), 3, "kind = 7")?;
+
+    // A replication task copies: the entries stay for the core.
+    let mut reader = log_store.get_log_reader().await;
+    assert_eq!(reader.try_get_log_entries(2..4).await?, entries[2..]);
+    // The core's read of entries 2 and 3 takes them from memory, and with them every durable
+    // entry before them (0 and 1, which the file holds intact).
+    assert_eq!(log_store.try_get_log_entries(2..4).await?, entries[2..]);
+    // Now they are only in the file.
+    let err = log_store
+        .try_get_log_entries(3..4)
+        .await
+        .expect_err("entry 3 was read from the damaged file");
+    assert!(
+        err.to_string().contains("entry 3: unknown payload kind 7"),
+        "{err}"
+    );
+    assert_eq!(log_store.try_get_log_entries(0..2).await?, entries[..2]);
+    Ok(())
+}
+
+/// Durable entries wait in memory for the core within a byte bound: past it the oldest leave
+/// (and are read from the file), the newest stay.
+#[tokio::test]
+async fn durable_entries_in_memory_are_bounded_in_bytes() -> anyhow::Result<()> {
+    use sesame_node::raft::log_store::RECENT_DURABLE_BYTES_MAX;
+    let dir = TempDir::new()?;
+    let (mut log_store, _) = open_storage(dir.path())?;
+    let value_bytes = 1 << 20;
+    let count = (RECENT_DURABLE_BYTES_MAX / value_bytes + 8) as u64;
+    let mut entries = vec![entry(1, 1, EntryPayload::Normal(create_site("demo")))];
+    for i in 2..=count {
+        let big = "x".repeat(value_bytes);
+        let command = put("demo", &format!("k{i}"), serde_json::json!({ "big": big }))?;
+        entries.push(entry(1, i, EntryPayload::Normal(command)));
+    }
+    log_store.blocking_append(entries.clone()).await?;
+    damage_log_row(dir.path(), 1, "kind = 7")?;
+    damage_log_row(dir.path(), count, "kind = 7")?;
+
+    let err = log_store
+        .try_get_log_entries(1..2)
+        .await
+        .expect_err("the oldest entry left memory");
+    assert!(
+        err.to_string().contains("entry 1: unknown payload kind 7"),
+        "{err}"
+    );
+    let last = log_store.try_get_log_entries(count..count + 1).await?;
+    assert_eq!(last[..], entries[entries.len() - 1..]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn damaged_vote_is_an_error() -> anyhow::Result<()> {
     let dir = TempDir::new()?;

@@ -12,15 +12,18 @@
 //! entries. The one write that skips the fsync is `save_committed`; see there why.
 //!
 //! Every write goes, in order, through one writer thread ([`Writer`]). `append` does not wait
-//! for it: the entries go into an in-memory cache of entries not yet durable, readers see
+//! for it: the entries go into an in-memory cache of recent entries ([`Recent`]), readers see
 //! them at once, and the writer commits them (appends queued meanwhile share one transaction,
 //! and one fsync) and then runs their callbacks. So a leader replicates an entry to its
 //! followers while its own fsync of it is still under way, and a commit costs one fsync on
 //! the leader in parallel with one on the followers, not one after the other.
 //!
-//! Reads (the core's and the replication tasks' [`LogReader`]s) take the cache's entries and
-//! read the rest through a second, read-only connection: WAL readers never wait for the
-//! writer.
+//! A durable entry stays in the cache until the core reads it to apply it (it is moved out
+//! then, not copied) or the cache passes [`RECENT_DURABLE_BYTES_MAX`]: the state machine gets
+//! each entry as it was appended, without reading the file and decoding it back. The cache is
+//! always a run of consecutive indexes ending at the last entry, so a read takes the cache's
+//! part of its range and reads the part before it through a second, read-only connection: WAL
+//! readers never wait for the writer.
 
 use std::fmt::Debug;
 use std::io;
@@ -49,6 +52,9 @@ pub const READ_ENTRIES_MAX: u64 = 4096;
 /// Most payload bytes one [`RaftLogReader::limited_get_log_entries`] call returns. The first
 /// entry is returned whatever its size, so a read always makes progress.
 pub const READ_PAYLOAD_BYTES_MAX: usize = 16 << 20;
+/// Most encoded payload bytes of durable entries the cache keeps for the core to apply
+/// (entries not yet durable stay whatever their size: openraft bounds those).
+pub const RECENT_DURABLE_BYTES_MAX: usize = 32 << 20;
 
 /// Marks the SQLite file as a Sesame Raft log (`PRAGMA application_id`): ASCII "SSRL".
 const APPLICATION_ID: i32 = i32::from_be_bytes(*b"SSRL");
@@ -160,19 +166,110 @@ pub struct LogStore {
     path: PathBuf,
     /// Every write, in order.
     writer: Writer,
-    /// Entries appended and not yet known durable, by index; readers see them.
-    pending: Pending,
+    /// Entries appended and not yet durable, and durable ones not yet applied; readers see
+    /// them.
+    recent: Recent,
     /// The reads (the core's and the [`LogReader`]s').
     reader_conn: Arc<Mutex<Connection>>,
 }
 
-/// Entries appended whose transaction may not have committed yet.
-type Pending = Arc<Mutex<std::collections::BTreeMap<u64, Entry>>>;
+/// The log's newest entries, in memory: those appended whose transaction may not have
+/// committed yet, and durable ones the core has not read to apply, within
+/// [`RECENT_DURABLE_BYTES_MAX`]. Always consecutive indexes up to the last entry appended
+/// (entries become durable in index order, and only the oldest durable ones leave), so a read
+/// of a range finds a suffix of it here and the rest in the file.
+#[derive(Clone, Default)]
+struct Recent(Arc<Mutex<RecentEntries>>);
+
+#[derive(Default)]
+struct RecentEntries {
+    /// By index. The writer thread holds a second reference to an entry until it is durable.
+    entries: std::collections::BTreeMap<u64, RecentEntry>,
+    /// Sum of the encoded payload sizes of the durable entries.
+    durable_bytes: usize,
+}
+
+struct RecentEntry {
+    entry: Arc<Entry>,
+    /// Its encoded payload size, once it is durable.
+    durable: Option<usize>,
+}
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        self.0.lock().expect("recent log entries lock poisoned")
+    }
+}
+
+impl RecentEntries {
+    fn last_log_id(&self) -> Option<LogId> {
+        self.entries.last_key_value().map(|(_, e)| e.entry.log_id)
+    }
+
+    /// Marks an entry durable (unless a truncation replaced it meanwhile), then drops the
+    /// oldest durable entries past the byte bound; what was dropped, to free outside the lock.
+    fn durable(&mut self, log_id: &LogId, bytes: usize) {
+        if let Some(e) = self.entries.get_mut(&log_id.index) {
+            if e.entry.log_id == *log_id && e.durable.is_none() {
+                e.durable = Some(bytes);
+                self.durable_bytes += bytes;
+            }
+        }
+    }
+
+    /// Removes the oldest entry if it is durable and `keep(durable_bytes, its index)` says no.
+    fn pop_durable(&mut self, keep: impl Fn(usize, u64) -> bool) -> Option<Arc<Entry>> {
+        let first = self.entries.first_entry()?;
+        let bytes = first.get().durable?;
+        if keep(self.durable_bytes, *first.key()) {
+            return None;
+        }
+        self.durable_bytes -= bytes;
+        Some(first.remove().entry)
+    }
+
+    /// Drops the oldest durable entries while they pass the byte bound.
+    fn trim(&mut self) -> Vec<Arc<Entry>> {
+        let mut dropped = Vec::new();
+        while let Some(e) = self.pop_durable(|bytes, _| bytes <= RECENT_DURABLE_BYTES_MAX) {
+            dropped.push(e);
+        }
+        dropped
+    }
+
+    /// Removes the entries at `index` and after.
+    fn truncate(&mut self, index: u64) -> Vec<Arc<Entry>> {
+        let removed = self.entries.split_off(&index);
+        self.forget(removed)
+    }
+
+    /// Removes the entries at `index` and before.
+    fn purge(&mut self, index: u64) -> Vec<Arc<Entry>> {
+        let keep = self.entries.split_off(&index.saturating_add(1));
+        let removed = std::mem::replace(&mut self.entries, keep);
+        self.forget(removed)
+    }
+
+    fn forget(&mut self, removed: std::collections::BTreeMap<u64, RecentEntry>) -> Vec<Arc<Entry>> {
+        removed
+            .into_values()
+            .map(|e| {
+                self.durable_bytes -= e.durable.unwrap_or(0);
+                e.entry
+            })
+            .collect()
+    }
+}
+
+/// An entry out of the cache: moved when nothing else holds it, else copied.
+fn unshare(entry: Arc<Entry>) -> Entry {
+    Arc::try_unwrap(entry).unwrap_or_else(|shared| Entry::clone(&shared))
+}
 
 /// One write for the writer thread, with where to answer.
 enum WriteOp {
     Append {
-        entries: Vec<Entry>,
+        entries: Vec<Arc<Entry>>,
         callback: LogFlushed<TypeConfig>,
     },
     Run(Box<dyn FnOnce(&mut Connection) + Send>),
@@ -184,11 +281,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(mut conn: Connection, pending: Pending) -> io::Result<Writer> {
+    fn start(mut conn: Connection, recent: Recent) -> io::Result<Writer> {
         let (ops, queue) = std::sync::mpsc::channel::<WriteOp>();
         std::thread::Builder::new()
             .name("sesame-raft-log".into())
-            .spawn(move || writer_loop(&mut conn, &queue, &pending))?;
+            .spawn(move || writer_loop(&mut conn, &queue, &recent))?;
         Ok(Writer { ops })
     }
 
@@ -212,11 +309,7 @@ impl Writer {
 }
 
 /// The writer thread: ops in order; appends that queued up together share one transaction.
-fn writer_loop(
-    conn: &mut Connection,
-    queue: &std::sync::mpsc::Receiver<WriteOp>,
-    pending: &Pending,
-) {
+fn writer_loop(conn: &mut Connection, queue: &std::sync::mpsc::Receiver<WriteOp>, recent: &Recent) {
     let mut next = queue.recv().ok();
     while let Some(op) = next.take() {
         match op {
@@ -237,19 +330,22 @@ fn writer_loop(
                         Err(_) => break,
                     }
                 }
-                let written = append_batch(conn, batch.iter().map(|(e, _)| e.as_slice()));
-                if written.is_ok() {
-                    let mut cached = pending.lock().expect("pending log entries lock poisoned");
-                    for (entries, _) in &batch {
-                        for e in entries {
-                            // A truncation and a new append may have replaced it meanwhile.
-                            if cached.get(&e.log_id.index).map(|c| c.log_id) == Some(e.log_id) {
-                                cached.remove(&e.log_id.index);
-                            }
+                let written = append_batch(conn, batch.iter().flat_map(|(e, _)| e.iter()));
+                if let Ok(sizes) = &written {
+                    let entries = batch.iter().flat_map(|(e, _)| e.iter());
+                    let dropped = {
+                        let mut recent = recent.lock();
+                        for (e, bytes) in entries.zip(sizes) {
+                            recent.durable(&e.log_id, *bytes);
                         }
-                    }
+                        recent.trim()
+                    };
+                    drop(dropped);
                 }
-                for (_, callback) in batch {
+                let written = written.map(|_| ());
+                for (entries, callback) in batch {
+                    // The cache holds them now; the core may take them without copying.
+                    drop(entries);
                     callback.log_io_completed(match &written {
                         Ok(()) => Ok(()),
                         Err(e) => Err(io::Error::other(e.to_string())),
@@ -290,12 +386,12 @@ impl LogStore {
         reader_conn.busy_timeout(BUSY_TIMEOUT)?;
         reader_conn.pragma_update(None, "query_only", true)?;
 
-        let pending: Pending = Arc::default();
-        let writer = Writer::start(conn, pending.clone()).map_err(LogStoreError::Thread)?;
+        let recent = Recent::default();
+        let writer = Writer::start(conn, recent.clone()).map_err(LogStoreError::Thread)?;
         Ok(LogStore {
             path,
             writer,
-            pending,
+            recent,
             reader_conn: Arc::new(Mutex::new(reader_conn)),
         })
     }
@@ -431,19 +527,22 @@ fn decode_payload(
 }
 
 /// Writes the entries of several appends in one transaction; one fsync when it commits.
+/// The encoded payload size of each entry, in order.
 fn append_batch<'a>(
     conn: &mut Connection,
-    appends: impl Iterator<Item = &'a [Entry]>,
-) -> Result<(), LogStoreError> {
+    entries: impl Iterator<Item = &'a Arc<Entry>>,
+) -> Result<Vec<usize>, LogStoreError> {
     let tx = conn.transaction()?;
+    let mut sizes = Vec::new();
     {
         // REPLACE, not INSERT: openraft truncates conflicting entries before appending, so an
         // index already present can only hold the very same entry again.
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO log (idx, term, leader_node_id, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for entry in appends.flatten() {
+        for entry in entries {
             let (kind, payload) = encode_payload(entry)?;
+            sizes.push(payload.len());
             let leader = &entry.log_id.leader_id;
             insert.execute(params![
                 entry.log_id.index,
@@ -455,7 +554,7 @@ fn append_batch<'a>(
         }
     }
     tx.commit()?;
-    Ok(())
+    Ok(sizes)
 }
 
 /// A read's size limits; `None` in [`read_entries`] reads the whole range.
@@ -485,16 +584,17 @@ fn half_open(range: &impl RangeBounds<u64>) -> (u64, u64) {
     (start.min(SQL_INTEGER_MAX), end.min(SQL_INTEGER_MAX))
 }
 
-/// Reads the entries present in `[start, end)`, in index order.
+/// Reads the entries present in `[start, end)`, in index order, and whether `limit` cut the
+/// read short of `end`.
 fn read_entries(
     conn: &Connection,
     start: u64,
     end: u64,
     limit: Option<ReadLimit>,
-) -> Result<Vec<Entry>, LogStoreError> {
+) -> Result<(Vec<Entry>, bool), LogStoreError> {
     let mut entries = Vec::new();
     if start >= end {
-        return Ok(entries);
+        return Ok((entries, false));
     }
     let rows_max = limit.map_or(SQL_INTEGER_MAX, |l| l.entries_max);
     let mut select = conn.prepare_cached(
@@ -524,10 +624,12 @@ fn read_entries(
 
         payload_bytes = payload_bytes.saturating_add(payload_len);
         if limit.is_some_and(|l| payload_bytes >= l.payload_bytes_max) {
-            break;
+            return Ok((entries, true));
         }
     }
-    Ok(entries)
+    let cut_short = entries.len() as u64 == rows_max
+        && entries.last().is_some_and(|e| e.log_id.index + 1 < end);
+    Ok((entries, cut_short))
 }
 
 fn log_state(conn: &Connection) -> Result<LogState<TypeConfig>, LogStoreError> {
@@ -586,36 +688,65 @@ fn save_committed(conn: &mut Connection, committed: &Option<LogId>) -> Result<()
     written
 }
 
-/// Reads `range`: the entries not yet durable from `pending`, the rest through `conn` on the
+/// Whether a read may move durable entries out of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The core's reads, which are (nearly all) of committed entries to apply: the durable
+    /// entries the read reaches are moved out of the cache, with any durable ones before them
+    /// (the file has them all).
+    Take,
+    /// The replication tasks' reads: copies.
+    Copy,
+}
+
+/// Reads `range`: the cache's part of it from `recent`, the rest through `conn` on the
 /// blocking pool.
 async fn get_entries(
     conn: &Arc<Mutex<Connection>>,
-    pending: &Pending,
+    recent: &Recent,
     (start, end): (u64, u64),
     limit: Option<ReadLimit>,
+    read: Read,
 ) -> Result<Vec<Entry>, StorageError> {
     if start >= end {
         return Ok(Vec::new());
     }
     // The cache first: an entry the writer commits after this is then in the file when it is
     // read below; one it committed before is in the file already. Either way, none is missed.
-    let cached: Vec<Entry> = pending
-        .lock()
-        .expect("pending log entries lock poisoned")
-        .range(start..end)
-        .map(|(_, e)| e.clone())
-        .collect();
+    let mut taken = Vec::new();
+    let (shared, dropped): (Vec<Arc<Entry>>, Vec<Arc<Entry>>) = {
+        let mut recent = recent.lock();
+        let mut dropped = Vec::new();
+        if read == Read::Take {
+            while let Some(e) = recent.pop_durable(|_, index| index >= end) {
+                if e.log_id.index >= start {
+                    taken.push(e);
+                } else {
+                    dropped.push(e);
+                }
+            }
+        }
+        let shared = recent
+            .entries
+            .range(start..end)
+            .map(|(_, e)| Arc::clone(&e.entry))
+            .collect();
+        (shared, dropped)
+    };
+    drop(dropped);
+    let cached: Vec<Entry> = taken.into_iter().chain(shared).map(unshare).collect();
     // Entries in the cache are newer than what the file may still hold at those indexes.
     let file_end = cached.first().map_or(end, |e| e.log_id.index);
-    let mut entries = if start < file_end {
+    let (mut entries, cut_short) = if start < file_end {
         blocking::run(conn, move |conn| read_entries(conn, start, file_end, limit))
             .await
             .map_err(read_logs_error)?
     } else {
-        Vec::new()
+        (Vec::new(), false)
     };
-    let complete = entries.last().map_or(start, |e| e.log_id.index + 1) == file_end;
-    if complete {
+    // The cache's part follows only a file part read whole (which may hold fewer entries than
+    // its range: those before the first entry the file has, purged, are not there).
+    if !cut_short {
         let room = limit.map_or(usize::MAX, |l| {
             (l.entries_max as usize).saturating_sub(entries.len())
         });
@@ -635,7 +766,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        get_entries(&self.reader_conn, &self.pending, half_open(&range), None).await
+        get_entries(
+            &self.reader_conn,
+            &self.recent,
+            half_open(&range),
+            None,
+            Read::Take,
+        )
+        .await
     }
 
     async fn limited_get_log_entries(
@@ -645,9 +783,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         get_entries(
             &self.reader_conn,
-            &self.pending,
+            &self.recent,
             half_open(&(start..end)),
             Some(REPLICATION_READ_LIMIT),
+            Read::Copy,
         )
         .await
     }
@@ -657,7 +796,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
 #[derive(Clone)]
 pub struct LogReader {
     conn: Arc<Mutex<Connection>>,
-    pending: Pending,
+    recent: Recent,
 }
 
 impl RaftLogReader<TypeConfig> for LogReader {
@@ -665,7 +804,14 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        get_entries(&self.conn, &self.pending, half_open(&range), None).await
+        get_entries(
+            &self.conn,
+            &self.recent,
+            half_open(&range),
+            None,
+            Read::Copy,
+        )
+        .await
     }
 
     async fn limited_get_log_entries(
@@ -675,9 +821,10 @@ impl RaftLogReader<TypeConfig> for LogReader {
     ) -> Result<Vec<Entry>, StorageError> {
         get_entries(
             &self.conn,
-            &self.pending,
+            &self.recent,
             half_open(&(start..end)),
             Some(REPLICATION_READ_LIMIT),
+            Read::Copy,
         )
         .await
     }
@@ -693,12 +840,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(read_logs_error)?;
         // Entries appended and not yet committed to the file are part of the log too.
-        let cached = self
-            .pending
-            .lock()
-            .expect("pending log entries lock poisoned")
-            .last_key_value()
-            .map(|(_, e)| e.log_id);
+        let cached = self.recent.lock().last_log_id();
         if cached > state.last_log_id {
             state.last_log_id = cached;
         }
@@ -708,7 +850,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_reader(&mut self) -> LogReader {
         LogReader {
             conn: Arc::clone(&self.reader_conn),
-            pending: Arc::clone(&self.pending),
+            recent: self.recent.clone(),
         }
     }
 
@@ -764,15 +906,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 "append got non-consecutive entries"
             );
         }
-        {
-            let mut cached = self
-                .pending
-                .lock()
-                .expect("pending log entries lock poisoned");
-            for e in &entries {
-                cached.insert(e.log_id.index, e.clone());
+        let entries: Vec<Arc<Entry>> = entries.into_iter().map(Arc::new).collect();
+        let dropped = match entries.first() {
+            None => Vec::new(),
+            Some(first) => {
+                let first = first.log_id.index;
+                let mut recent = self.recent.lock();
+                // Keep the cache consecutive: whatever it holds from `first` on is replaced
+                // (as the file's rows are), and after a gap (a snapshot installed) nothing
+                // older stays.
+                let mut dropped = recent.truncate(first);
+                if recent.last_log_id().is_some_and(|l| l.index + 1 < first) {
+                    dropped.extend(recent.purge(first - 1));
+                }
+                for e in &entries {
+                    let entry = Arc::clone(e);
+                    recent.entries.insert(
+                        e.log_id.index,
+                        RecentEntry {
+                            entry,
+                            durable: None,
+                        },
+                    );
+                }
+                dropped
             }
-        }
+        };
+        drop(dropped);
         self.writer
             .ops
             .send(WriteOp::Append { entries, callback })
@@ -782,10 +942,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Readers must not see the removed entries from here on.
-        self.pending
-            .lock()
-            .expect("pending log entries lock poisoned")
-            .split_off(&log_id.index);
+        let removed = self.recent.lock().truncate(log_id.index);
+        drop(removed);
         self.writer
             .run(move |conn| truncate(conn, &log_id))
             .await
@@ -793,14 +951,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        {
-            let mut cached = self
-                .pending
-                .lock()
-                .expect("pending log entries lock poisoned");
-            let keep = cached.split_off(&(log_id.index + 1));
-            *cached = keep;
-        }
+        let removed = self.recent.lock().purge(log_id.index);
+        drop(removed);
         self.writer
             .run(move |conn| purge(conn, &log_id))
             .await

@@ -46,6 +46,11 @@ use clap::{Parser, ValueEnum};
 
 use report::Row;
 
+/// The same allocator as the `sesame` binary, since the nodes measured here run in this
+/// process. (SQLite, the import's peer, allocates through libc either way.)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Section {
     Writes,
