@@ -193,8 +193,9 @@ pub async fn import(http: &Http, site: &str, file: &Path) -> anyhow::Result<u64>
 /// one while it applies the other. With a repeated key the import keeps one in flight, so
 /// the key's last line is the value that stays.
 pub const IMPORT_LANES: usize = 2;
-/// Keys remembered by the first pass; a larger file is imported one transaction at a time.
-const KEYS_SEEN_MAX: usize = 20_000_000;
+/// Keys remembered by the first pass (a hash set of 8-byte hashes: at most about 72 MiB);
+/// a larger file is imported one transaction at a time.
+const KEYS_SEEN_MAX: usize = 4_000_000;
 
 /// Whether any key comes twice: 64-bit hashes of the keys seen (a collision only makes the
 /// import take the careful path).

@@ -5,10 +5,7 @@ use reqwest::header::{COOKIE, SET_COOKIE};
 /// Signs `username` up through the studio's form; returns the session cookie
 /// (`name=value`) and the CSRF field of the editor page.
 pub async fn http_sign_up(url: &str, username: &str) -> (String, String) {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let client = no_redirects();
     let r = client
         .post(format!("{url}/_studio/signup"))
         .form(&[
@@ -42,4 +39,29 @@ pub async fn http_sign_up(url: &str, username: &str) -> (String, String) {
         .unwrap()
         .to_string();
     (cookie, csrf)
+}
+
+/// Posts a studio form (`path` under `url`, say `/_studio/save`) as the person whose session
+/// cookie is `cookie`; the CSRF field is one of `fields`. Redirects are not followed: a form
+/// that was taken answers 303.
+pub async fn http_post_form(
+    url: &str,
+    path: &str,
+    cookie: &str,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    no_redirects()
+        .post(format!("{url}{path}"))
+        .header(COOKIE, cookie)
+        .form(fields)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use reqwest::header::{COOKIE, LOCATION};
+use reqwest::header::LOCATION;
 use serde_json::Value;
 use sesame_tests::browser::{
     all_ended, artifacts_dir, ensure_chromium, kill, lighthouse_bin, processes,
@@ -26,14 +26,11 @@ const RUN_WAIT: Duration = Duration::from_secs(180);
 /// A person with a profile: their session cookie (`name=value`).
 async fn person_with_a_profile(url: &str, username: &str) -> String {
     let (cookie, csrf) = sesame_tests::studio::http_sign_up(url, username).await;
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let saved = client
-        .post(format!("{url}/_studio/save"))
-        .header(COOKIE, &cookie)
-        .form(&[
+    let saved = sesame_tests::studio::http_post_form(
+        url,
+        "/_studio/save",
+        &cookie,
+        &[
             ("_csrf", csrf.as_str()),
             ("name", "Lena Lighthouse"),
             (
@@ -45,10 +42,9 @@ async fn person_with_a_profile(url: &str, username: &str) -> String {
                 "Blog https://example.com/lena\nCode https://example.com/lena/code",
             ),
             ("theme", "classic"),
-        ])
-        .send()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     assert_eq!(saved.status(), 303);
     let index: u64 = saved.headers()[LOCATION]
         .to_str()
@@ -59,7 +55,7 @@ async fn person_with_a_profile(url: &str, username: &str) -> String {
         .parse()
         .unwrap();
     // The public page is published before Lighthouse looks at it.
-    let page = client
+    let page = reqwest::Client::new()
         .get(format!("{url}/demo/{username}"))
         .header("Sesame-Min-Index", index.to_string())
         .send()

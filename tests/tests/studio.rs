@@ -9,7 +9,7 @@ use std::time::Duration;
 use fantoccini::{Client, Locator};
 use reqwest::header::{COOKIE, LOCATION};
 use sesame_tests::browser::{artifacts_dir, axe_script, axe_violations, wait_for, Driver};
-use sesame_tests::studio::http_sign_up;
+use sesame_tests::studio::{http_post_form, http_sign_up};
 use sesame_tests::TestNode;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -159,16 +159,10 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
         .unwrap();
     let (cookie, csrf) = http_sign_up(&url, "fay").await;
     let save = |cookie: String, csrf: String, name: &'static str| {
-        let client = client.clone();
         let url = url.clone();
         async move {
-            client
-                .post(format!("{url}/_studio/save"))
-                .header(COOKIE, cookie)
-                .form(&[("_csrf", csrf.as_str()), ("name", name), ("theme", "paper")])
-                .send()
-                .await
-                .unwrap()
+            let fields = [("_csrf", csrf.as_str()), ("name", name), ("theme", "paper")];
+            http_post_form(&url, "/_studio/save", &cookie, &fields).await
         }
     };
     // A form from another page (no or a wrong CSRF field) is refused, and nothing is saved.
@@ -181,17 +175,12 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
     assert!(node.admin().get("demo", "profiles", "fay").await.is_err());
 
     // A preview renders the change privately; the public page does not move.
-    let r = client
-        .post(format!("{url}/_studio/preview"))
-        .header(COOKIE, &cookie)
-        .form(&[
-            ("_csrf", csrf.as_str()),
-            ("name", "Fay Previewed"),
-            ("theme", "paper"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let fields = [
+        ("_csrf", csrf.as_str()),
+        ("name", "Fay Previewed"),
+        ("theme", "paper"),
+    ];
+    let r = http_post_form(&url, "/_studio/preview", &cookie, &fields).await;
     assert_eq!(r.status(), 303);
     let preview_url = r.headers()[LOCATION].to_str().unwrap().to_string();
     assert!(preview_url.contains("/_preview/demo/"), "{preview_url}");
@@ -213,17 +202,12 @@ async fn studio_forms_refuse_forgeries_and_preview_without_publishing() {
     // A real save lands; bad input is said and nothing is lost from the form.
     let saved = save(cookie.clone(), csrf.clone(), "Fay").await;
     assert_eq!(saved.status(), 303);
-    let bad = client
-        .post(format!("{url}/_studio/save"))
-        .header(COOKIE, &cookie)
-        .form(&[
-            ("_csrf", csrf.as_str()),
-            ("name", "Fay"),
-            ("links", "Home javascript:alert(1)"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let fields = [
+        ("_csrf", csrf.as_str()),
+        ("name", "Fay"),
+        ("links", "Home javascript:alert(1)"),
+    ];
+    let bad = http_post_form(&url, "/_studio/save", &cookie, &fields).await;
     assert_eq!(bad.status(), 400);
     let body = bad.text().await.unwrap();
     assert!(

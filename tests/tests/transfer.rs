@@ -39,16 +39,7 @@ async fn import_export_round_trip_refuse_bad_files_and_resume() {
 
     // 12,000 good lines: three transactions.
     let good = dir.path().join("good.jsonl");
-    let mut f = std::fs::File::create(&good).unwrap();
-    for i in 0..12_000 {
-        writeln!(
-            f,
-            "{}",
-            serde_json::json!({"collection": "items", "key": format!("k{i:05}"), "value": {"n": i}})
-        )
-        .unwrap();
-    }
-    drop(f);
+    write_lines(&good, 12_000, |i| (format!("k{i:05}"), i));
     // As if a run had stopped after line 6,000: the import resumes after it.
     std::fs::write(
         dir.path().join("good.jsonl.progress"),
@@ -113,6 +104,22 @@ async fn import_export_round_trip_refuse_bad_files_and_resume() {
     node.stop().await.unwrap();
 }
 
+/// Writes `lines` import lines to `path`: line i puts `{"n": n}` at key `key` of collection
+/// `items`, where `(key, n) = line(i)`.
+fn write_lines(path: &std::path::Path, lines: usize, line: impl Fn(usize) -> (String, usize)) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..lines {
+        let (key, n) = line(i);
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"collection": "items", "key": key, "value": {"n": n}})
+        )
+        .unwrap();
+    }
+    f.flush().unwrap();
+}
+
 fn item(i: usize, n: i64) -> sesame_proto::Op {
     sesame_proto::Op::Put {
         collection: "items".into(),
@@ -136,16 +143,7 @@ async fn an_import_in_two_lanes_resumes_at_most_once_and_a_repeated_key_keeps_it
     let dir = tempfile::tempdir().unwrap();
 
     let good = dir.path().join("lanes.jsonl");
-    let mut f = std::fs::File::create(&good).unwrap();
-    for i in 0..15_000 {
-        writeln!(
-            f,
-            "{}",
-            serde_json::json!({"collection": "items", "key": format!("k{i:05}"), "value": {"n": i}})
-        )
-        .unwrap();
-    }
-    drop(f);
+    write_lines(&good, 15_000, |i| (format!("k{i:05}"), i));
     // The earlier run: transaction 0 (lines 1-5,000) recorded, transaction 1 (lines
     // 5,001-10,000: lane 1, sequence 1) committed, its answer lost.
     let lost = sesame_proto::api::TxRequest {
@@ -172,21 +170,14 @@ async fn an_import_in_two_lanes_resumes_at_most_once_and_a_repeated_key_keeps_it
 
     // A key written at the start and again near the end, transactions apart.
     let repeats = dir.path().join("repeats.jsonl");
-    let mut f = std::fs::File::create(&repeats).unwrap();
-    for i in 0..15_000 {
-        let (key, n) = if i % 5_000 == 0 {
-            ("same".to_string(), i)
+    write_lines(&repeats, 15_000, |i| {
+        let key = if i % 5_000 == 0 {
+            "same".to_string()
         } else {
-            (format!("r{i:05}"), i)
+            format!("r{i:05}")
         };
-        writeln!(
-            f,
-            "{}",
-            serde_json::json!({"collection": "items", "key": key, "value": {"n": n}})
-        )
-        .unwrap();
-    }
-    drop(f);
+        (key, i)
+    });
     let (ok, _, err) = sesame(&["import", "demo", repeats.to_str().unwrap()], &url, &token).await;
     assert!(ok, "{err}");
     assert_eq!(
