@@ -18,10 +18,16 @@ use crate::tree::FileTree;
 pub const MANIFEST_FORMAT: u32 = 2;
 /// The format before tree manifests: every file in the manifest itself. Still read.
 pub const MANIFEST_FORMAT_FLAT: u32 = 1;
-/// Largest manifest (version object) a reader accepts. A format-2 manifest is small but for
-/// its delta, which lists the paths a version changed (all of them in a first or full
-/// rebuild); a format-1 manifest lists every file (about 140 bytes each).
+/// Largest manifest (version object) a reader accepts. A format-2 manifest is small (its
+/// delta lists at most [`DELTA_PATHS_MAX`] paths); a format-1 manifest lists every file
+/// (about 140 bytes each).
 pub const MANIFEST_BYTES_MAX: usize = 256 << 20;
+/// Most paths a version object's delta lists. A version that changed more (a first publish
+/// or a full rebuild of a large site) says only how many: its version object stays small
+/// enough to fetch in one peer frame whatever the size of the site, and a reader that needs
+/// the paths diffs the trees of this version and `previous` (which costs as much as the
+/// change).
+pub const DELTA_PATHS_MAX: usize = 10_000;
 /// Version of the root JSON format.
 pub const ROOT_FORMAT: u32 = 1;
 /// Length of a blake3 hash in hex.
@@ -55,6 +61,15 @@ pub struct Delta {
     pub added: Vec<String>,
     pub changed: Vec<String>,
     pub removed: Vec<String>,
+    /// How many changed paths are not listed (the three lists are then empty): past
+    /// [`DELTA_PATHS_MAX`], see [`Delta::bounded`]. Absent from the JSON when zero, so a
+    /// listed delta is stored as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Delta {
@@ -65,7 +80,28 @@ impl Delta {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && self.omitted == 0
+    }
+
+    /// The delta as a version object stores it: listed within [`DELTA_PATHS_MAX`] paths,
+    /// else only counted.
+    pub fn bounded(self) -> Delta {
+        let paths = self.added.len() + self.changed.len() + self.removed.len();
+        if paths <= DELTA_PATHS_MAX {
+            return self;
+        }
+        Delta {
+            omitted: paths as u64,
+            ..Delta::default()
+        }
+    }
+
+    /// Whether every changed path is listed.
+    pub fn is_listed(&self) -> bool {
+        self.omitted == 0
     }
 
     /// Every path in the delta, for purging.
@@ -93,7 +129,7 @@ pub struct Manifest {
     pub previous: Option<String>,
     /// URL path (`/`, `/alice`, `/style.css`) → file.
     pub files: FileTree,
-    /// What changed since `previous`.
+    /// What changed since `previous` (only counted past [`DELTA_PATHS_MAX`] paths).
     pub delta: Delta,
 }
 
@@ -467,6 +503,47 @@ mod tests {
             Manifest::decode(bad.as_bytes()),
             Err(ManifestError::Invalid(_))
         ));
+    }
+
+    /// A delta past the bound is stored as a count: the version object of a full rebuild of
+    /// a large site stays small, and reads back as "this many paths, not listed".
+    #[test]
+    fn a_long_delta_is_counted_not_listed() {
+        let listed = Delta {
+            added: (0..DELTA_PATHS_MAX).map(|i| format!("/p{i}")).collect(),
+            ..Delta::default()
+        };
+        assert_eq!(listed.clone().bounded(), listed);
+        let mut long = listed.clone();
+        long.removed.push("/gone".into());
+        let counted = long.bounded();
+        assert!(!counted.is_listed() && !counted.is_empty());
+        assert_eq!(counted.paths().count(), 0);
+        let version = Manifest {
+            format: MANIFEST_FORMAT,
+            site: "demo".into(),
+            index: 3,
+            previous: None,
+            files: FileTree::default(),
+            delta: counted.clone(),
+        };
+        let json = version.to_json();
+        assert!(json.len() < 400, "{} bytes", json.len());
+        let StoredManifest::Tree(head) = Manifest::decode(&json).unwrap() else {
+            panic!("a format-2 manifest reads back as a tree head");
+        };
+        assert_eq!(head.delta, counted);
+        assert_eq!(head.delta.omitted, DELTA_PATHS_MAX as u64 + 1);
+        // A listed delta is stored exactly as before the count existed: ids do not move.
+        let text = String::from_utf8(
+            Manifest {
+                delta: listed,
+                ..version
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert!(!text.contains("omitted"));
     }
 
     #[test]

@@ -1212,7 +1212,7 @@ impl SiteProjector {
             index,
             previous: self.current.as_ref().map(|(id, _)| id.clone()),
             files: update.tree,
-            delta,
+            delta: delta.bounded(),
         });
         let manifest_json = Bytes::from(manifest.to_json());
         let id = content_hash(&manifest_json);

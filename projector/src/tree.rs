@@ -522,6 +522,7 @@ impl FileTree {
             added: sets.added.into_iter().collect(),
             changed: sets.changed.into_iter().collect(),
             removed: sets.removed.into_iter().collect(),
+            omitted: 0,
         }
     }
 }

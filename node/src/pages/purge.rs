@@ -328,16 +328,22 @@ impl Purger {
     }
 
     /// `site` now serves `new` instead of `old` (`None`: nothing was served, and `new`'s own
-    /// delta says what changed). Queues the changed URLs when this node leads.
+    /// delta says what changed; when it only counts them, every path of `new` is purged).
+    /// Queues the changed URLs when this node leads.
     pub fn installed(&self, old: Option<&Manifest>, new: &Manifest) {
         if !self.is_leading() {
             return;
         }
-        let delta = match old {
-            Some(old) => Delta::between(&old.files, &new.files),
-            None => new.delta.clone(),
-        };
-        self.enqueue(&new.site, new.index, delta.paths());
+        match old {
+            Some(old) => {
+                let delta = Delta::between(&old.files, &new.files);
+                self.enqueue(&new.site, new.index, delta.paths());
+            }
+            None if new.delta.is_listed() => {
+                self.enqueue(&new.site, new.index, new.delta.paths());
+            }
+            None => self.enqueue(&new.site, new.index, new.files.keys().map(String::as_str)),
+        }
     }
 
     /// `site` was deleted at `deleted_at` while serving `old`: every URL of it changed.
@@ -906,6 +912,35 @@ mod tests {
         let s = p.status("demo");
         assert_eq!((s.pending_urls, s.dropped_urls_total), (0, 7));
         assert!(!format!("{:?}", p.config).contains("secret-token"));
+    }
+
+    /// A node that served nothing purges what the new version's delta lists, or every path
+    /// of the version when the delta was too long to list.
+    #[test]
+    fn a_delta_only_counted_purges_every_path() {
+        let p = purger(PurgeConfig::webhook("http://127.0.0.1:9/purge"), None);
+        let mut m = manifest(4, &[("/a", "a"), ("/b", "b"), ("/c", "c")]);
+        m.delta = sesame_projector::Delta {
+            added: vec!["/b".into()],
+            ..Default::default()
+        };
+        p.installed(None, &m);
+        let urls = p.take_batch().unwrap().urls;
+        assert!(
+            urls.iter()
+                .all(|u| u.starts_with("https://example.com/demo/b")),
+            "{urls:?}"
+        );
+        m.delta = sesame_projector::Delta {
+            omitted: 12_345,
+            ..Default::default()
+        };
+        p.installed(None, &m);
+        let urls = p.take_batch().unwrap().urls;
+        for path in ["a", "b", "c"] {
+            let url = format!("https://example.com/demo/{path}");
+            assert!(urls.contains(&url), "{url} in {urls:?}");
+        }
     }
 
     #[test]
