@@ -408,17 +408,16 @@ async fn export_zip(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
     let Some(manifest) = node.pages.manifest(&site) else {
         return ApiError::not_found("nothing is published yet").into_response();
     };
-    let mine = |path: &str| {
-        path == format!("/{username}")
-            || path.starts_with(&format!("/avatars/{username}."))
-            || path == "/style.css"
-    };
-    let mut own = (*manifest).clone();
-    own.files = manifest
-        .files
+    // The person's files, looked up by path (the site may hold a million others).
+    let avatars = AVATAR_EXTENSIONS
         .iter()
-        .filter(|(path, _)| mine(path))
-        .map(|(p, e)| (p.clone(), e.clone()))
+        .map(|ext| format!("/avatars/{username}.{ext}"));
+    let paths = [format!("/{username}"), "/style.css".to_string()];
+    let mut own = (*manifest).clone();
+    own.files = paths
+        .into_iter()
+        .chain(avatars)
+        .filter_map(|p| Some((p.clone(), manifest.files.get(&p)?.clone())))
         .collect();
     if !own.files.contains_key(&format!("/{username}")) {
         return ApiError::not_found("your page is not published yet; save it first")
@@ -445,15 +444,19 @@ async fn export_zip(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respon
 /// Largest avatar image.
 pub const AVATAR_BYTES_MAX: usize = 512 << 10;
 
+/// The file extensions of the image formats an avatar may be (see [`image_kind`]).
+const AVATAR_EXTENSIONS: [&str; 3] = ["png", "jpg", "webp"];
+
 /// The image formats an avatar may be, told by their first bytes (never by the name or the
 /// declared type): the file extension it is stored under.
 fn image_kind(bytes: &[u8]) -> Option<&'static str> {
+    let [png, jpg, webp] = AVATAR_EXTENSIONS;
     if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some("png")
+        Some(png)
     } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        Some("jpg")
+        Some(jpg)
     } else if bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
-        Some("webp")
+        Some(webp)
     } else {
         None
     }

@@ -32,11 +32,13 @@ function saved() {
     .then(function (m) { if (m && !current) current = m; return current; });
 }
 
-function fetchFile(hash) {
+// `path` is a page the file is served at: the node answers with its content type.
+function fetchFile(hash, path) {
   return caches.open(FILES).then(function (cache) {
     return cache.match(hash).then(function (hit) {
       if (hit) return hit;
-      return fetch("/_sesame/blob/" + SITE + "/" + hash).then(function (r) {
+      var url = "/_sesame/blob/" + SITE + "/" + hash + "?path=" + encodeURIComponent(path);
+      return fetch(url).then(function (r) {
         if (!r.ok) throw new Error("file " + hash + ": " + r.status);
         return cache.put(hash, r.clone()).then(function () { return r; });
       });
@@ -60,7 +62,7 @@ function update() {
           // Fetch ahead the pages already visited; others come when asked for.
           return cur && cur.files[p] && visited[p];
         });
-        return Promise.all(wanted.map(function (p) { return fetchFile(next.files[p].hash); }))
+        return Promise.all(wanted.map(function (p) { return fetchFile(next.files[p].hash, p); }))
           .then(function () {
             current = next;
             return caches.open(META).then(function (c) {
@@ -129,10 +131,11 @@ function forgetGoneClients() {
 }
 
 function serve(m, path, req, version) {
-  var f = m && (m.files[path] || m.files[path + "/"]);
+  var at = m && (m.files[path] ? path : path + "/");
+  var f = m && m.files[at];
   if (!f || (version && f.hash.indexOf(version) !== 0)) return fetch(req);
   visited[path] = true;
-  return fetchFile(f.hash).then(function (r) {
+  return fetchFile(f.hash, at).then(function (r) {
     var headers = new Headers(r.headers);
     headers.set("content-type", f.content_type);
     headers.set("sesame-version", String(m.index));

@@ -1292,3 +1292,59 @@ async fn caching_headers_for_pages_304s_404s_and_versioned_assets() {
     );
     node.stop().await.unwrap();
 }
+
+/// The service worker's file route: a file by hash, typed by the page it is asked for (a
+/// lookup of that one path, never a scan of the site), untyped and never sniffed otherwise.
+#[tokio::test]
+async fn files_by_hash_are_typed_by_the_path_they_are_asked_for() {
+    let node = TestNode::start_with(fast).await.unwrap();
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    let page = get(&node, "/demo/alice", Some(index)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let manifest: serde_json::Value =
+        reqwest::get(format!("{}/_sesame/manifest/demo", node.node.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let hash = manifest["files"]["/alice"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let typed = get(
+        &node,
+        &format!("/_sesame/blob/demo/{hash}?path=%2Falice"),
+        None,
+    )
+    .await;
+    assert_eq!(typed.status, StatusCode::OK);
+    assert_eq!(typed.body, page.body);
+    assert!(typed
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(typed.header("x-content-type-options"), Some("nosniff"));
+    for query in ["", "?path=%2Fstyle.css", "?path=%2Fnobody"] {
+        let untyped = get(&node, &format!("/_sesame/blob/demo/{hash}{query}"), None).await;
+        assert_eq!(untyped.status, StatusCode::OK, "{query}");
+        assert_eq!(
+            untyped.header("content-type"),
+            Some("application/octet-stream"),
+            "{query}"
+        );
+        assert_eq!(untyped.header("x-content-type-options"), Some("nosniff"));
+    }
+    let missing = "0".repeat(64);
+    let gone = get(
+        &node,
+        &format!("/_sesame/blob/demo/{missing}?path=%2Falice"),
+        None,
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    let bad = get(&node, "/_sesame/blob/demo/not-a-hash", None).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}

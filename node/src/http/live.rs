@@ -211,11 +211,19 @@ pub async fn manifest(
         .into_response()
 }
 
+/// `?path=` of a blob request: the page the service worker wants the file for.
+#[derive(Debug, serde::Deserialize)]
+pub struct BlobQuery {
+    path: Option<String>,
+}
+
 /// A file of `site` by hash (of the version served now, or an earlier one still in the
-/// store): immutable, cacheable for good.
+/// store): immutable, cacheable for good. Its content type is the served version's at
+/// `?path=` when that path has this file, else `application/octet-stream` (never sniffed).
 pub async fn blob(
     State(node): State<Arc<Node>>,
     axum::extract::Path((site, hash)): axum::extract::Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<BlobQuery>,
 ) -> Response {
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return (
@@ -224,7 +232,7 @@ pub async fn blob(
         )
             .into_response();
     }
-    match node.pages.blob(&site, &hash).await {
+    match node.pages.blob(&site, &hash, query.path.as_deref()).await {
         None => (StatusCode::NOT_FOUND, "no such file").into_response(),
         Some(Err(e)) => {
             tracing::warn!("blob {site}/{hash}: {e:#}");
@@ -237,6 +245,7 @@ pub async fn blob(
                     header::CACHE_CONTROL,
                     "public, max-age=31536000, immutable".to_string(),
                 ),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
             ],
             body,
         )

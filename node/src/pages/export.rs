@@ -4,6 +4,8 @@
 
 use std::io::Write as _;
 
+use anyhow::Context as _;
+
 use sesame_projector::{Manifest, NOT_FOUND_PATH};
 
 use crate::pages::serve::Pages;
@@ -42,9 +44,10 @@ pub async fn site_zip(
     let files: std::collections::BTreeMap<&String, &sesame_projector::FileEntry> =
         manifest.files.iter().collect();
     for (path, file) in files {
-        let Some(Ok((body, _))) = pages.blob(&manifest.site, &file.hash).await else {
-            anyhow::bail!("file {path} ({}) cannot be read", file.hash);
-        };
+        let body = pages
+            .body(&manifest.site, &file.hash)
+            .await
+            .with_context(|| format!("file {path} ({}) cannot be read", file.hash))?;
         let text_like = file.content_type.starts_with("text/")
             || file.content_type.contains("xml")
             || file.content_type.contains("javascript");

@@ -287,15 +287,21 @@ impl Pages {
     }
 
     /// A file of `site` by its hash (for the service worker, which keeps pages by content
-    /// hash and may still serve an older version than the node): with its content type when
-    /// the served version has it. Files are immutable, so an older version's is as good;
-    /// `None` when the site has no such file.
-    pub async fn blob(&self, site: &str, hash: &str) -> Option<anyhow::Result<(Bytes, String)>> {
+    /// hash and may still serve an older version than the node). Files are immutable, so an
+    /// older version's is as good. Its content type is the served version's entry at `path`
+    /// when that entry has this hash, else `application/octet-stream`: the lookup costs a
+    /// path's walk down the tree, never a scan of the site. `None` when the site has no
+    /// such file.
+    pub async fn blob(
+        &self,
+        site: &str,
+        hash: &str,
+        path: Option<&str>,
+    ) -> Option<anyhow::Result<(Bytes, String)>> {
         let manifest = self.manifest(site)?;
-        let content_type = manifest
-            .files
-            .values()
-            .find(|f| f.hash == hash)
+        let content_type = path
+            .and_then(|p| manifest.files.get(p))
+            .filter(|f| f.hash == hash)
             .map(|f| f.content_type.clone());
         match (self.body(site, hash).await, content_type) {
             (Ok(body), t) => Some(Ok((
