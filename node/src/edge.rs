@@ -557,13 +557,7 @@ async fn every_answer(State(edge): State<Arc<Edge>>, req: Request, next: Next) -
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    edge.metrics
-        .http_requests
-        .get_or_create(&vec![(
-            "status".to_string(),
-            resp.status().as_u16().to_string(),
-        )])
-        .inc();
+    edge.metrics.answered(resp.status().as_u16());
     resp
 }
 

@@ -20,9 +20,14 @@ use prometheus_client::registry::Registry;
 /// Labels of a family: `[("status", "200")]`.
 pub type Labels = Vec<(String, String)>;
 
+/// Statuses whose counters are looked up once, not per answer: what pages are answered with.
+const COMMON_STATUSES: [u16; 3] = [200, 304, 404];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<Labels, Counter>,
+    /// The counters of [`COMMON_STATUSES`] in `http_requests`, in that order.
+    common_answers: [Counter; COMMON_STATUSES.len()],
     pub rate_limited: Counter,
     pub write_seconds: Histogram,
     pub write_batch: Histogram,
@@ -102,8 +107,14 @@ impl Metrics {
             purged_urls: Counter::default(),
             purge_errors: Counter::default(),
             purge_dropped_urls: Counter::default(),
+            common_answers: Default::default(),
             registry: Registry::default(),
         };
+        let common_answers = COMMON_STATUSES.map(|status| {
+            m.http_requests
+                .get_or_create(&vec![("status".to_string(), status.to_string())])
+                .clone()
+        });
         r.register(
             "http_requests",
             "HTTP answers, by status",
@@ -248,7 +259,26 @@ impl Metrics {
             "Changed URLs never purged: the purge backlog overflowed or the target refused them",
             m.purge_dropped_urls.clone(),
         );
-        Metrics { registry: r, ..m }
+        Metrics {
+            registry: r,
+            common_answers,
+            ..m
+        }
+    }
+
+    /// Counts an HTTP answer by its status. Every request passes here, so the usual
+    /// statuses skip the family's lock and the label strings.
+    pub fn answered(&self, status: u16) {
+        match COMMON_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => {
+                self.common_answers[i].inc();
+            }
+            None => {
+                self.http_requests
+                    .get_or_create(&vec![("status".to_string(), status.to_string())])
+                    .inc();
+            }
+        }
     }
 
     /// The text exposition.
