@@ -1129,6 +1129,7 @@ async fn edge(args: EdgeArgs) -> anyhow::Result<()> {
     config.poll = std::time::Duration::from_millis(args.poll_ms);
     config.cache_bytes = args.cache_bytes;
     config.domain = args.domain;
+    config.store_options = crate::edge::store_options_from_env();
     let running = crate::edge::start(config).await?;
     say(format!("Sesame edge listening on {}", running.url()))?;
     tokio::select! {

@@ -14,6 +14,19 @@
 //! that cannot be reached leaves the installed versions served; a root, manifest or chunk
 //! that is damaged is never installed (the previous version stays served; with none, the
 //! site answers 503), and a damaged blob is answered with a 503, never served.
+//!
+//! Every wait on the store is bounded, because a slow or unreachable store must not stall
+//! the poller: listing the sites and reading the roots of one round share a deadline of the
+//! poll interval (at least [`POLL_ROUND_MS_MIN`]), and installing a version has
+//! [`INSTALL_WAIT_MS`]. A round that runs out of time is logged once per outage and counted
+//! as failed; the next one starts one poll interval later, so the edge takes up new roots as
+//! soon as the store answers again. An S3 client's own defaults (10 retries within 3
+//! minutes, no request timeout) would hold a round far longer, so an edge's S3 client gets
+//! short timeouts and two retries ([`open_objects_for_edge`]).
+//!
+//! `GET /metrics` gives the node's serving figures (answers by status, the blob cache) and
+//! the edge's own (polls by outcome and their duration, the index installed per site, chunk
+//! reads) in the Prometheus text format.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,11 +40,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::future::BoxFuture;
 use futures::StreamExt as _;
-use sesame_projector::{PublishError, Publisher, Root};
+use object_store::{ClientOptions, RetryConfig};
+use sesame_projector::{ChunkSource, PublishError, Publisher, Root};
 use sesame_proto::{validate_site, LogIndex};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::pages::serve::{self, answer, plain, unavailable, Pages, ServeConfig};
 
 /// Default time between two reads of every site's root, in milliseconds.
@@ -45,6 +61,22 @@ pub const POLL_MS_MAX: u64 = 60_000;
 pub const NOTIFY_GAP_MS: u64 = 50;
 /// Most sites one edge follows; sites past it (in name order) are not served.
 pub const SITES_MAX: usize = 10_000;
+/// Shortest time a round of root reads is given, in milliseconds, when the poll interval is
+/// shorter: a listing and a root read against S3 take tens of milliseconds each, so a round
+/// bounded by a 50 ms interval would fail while the store is healthy.
+pub const POLL_ROUND_MS_MIN: u64 = 1_000;
+/// Longest the install of one version (its manifest and the chunks it does not share with
+/// the served one) may take, in milliseconds. A first install of a large site reads many
+/// chunks, so this is longer than a round's deadline.
+pub const INSTALL_WAIT_MS: u64 = 30_000;
+/// An edge's S3 client: time to open a connection, in milliseconds.
+pub const S3_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// An edge's S3 client: time for one request, body included, in milliseconds (a blob of
+/// several MB from a distant region fits).
+pub const S3_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// An edge's S3 client: retries of one request (a 5xx, a reset), within
+/// [`S3_REQUEST_TIMEOUT_MS`] from the first try.
+pub const S3_RETRIES_MAX: usize = 2;
 /// Roots and manifests read at once during a re-read.
 const READS_CONCURRENT_MAX: usize = 8;
 /// Requests answered at once (the node's bound).
@@ -64,6 +96,9 @@ pub struct EdgeConfig {
     pub cache_bytes: usize,
     /// Subdomain mode: `Host: <site>.<domain>` serves `<site>`.
     pub domain: Option<String>,
+    /// Options of the store (`aws_endpoint`, `aws_region`, ...; see
+    /// `object_store::aws::AmazonS3ConfigKey`). The CLI takes them from `AWS_*` variables.
+    pub store_options: Vec<(String, String)>,
 }
 
 impl EdgeConfig {
@@ -74,7 +109,13 @@ impl EdgeConfig {
             poll: Duration::from_millis(POLL_MS_DEFAULT),
             cache_bytes: serve::BLOB_CACHE_BYTES_MAX,
             domain: None,
+            store_options: Vec::new(),
         }
+    }
+
+    /// How long one round of listing and root reads may take.
+    pub fn poll_round_bound(&self) -> Duration {
+        self.poll.max(Duration::from_millis(POLL_ROUND_MS_MIN))
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -105,7 +146,10 @@ struct Followed {
 pub struct Edge {
     pages: Pages,
     publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
     poll: Duration,
+    /// Deadline of one round's listing and root reads.
+    round_bound: Duration,
     sites: Mutex<HashMap<String, Followed>>,
     /// Asks the poller for a re-read now.
     wake: tokio::sync::Notify,
@@ -121,6 +165,7 @@ pub struct Edge {
 impl Edge {
     pub fn new(config: &EdgeConfig, publisher: Arc<Publisher>) -> anyhow::Result<Edge> {
         config.check()?;
+        let metrics = Arc::new(Metrics::new_edge());
         let pages = Pages::new(
             ServeConfig {
                 domain: config.domain.clone(),
@@ -128,13 +173,15 @@ impl Edge {
                 ..ServeConfig::default()
             },
             publisher.clone(),
-            Arc::new(crate::metrics::Metrics::new()),
+            metrics.clone(),
             None,
         );
         Ok(Edge {
             pages,
             publisher,
+            metrics,
             poll: config.poll,
+            round_bound: config.poll_round_bound(),
             sites: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             rounds: tokio::sync::watch::channel(0).0,
@@ -146,6 +193,11 @@ impl Edge {
     /// The versions served.
     pub fn pages(&self) -> &Pages {
         &self.pages
+    }
+
+    /// The edge's figures.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Asks for a re-read of every root now (coalesced with other asks).
@@ -171,23 +223,50 @@ impl Edge {
         }
     }
 
-    /// Reads every site's root and installs the versions that changed.
+    /// Reads every site's root and installs the versions that changed. The listing and the
+    /// root reads end by the round's deadline, an install within [`INSTALL_WAIT_MS`].
     pub async fn reread(&self) {
-        let listed = match self.publisher.list_sites().await {
-            Ok(listed) => {
+        let started = tokio::time::Instant::now();
+        let ok = self.reread_within(started + self.round_bound).await;
+        self.metrics
+            .edge_poll_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = if ok { "ok" } else { "failed" };
+        self.metrics
+            .edge_polls
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+            .inc();
+        self.rounds.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// One round; whether the listing and every root read succeeded.
+    async fn reread_within(&self, deadline: tokio::time::Instant) -> bool {
+        let listing = tokio::time::timeout_at(deadline, self.publisher.list_sites()).await;
+        let listed = match listing {
+            Ok(Ok(listed)) => {
                 if !self.store_ok.swap(true, Ordering::Relaxed) {
                     tracing::info!("the object store answers again");
                 }
                 listed
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 if self.store_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
                         "list sites in the object store: {e:#}; serving what is installed"
                     );
                 }
-                self.rounds.send_modify(|n| *n = n.wrapping_add(1));
-                return;
+                return false;
+            }
+            Err(_) => {
+                if self.store_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "list sites in the object store: no answer within {:?}; serving what \
+                         is installed, trying again every {:?}",
+                        self.round_bound,
+                        self.poll
+                    );
+                }
+                return false;
             }
         };
         if listed.len() > SITES_MAX {
@@ -206,26 +285,42 @@ impl Edge {
                 .keys()
                 .cloned(),
         );
+        let failed = AtomicU64::new(0);
         futures::stream::iter(sites)
-            .for_each_concurrent(READS_CONCURRENT_MAX, |site| async move {
-                self.refresh(&site).await;
+            .for_each_concurrent(READS_CONCURRENT_MAX, |site| {
+                let failed = &failed;
+                async move {
+                    if !self.refresh(&site, deadline).await {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             })
             .await;
-        self.rounds.send_modify(|n| *n = n.wrapping_add(1));
+        let failed = failed.into_inner();
+        if failed > 0 {
+            tracing::debug!("{failed} root reads failed or ran out of time this round");
+        }
+        failed == 0
     }
 
-    /// Reads `site`'s root; installs its version when it changed.
-    async fn refresh(&self, site: &str) {
-        let root = match self.publisher.get_root(site).await {
-            Ok(root) => root,
-            Err(e @ PublishError::Corrupt { .. }) => {
+    /// Reads `site`'s root (by `deadline`); installs its version when it changed. Whether
+    /// the root could be read.
+    async fn refresh(&self, site: &str, deadline: tokio::time::Instant) -> bool {
+        let read = tokio::time::timeout_at(deadline, self.publisher.get_root(site)).await;
+        let root = match read {
+            Ok(Ok(root)) => root,
+            Ok(Err(e @ PublishError::Corrupt { .. })) => {
                 tracing::error!("read the root of site {site}: {e:#}; not installed");
                 self.with_site(site, |f| f.damaged = Some(format!("{e:#}")));
-                return;
+                return true;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!("read the root of site {site}: {e:#}");
-                return;
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!("read the root of site {site}: no answer in time");
+                return false;
             }
         };
         let Some(root) = root else {
@@ -238,19 +333,36 @@ impl Edge {
             if gone.is_some_and(|f| f.installed.is_some()) {
                 let at = self.installs.fetch_add(1, Ordering::Relaxed) + 1;
                 self.pages.remove(site, at);
+                self.metrics
+                    .edge_installed_index
+                    .remove(&vec![("site".to_string(), site.to_string())]);
                 tracing::info!("site {site} has no root any more; no longer served");
             }
-            return;
+            return true;
         };
         if self.with_site(site, |f| f.installed.as_ref() == Some(&root)) {
-            return;
+            return true;
         }
         // Chunks the served version has at the same place are reused, not read again.
         let served = self.pages.manifest(site);
-        let read = self
-            .publisher
-            .get_manifest(site, &root.manifest, served.as_deref())
-            .await;
+        let chunks = CountedChunks {
+            publisher: &self.publisher,
+            metrics: &self.metrics,
+        };
+        let read = tokio::time::timeout(
+            Duration::from_millis(INSTALL_WAIT_MS),
+            self.publisher
+                .get_manifest_with(site, &root.manifest, served.as_deref(), &chunks),
+        )
+        .await;
+        let Ok(read) = read else {
+            tracing::warn!(
+                "read manifest {} of site {site}: not done within {INSTALL_WAIT_MS} ms; the \
+                 installed version stays served",
+                root.manifest
+            );
+            return true;
+        };
         let manifest = match read {
             Ok(m) if m.index == root.index => m,
             Ok(m) => {
@@ -260,7 +372,7 @@ impl Edge {
                 );
                 tracing::error!("install site {site}: {why}; not installed");
                 self.with_site(site, |f| f.damaged = Some(why));
-                return;
+                return true;
             }
             Err(e @ (PublishError::Corrupt { .. } | PublishError::NotFound { .. })) => {
                 tracing::error!(
@@ -268,20 +380,25 @@ impl Edge {
                     root.manifest
                 );
                 self.with_site(site, |f| f.damaged = Some(format!("{e:#}")));
-                return;
+                return true;
             }
             Err(e) => {
                 tracing::warn!("read manifest {} of site {site}: {e:#}", root.manifest);
-                return;
+                return true;
             }
         };
         let at = self.installs.fetch_add(1, Ordering::Relaxed) + 1;
         self.pages.install(Arc::new(manifest), at);
+        self.metrics
+            .edge_installed_index
+            .get_or_create(&vec![("site".to_string(), site.to_string())])
+            .set(i64::try_from(root.index).unwrap_or(i64::MAX));
         tracing::info!(site, index = root.index, manifest = %root.manifest, "installed");
         self.with_site(site, |f| {
             f.installed = Some(root);
             f.damaged = None;
         });
+        true
     }
 
     fn with_site<R>(&self, site: &str, f: impl FnOnce(&mut Followed) -> R) -> R {
@@ -337,13 +454,79 @@ impl Edge {
     }
 }
 
-/// Opens the object store a URL names, with S3/R2 settings from `AWS_*` variables (as
-/// `aws_endpoint`, `aws_region`, ...; see `object_store::aws::AmazonS3ConfigKey`).
-pub fn open_objects(url: &str) -> anyhow::Result<Publisher> {
-    let options = std::env::vars()
+/// Reads chunks from the store and counts them.
+struct CountedChunks<'a> {
+    publisher: &'a Publisher,
+    metrics: &'a Metrics,
+}
+
+impl ChunkSource for CountedChunks<'_> {
+    fn chunk<'a>(
+        &'a self,
+        site: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<bytes::Bytes, PublishError>> {
+        self.metrics.edge_chunk_fetches.inc();
+        self.publisher.chunk(site, id)
+    }
+}
+
+/// S3/R2 settings from `AWS_*` variables (as `aws_endpoint`, `aws_region`, ...; see
+/// `object_store::aws::AmazonS3ConfigKey`).
+pub fn store_options_from_env() -> Vec<(String, String)> {
+    std::env::vars()
         .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v));
-    Publisher::from_url(url, options).with_context(|| format!("open object store {url}"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+/// Opens the object store a URL names, with S3/R2 settings from `AWS_*` variables, and the
+/// S3 client's defaults (a node's publishes may wait out a slow store).
+pub fn open_objects(url: &str) -> anyhow::Result<Publisher> {
+    Publisher::from_url(url, store_options_from_env())
+        .with_context(|| format!("open object store {url}"))
+}
+
+/// Opens the object store a URL names for an edge: an S3 (or R2) client gets short
+/// timeouts and few retries ([`S3_CONNECT_TIMEOUT_MS`], [`S3_REQUEST_TIMEOUT_MS`],
+/// [`S3_RETRIES_MAX`]), so a fetch a visitor waits for fails within seconds when the store
+/// does not answer; `options` may still set `timeout` or `connect_timeout`.
+pub fn open_objects_for_edge(url: &str, options: &[(String, String)]) -> anyhow::Result<Publisher> {
+    let parsed = url::Url::parse(url).with_context(|| format!("parse object store URL {url}"))?;
+    let (scheme, prefix) = object_store::ObjectStoreScheme::parse(&parsed)
+        .with_context(|| format!("open object store {url}"))?;
+    if scheme != object_store::ObjectStoreScheme::AmazonS3 {
+        return Publisher::from_url(url, options.iter().cloned())
+            .with_context(|| format!("open object store {url}"));
+    }
+    let client = ClientOptions::new()
+        .with_connect_timeout(Duration::from_millis(S3_CONNECT_TIMEOUT_MS))
+        .with_timeout(Duration::from_millis(S3_REQUEST_TIMEOUT_MS));
+    let retry = RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(1_000),
+            base: 2.0,
+        },
+        max_retries: S3_RETRIES_MAX,
+        retry_timeout: Duration::from_millis(S3_REQUEST_TIMEOUT_MS),
+    };
+    let builder = options.iter().fold(
+        object_store::aws::AmazonS3Builder::new()
+            .with_url(url)
+            .with_client_options(client)
+            .with_retry(retry),
+        |builder, (key, value)| match key.parse() {
+            Ok(k) => builder.with_config(k, value),
+            Err(_) => builder,
+        },
+    );
+    let store = builder
+        .build()
+        .with_context(|| format!("open object store {url}"))?;
+    let prefix = object_store::path::Path::parse(prefix)
+        .with_context(|| format!("read the folder of object store URL {url}"))?;
+    Ok(Publisher::with_prefix(Arc::new(store), prefix))
 }
 
 /// The edge's HTTP routes.
@@ -351,17 +534,21 @@ pub fn router(edge: Arc<Edge>) -> axum::Router {
     axum::Router::new()
         .route("/_sesame/notify", post(notify))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .fallback(page)
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             HTTP_CONCURRENCY_MAX,
         ))
-        .layer(axum::middleware::from_fn(every_answer))
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            every_answer,
+        ))
         .with_state(edge)
 }
 
-/// What a node's answer layer does that pages rely on: the limits on the request head, and
-/// `nosniff` on every answer.
-async fn every_answer(req: Request, next: Next) -> Response {
+/// What a node's answer layer does that pages rely on: the limits on the request head,
+/// `nosniff` on every answer, and the count of answers by status.
+async fn every_answer(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
     let mut resp = match crate::http::answer::check_head(&req) {
         Err(e) => e.into_response(),
         Ok(()) => next.run(req).await,
@@ -370,7 +557,21 @@ async fn every_answer(req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    edge.metrics.answered(resp.status().as_u16());
     resp
+}
+
+/// `GET /metrics`: the edge's figures in the Prometheus (OpenMetrics) text format. Public,
+/// as on a node: it names sites (which the store lists anyway), no key or token.
+async fn metrics(State(edge): State<Arc<Edge>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        edge.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// `POST /_sesame/notify[?site=<site>]`: re-read the roots now. Anyone may ask (it only
@@ -451,9 +652,21 @@ impl RunningEdge {
 
 /// Opens the store, reads every root once, then serves and polls.
 pub async fn start(config: EdgeConfig) -> anyhow::Result<RunningEdge> {
-    let publisher = Arc::new(open_objects(&config.objects)?);
+    let publisher = Arc::new(open_objects_for_edge(
+        &config.objects,
+        &config.store_options,
+    )?);
+    start_with(config, publisher).await
+}
+
+/// [`start`] over a store opened by the caller (tests wrap one to count or stall reads).
+pub async fn start_with(
+    config: EdgeConfig,
+    publisher: Arc<Publisher>,
+) -> anyhow::Result<RunningEdge> {
     let edge = Arc::new(Edge::new(&config, publisher)?);
-    // The first read before the first request, so a healthy store's pages are there at once.
+    // The first read before the first request, so a healthy store's pages are there at once
+    // (and an unreachable one delays the start by one round's bound, no more).
     edge.reread().await;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

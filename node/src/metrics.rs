@@ -4,6 +4,11 @@
 //! Counters and histograms move where things happen (the write path, the projector, the blob
 //! cache, the layer every HTTP answer passes); gauges that mirror state (Raft's indexes and
 //! followers' lag, open client connections and data channels) are read when scraped.
+//!
+//! An edge (`crate::edge`) has a registry of its own with the serving figures a node has
+//! (answers by status, the blob cache) and its own: root polls, their duration, the index
+//! installed per site, and the chunks it reads. Those are registered on edges only
+//! ([`Metrics::new_edge`]), so a node's scrape does not carry families that never move.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,9 +20,14 @@ use prometheus_client::registry::Registry;
 /// Labels of a family: `[("status", "200")]`.
 pub type Labels = Vec<(String, String)>;
 
+/// Statuses whose counters are looked up once, not per answer: what pages are answered with.
+const COMMON_STATUSES: [u16; 3] = [200, 304, 404];
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<Labels, Counter>,
+    /// The counters of [`COMMON_STATUSES`] in `http_requests`, in that order.
+    common_answers: [Counter; COMMON_STATUSES.len()],
     pub rate_limited: Counter,
     pub write_seconds: Histogram,
     pub write_batch: Histogram,
@@ -33,6 +43,11 @@ pub struct Metrics {
     pub blob_cache_hits: Counter,
     pub blob_cache_misses: Counter,
     pub blob_cache_bytes: Gauge,
+    pub blob_fetches: Counter,
+    pub edge_polls: Family<Labels, Counter>,
+    pub edge_poll_seconds: Histogram,
+    pub edge_installed_index: Family<Labels, Gauge>,
+    pub edge_chunk_fetches: Counter,
     pub client_connections: Gauge,
     pub client_sessions: Gauge,
     pub live_channels: Gauge,
@@ -49,7 +64,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A node's figures.
     pub fn new() -> Metrics {
+        Metrics::build(false)
+    }
+
+    /// An edge's figures: a node's and the edge's own.
+    pub fn new_edge() -> Metrics {
+        Metrics::build(true)
+    }
+
+    fn build(edge: bool) -> Metrics {
         let mut r = Registry::with_prefix("sesame");
         let m = Metrics {
             http_requests: Family::default(),
@@ -69,6 +94,12 @@ impl Metrics {
             blob_cache_hits: Counter::default(),
             blob_cache_misses: Counter::default(),
             blob_cache_bytes: Gauge::default(),
+            blob_fetches: Counter::default(),
+            edge_polls: Family::default(),
+            // 1 ms to ~65 s.
+            edge_poll_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            edge_installed_index: Family::default(),
+            edge_chunk_fetches: Counter::default(),
             client_connections: Gauge::default(),
             client_sessions: Gauge::default(),
             live_channels: Gauge::default(),
@@ -76,8 +107,14 @@ impl Metrics {
             purged_urls: Counter::default(),
             purge_errors: Counter::default(),
             purge_dropped_urls: Counter::default(),
+            common_answers: Default::default(),
             registry: Registry::default(),
         };
+        let common_answers = COMMON_STATUSES.map(|status| {
+            m.http_requests
+                .get_or_create(&vec![("status".to_string(), status.to_string())])
+                .clone()
+        });
         r.register(
             "http_requests",
             "HTTP answers, by status",
@@ -164,6 +201,35 @@ impl Metrics {
             m.blob_cache_bytes.clone(),
         );
         r.register(
+            "blob_fetches",
+            "Page bodies fetched from the object store (simultaneous misses of one body share \
+             one fetch)",
+            m.blob_fetches.clone(),
+        );
+        if edge {
+            r.register(
+                "edge_polls",
+                "Rounds of reading every site's root, by outcome (failed: the listing or a \
+                 root read failed or ran out of time)",
+                m.edge_polls.clone(),
+            );
+            r.register(
+                "edge_poll_seconds",
+                "Time one round of reading the roots took, installs included",
+                m.edge_poll_seconds.clone(),
+            );
+            r.register(
+                "edge_installed_index",
+                "The commit index of the version installed, per site",
+                m.edge_installed_index.clone(),
+            );
+            r.register(
+                "edge_chunk_fetches",
+                "File-tree chunks read from the object store to install versions",
+                m.edge_chunk_fetches.clone(),
+            );
+        }
+        r.register(
             "client_connections",
             "Open QUIC connections of app clients",
             m.client_connections.clone(),
@@ -193,7 +259,26 @@ impl Metrics {
             "Changed URLs never purged: the purge backlog overflowed or the target refused them",
             m.purge_dropped_urls.clone(),
         );
-        Metrics { registry: r, ..m }
+        Metrics {
+            registry: r,
+            common_answers,
+            ..m
+        }
+    }
+
+    /// Counts an HTTP answer by its status. Every request passes here, so the usual
+    /// statuses skip the family's lock and the label strings.
+    pub fn answered(&self, status: u16) {
+        match COMMON_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => {
+                self.common_answers[i].inc();
+            }
+            None => {
+                self.http_requests
+                    .get_or_create(&vec![("status".to_string(), status.to_string())])
+                    .inc();
+            }
+        }
     }
 
     /// The text exposition.

@@ -116,6 +116,14 @@ impl Publisher {
         }
     }
 
+    /// Publishes into `store` under `prefix` (a folder of a bucket; empty: the whole store),
+    /// for callers that build the store themselves (an edge bounds its S3 client).
+    pub fn with_prefix(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
+        let mut publisher = Self::new(store);
+        publisher.prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
+        publisher
+    }
+
     /// Keeps garbage collection out until the guard drops (see `pins`).
     pub async fn pin(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
         self.pins.clone().read_owned().await

@@ -12,6 +12,7 @@ pub mod faults;
 pub mod linearizable;
 pub mod process;
 pub mod rtc;
+pub mod store;
 pub mod studio;
 
 use std::path::{Path, PathBuf};

@@ -1,9 +1,12 @@
 //! `sesame edge` against a real node sharing a local object folder: the edge answers
 //! exactly what the node answers (status, body, validators, caching headers), follows
 //! edits by polling and at once after a notification, adopts versions whole, never serves
-//! damaged files, and refuses hostile paths as the node does.
+//! damaged files, and refuses hostile paths as the node does. A store that stalls (or an S3
+//! endpoint that never answers) bounds each poll round and leaves installed pages served;
+//! simultaneous misses for one file cost the store one GET; `/metrics` counts all of it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, IF_NONE_MATCH};
@@ -12,7 +15,9 @@ use serde_json::json;
 use sesame_client::Http;
 use sesame_node::edge::{EdgeConfig, RunningEdge};
 use sesame_node::pages::bundle;
+use sesame_projector::Publisher;
 use sesame_proto::api::TxRequest;
+use sesame_tests::store::ControlledStore;
 use sesame_tests::{raw_http, TestNode};
 
 const SITE: &str = "demo";
@@ -446,6 +451,276 @@ async fn damaged_files_are_never_served_and_an_outage_keeps_the_installed_versio
     std::fs::write(&alice_blob, alice.body.as_bytes()).unwrap();
     let repaired = get(&url, "/demo/alice", &[]).await;
     assert_same("/demo/alice (repaired)", &alice, &repaired);
+
+    edge.shutdown().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+/// An edge over `objects` seen through a [`ControlledStore`] the test drives.
+async fn controlled_edge_on(objects: &Path, poll_ms: u64) -> (RunningEdge, Arc<ControlledStore>) {
+    let local = object_store::local::LocalFileSystem::new_with_prefix(objects).unwrap();
+    let store = Arc::new(ControlledStore::new(Arc::new(local)));
+    let publisher = Arc::new(Publisher::new(store.clone()));
+    let mut config = EdgeConfig::new("file:///unused", "127.0.0.1:0".parse().unwrap());
+    config.poll = Duration::from_millis(poll_ms);
+    config.cache_bytes = 4 << 20;
+    let edge = sesame_node::edge::start_with(config, publisher)
+        .await
+        .unwrap();
+    (edge, store)
+}
+
+fn polls(edge: &RunningEdge, outcome: &str) -> u64 {
+    edge.edge
+        .metrics()
+        .edge_polls
+        .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+        .get()
+}
+
+#[tokio::test]
+async fn a_stalled_store_bounds_each_poll_and_installed_pages_stay_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    let node = node_on(&objects).await;
+    let admin = node.admin();
+    let index = deploy_demo(&admin).await;
+    let node_url = node.node.url();
+    let home = wait_version(&node_url, "/demo/", index, PUBLISH_WAIT).await;
+    let (edge, store) = controlled_edge_on(&objects, 100).await;
+    let url = edge.url();
+    wait_version(&url, "/demo/", index, PUBLISH_WAIT).await;
+
+    // The store accepts every call and never answers.
+    store.stall(true);
+    let failed_before = polls(&edge, "failed");
+    let bound = Duration::from_millis(sesame_node::edge::POLL_ROUND_MS_MIN);
+    let started = Instant::now();
+    tokio::time::timeout(bound * 5, edge.edge.reread())
+        .await
+        .expect("a poll round against a stalled store never ended");
+    let took = started.elapsed();
+    assert!(
+        took >= bound && took < bound + Duration::from_millis(500),
+        "a round against a stalled store took {took:?}, its bound is {bound:?}"
+    );
+    assert!(polls(&edge, "failed") > failed_before, "counted as failed");
+    // Installed (and cached) pages are answered meanwhile, at once.
+    let started = Instant::now();
+    let during = get(&url, "/demo/", &[]).await;
+    assert_same("/demo/ (store stalled)", &home, &during);
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    // An edit published while the edge's store is stalled shows soon after it answers.
+    let w = admin
+        .put(
+            SITE,
+            "profiles",
+            "bob",
+            json!({"name": "Robert Stalled", "bio": "Edited"}),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_version(&node_url, "/demo/bob", w.index, PUBLISH_WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(edge.edge.pages().served_index(SITE) < Some(w.index));
+    store.stall(false);
+    let back = Instant::now();
+    let bob = wait_version(&url, "/demo/bob", w.index, PUBLISH_WAIT).await;
+    assert!(bob.body.contains("Robert Stalled"));
+    // At most one round still waiting out its bound, then a poll interval and a round.
+    assert!(
+        back.elapsed() < bound + Duration::from_millis(1_000),
+        "took {:?} after the store came back",
+        back.elapsed()
+    );
+    assert!(polls(&edge, "ok") > 0);
+
+    edge.shutdown().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_s3_endpoint_that_never_answers_holds_no_round_past_its_bound() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config = EdgeConfig::new("s3://pages/edge", "127.0.0.1:0".parse().unwrap());
+    config.poll = Duration::from_millis(200);
+    config.store_options = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let bound = config.poll_round_bound();
+    let slack = Duration::from_millis(500);
+    let started = Instant::now();
+    // Starting reads every root once.
+    let edge = tokio::time::timeout(bound * 10, sesame_node::edge::start(config))
+        .await
+        .expect("the edge did not start while its store was silent")
+        .unwrap();
+    assert!(
+        started.elapsed() < bound + slack,
+        "start took {:?}",
+        started.elapsed()
+    );
+    let url = edge.url();
+    assert_eq!(get(&url, "/healthz", &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&url, "/demo/", &[]).await.status,
+        StatusCode::NOT_FOUND,
+        "nothing installed"
+    );
+    let started = Instant::now();
+    tokio::time::timeout(bound * 10, edge.edge.reread())
+        .await
+        .expect("a poll round against a silent S3 endpoint never ended");
+    assert!(
+        started.elapsed() < bound + slack,
+        "a round took {:?}",
+        started.elapsed()
+    );
+    assert!(polls(&edge, "failed") >= 2);
+    assert_eq!(polls(&edge, "ok"), 0);
+    edge.shutdown().await.unwrap();
+    silent.abort();
+}
+
+/// Answers to `n` simultaneous GETs of `path`.
+async fn simultaneous(url: &str, path: &str, n: usize) -> Vec<Page> {
+    let gets = (0..n).map(|_| get(url, path, &[]));
+    futures::future::join_all(gets).await
+}
+
+#[tokio::test]
+async fn simultaneous_misses_for_one_file_cost_the_store_one_get() {
+    const N: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    let node = node_on(&objects).await;
+    let index = deploy_demo(&node.admin()).await;
+    let node_url = node.node.url();
+    let alice = wait_version(&node_url, "/demo/alice", index, PUBLISH_WAIT).await;
+    let bob = wait_version(&node_url, "/demo/bob", index, PUBLISH_WAIT).await;
+    let (edge, store) = controlled_edge_on(&objects, 60_000).await;
+    let url = edge.url();
+    wait_version(&url, "/demo/", index, PUBLISH_WAIT).await;
+    // Every GET takes a while, so all N requests miss while the first fetch is on its way.
+    store.set_get_delay(Duration::from_millis(300));
+
+    let alice_blob = alice.header("etag").unwrap().trim_matches('"').to_string();
+    let m = edge.edge.metrics();
+    let (fetches, misses) = (m.blob_fetches.get(), m.blob_cache_misses.get());
+    let answers = simultaneous(&url, "/demo/alice", N).await;
+    for page in &answers {
+        assert_same("/demo/alice", &alice, page);
+    }
+    assert_eq!(store.gets_of(&alice_blob), 1, "GETs of alice's blob");
+    assert_eq!(m.blob_fetches.get() - fetches, 1);
+    assert_eq!(m.blob_cache_misses.get() - misses, N as u64);
+
+    // A fetch that fails: every waiter gets the error, and nothing of it stays behind.
+    let bob_blob = bob.header("etag").unwrap().trim_matches('"').to_string();
+    store.fail_gets(Some(&bob_blob));
+    for page in simultaneous(&url, "/demo/bob", N).await {
+        assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE, "{page:?}");
+        assert_eq!(page.header("retry-after"), Some("1"));
+    }
+    assert_eq!(store.gets_of(&bob_blob), 1, "GETs of bob's blob");
+    store.fail_gets(None);
+    store.set_get_delay(Duration::ZERO);
+    assert_same("/demo/bob", &bob, &get(&url, "/demo/bob", &[]).await);
+    assert_eq!(store.gets_of(&bob_blob), 2, "tried again after the failure");
+    assert_same("/demo/bob", &bob, &get(&url, "/demo/bob", &[]).await);
+    assert_eq!(store.gets_of(&bob_blob), 2, "cached");
+
+    edge.shutdown().await.unwrap();
+    node.stop().await.unwrap();
+}
+
+/// The value of the sample named `name` (with its labels, as exposed), if scraped.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn an_edge_exposes_its_figures_at_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    let node = node_on(&objects).await;
+    let index = deploy_demo(&node.admin()).await;
+    wait_version(&node.node.url(), "/demo/", index, PUBLISH_WAIT).await;
+    let edge = edge_on(&objects, 50).await;
+    let url = edge.url();
+    wait_version(&url, "/demo/", index, PUBLISH_WAIT).await;
+    get(&url, "/demo/nobody", &[]).await;
+
+    let scrape = |url: String| async move {
+        let resp = client().get(format!("{url}/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(content_type.starts_with("application/openmetrics-text"));
+        resp.text().await.unwrap()
+    };
+    let first = scrape(url.clone()).await;
+    for (name, kind) in [
+        ("sesame_http_requests", "counter"),
+        ("sesame_blob_cache_hits", "counter"),
+        ("sesame_blob_cache_misses", "counter"),
+        ("sesame_blob_cache_bytes", "gauge"),
+        ("sesame_blob_fetches", "counter"),
+        ("sesame_edge_polls", "counter"),
+        ("sesame_edge_poll_seconds", "histogram"),
+        ("sesame_edge_installed_index", "gauge"),
+        ("sesame_edge_chunk_fetches", "counter"),
+    ] {
+        assert!(
+            first.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} as a {kind} in:\n{first}"
+        );
+    }
+    let installed = edge.edge.pages().served_index(SITE).unwrap();
+    assert!(installed >= index);
+    assert_eq!(
+        sample(&first, "sesame_edge_installed_index{site=\"demo\"}"),
+        Some(installed as f64)
+    );
+    assert!(sample(&first, "sesame_edge_chunk_fetches_total").unwrap() >= 1.0);
+    assert!(sample(&first, "sesame_http_requests_total{status=\"404\"}").unwrap() >= 1.0);
+    assert!(sample(&first, "sesame_blob_fetches_total").unwrap() >= 1.0);
+
+    // Counters move: answers, cache hits, polls.
+    for _ in 0..3 {
+        get(&url, "/demo/", &[]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = scrape(url.clone()).await;
+    let moved = |name: &str, by: f64| {
+        let (a, b) = (
+            sample(&first, name).unwrap_or(0.0),
+            sample(&second, name).unwrap_or(0.0),
+        );
+        assert!(b >= a + by, "{name}: {a} then {b}");
+    };
+    moved("sesame_http_requests_total{status=\"200\"}", 3.0);
+    moved("sesame_blob_cache_hits_total", 3.0);
+    moved("sesame_edge_polls_total{outcome=\"ok\"}", 1.0);
+    moved("sesame_edge_poll_seconds_count", 1.0);
 
     edge.shutdown().await.unwrap();
     node.stop().await.unwrap();

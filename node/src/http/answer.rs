@@ -71,10 +71,7 @@ pub async fn every_answer(
         HeaderValue::from_static("nosniff"),
     );
     let status = resp.status();
-    node.metrics
-        .http_requests
-        .get_or_create(&vec![("status".to_string(), status.as_u16().to_string())])
-        .inc();
+    node.metrics.answered(status.as_u16());
     if status == StatusCode::TOO_MANY_REQUESTS {
         node.metrics.rate_limited.inc();
     }

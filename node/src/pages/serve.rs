@@ -6,6 +6,13 @@
 //! recently served files sit in a byte-bounded cache keyed by content hash. The projector
 //! installs the versions it publishes; [`crate::pages::follow`] installs every committed root (on
 //! followers, after a rollback, at start-up).
+//!
+//! A body that is not cached is read from the object store once however many requests want
+//! it at the same moment: the first miss starts a fetch (a task of its own, so a client that
+//! goes away does not cancel it for the others) and later misses wait for that fetch, within
+//! [`BLOB_FETCH_WAIT`]. A page that a CDN purge or a crawler makes cold then costs the store
+//! one GET, not one per visitor. A failed fetch gives every waiter the same error and leaves
+//! nothing behind: the next request tries again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -33,6 +40,9 @@ pub const BLOB_CACHE_BYTES_MAX: usize = 256 << 20;
 pub const BLOB_CACHED_BYTES_MAX: usize = 8 << 20;
 /// Most shards (independently locked parts) of the blob cache.
 const BLOB_CACHE_SHARDS_MAX: usize = 8;
+/// Longest a request waits for a body from the object store (its own fetch or a shared one);
+/// the fetch itself is abandoned then too, so a stalled store holds no task for long.
+pub const BLOB_FETCH_WAIT: Duration = Duration::from_secs(20);
 /// The typical file, for sizing the cache's index (quick_cache wants an estimated count).
 const BLOB_TYPICAL_BYTES: usize = 16 << 10;
 /// Header that asks to wait for a projected index (read-your-writes).
@@ -189,6 +199,33 @@ impl BlobCache {
     }
 }
 
+/// Why a body could not be read: the same for every request that waited for one fetch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BlobError {
+    /// The store has bytes that do not match their hash (as opposed to an outage).
+    pub corrupt: bool,
+    message: Arc<str>,
+}
+
+impl BlobError {
+    fn new(corrupt: bool, message: String) -> BlobError {
+        BlobError {
+            corrupt,
+            message: message.into(),
+        }
+    }
+}
+
+/// A fetch of one body, shared by every request that missed the cache for it meanwhile.
+type BlobFetch =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, BlobError>>>;
+
+/// Fetches in flight, by content hash. An entry lives from the first miss to the end of its
+/// fetch (which is bounded by [`BLOB_FETCH_WAIT`]), and misses come from requests, so the
+/// map is bounded by the HTTP concurrency limit.
+type BlobFetches = Arc<Mutex<HashMap<String, BlobFetch>>>;
+
 /// Counts of held requests, in all and per site. A site has an entry only while requests
 /// for it are held, so the map is bounded by [`HELD_REQUESTS_MAX`].
 #[derive(Default)]
@@ -239,7 +276,9 @@ pub struct Pages {
     publisher: Arc<Publisher>,
     metrics: Arc<crate::metrics::Metrics>,
     sites: RwLock<HashMap<String, Arc<SiteVersion>>>,
-    blobs: BlobCache,
+    blobs: Arc<BlobCache>,
+    /// Fetches of uncached bodies in flight (see the module doc).
+    fetches: BlobFetches,
     /// Bumped at every install.
     installed: tokio::sync::watch::Sender<u64>,
     /// Requests held by `Sesame-Min-Index`.
@@ -265,7 +304,8 @@ impl Pages {
             publisher,
             metrics,
             sites: RwLock::new(HashMap::new()),
-            blobs,
+            blobs: Arc::new(blobs),
+            fetches: Arc::default(),
             installed: tokio::sync::watch::channel(0).0,
             holds: Holds::default(),
             deleted: Mutex::new(HashMap::new()),
@@ -310,7 +350,7 @@ impl Pages {
             ))),
             // Not in the served version, and not in the store: no such file.
             (Err(_), None) => None,
-            (Err(e), Some(_)) => Some(Err(e)),
+            (Err(e), Some(_)) => Some(Err(e.into())),
         }
     }
 
@@ -429,15 +469,80 @@ impl Pages {
             .map(|v| v.manifest.index)
     }
 
-    pub(crate) async fn body(&self, site: &str, hash: &str) -> anyhow::Result<Bytes> {
+    /// The bytes of file `hash` of `site`: from the cache, else from the store through the
+    /// fetch in flight for it, or a new one (see the module doc).
+    pub(crate) async fn body(&self, site: &str, hash: &str) -> Result<Bytes, BlobError> {
         if let Some(b) = self.blobs.get(hash) {
             self.metrics.blob_cache_hits.inc();
             return Ok(b);
         }
         self.metrics.blob_cache_misses.inc();
-        let body = self.publisher.get_blob(site, hash).await?;
-        self.prime(hash, body.clone());
-        Ok(body)
+        let fetch = {
+            let mut fetches = self.fetches.lock().expect("blob fetches lock poisoned");
+            match fetches.get(hash) {
+                Some(fetch) => fetch.clone(),
+                None => {
+                    // The fetch may have ended between the cache lookup and the lock.
+                    if let Some(b) = self.blobs.get(hash) {
+                        return Ok(b);
+                    }
+                    let fetch = self.start_fetch(site, hash);
+                    fetches.insert(hash.to_string(), fetch.clone());
+                    fetch
+                }
+            }
+        };
+        match tokio::time::timeout(BLOB_FETCH_WAIT, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(BlobError::new(
+                false,
+                format!("the object store did not answer within {BLOB_FETCH_WAIT:?}"),
+            )),
+        }
+    }
+
+    /// Starts fetching `hash` of `site` into the cache, in a task of its own; the task takes
+    /// its entry out of `fetches` when it ends, after caching a good body.
+    fn start_fetch(&self, site: &str, hash: &str) -> BlobFetch {
+        self.metrics.blob_fetches.inc();
+        let (publisher, blobs, fetches, metrics) = (
+            self.publisher.clone(),
+            self.blobs.clone(),
+            self.fetches.clone(),
+            self.metrics.clone(),
+        );
+        let (site, hash) = (site.to_string(), hash.to_string());
+        let task = tokio::spawn(async move {
+            let read = tokio::time::timeout(BLOB_FETCH_WAIT, publisher.get_blob(&site, &hash));
+            let result = match read.await {
+                Ok(Ok(body)) => {
+                    blobs.insert(&hash, body.clone());
+                    metrics.blob_cache_bytes.set(blobs.bytes() as i64);
+                    Ok(body)
+                }
+                Ok(Err(e)) => Err(BlobError::new(
+                    matches!(e, sesame_projector::PublishError::Corrupt { .. }),
+                    format!("{e:#}"),
+                )),
+                Err(_) => Err(BlobError::new(
+                    false,
+                    format!("the object store did not answer within {BLOB_FETCH_WAIT:?}"),
+                )),
+            };
+            fetches
+                .lock()
+                .expect("blob fetches lock poisoned")
+                .remove(&hash);
+            result
+        });
+        use futures::FutureExt as _;
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(BlobError::new(false, format!("the blob fetch failed: {e}")))
+            })
+        }
+        .boxed()
+        .shared()
     }
 }
 
@@ -776,10 +881,7 @@ where
         Ok(body) => (status, resp_headers, Body::from(body)).into_response(),
         Err(e) => {
             tracing::error!("serve {site}{path}: read blob {}: {e:#}", file.hash);
-            let corrupt = matches!(
-                e.downcast_ref::<sesame_projector::PublishError>(),
-                Some(sesame_projector::PublishError::Corrupt { .. })
-            );
+            let corrupt = e.corrupt;
             let mut resp = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 if corrupt {

@@ -5,6 +5,11 @@
 //! and `--serving-pages` distinct profile pages, each request a random one (a wrk Lua script
 //! picks the path), so neither side is measured on one hot file only.
 //!
+//! An edge server (`sesame edge --objects file://<the node's objects> --http 127.0.0.1:<port>`,
+//! the built `sesame` binary as its own process, as nginx is) serves the same published site
+//! after the node has stopped, and is measured with the same runs: node, edge and nginx each
+//! have the machine to themselves while measured.
+//!
 //! nginx is started here with a minimal configuration in a temporary folder (`daemon off`,
 //! `access_log off`, its pid file and temporary paths in that folder, listening on a free
 //! 127.0.0.1 port) and stopped here, also when the run fails. Each wrk run follows a
@@ -29,6 +34,8 @@ const NGINX_WAIT: Duration = Duration::from_secs(10);
 const WRK_GRACE: Duration = Duration::from_secs(30);
 /// Page requests in flight while copying the node's pages for nginx.
 const COPY_CONCURRENCY: usize = 16;
+/// Longest an edge may take to start serving the site, or to stop.
+const EDGE_WAIT: Duration = Duration::from_secs(30);
 /// The profile whose page the one-page run asks for.
 const ONE_PAGE: usize = 42;
 
@@ -63,6 +70,16 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         sesame.one.rps, sesame.random.rps
     );
 
+    let objects = dir.path().join(sesame_node::app::OBJECTS_DIR);
+    let edge = edge_run(&wrk, &objects, &pages, base, args).await;
+    match &edge {
+        Ok(r) => eprintln!(
+            "   sesame edge: one page {:.0} req/s, {n} random pages {:.0} req/s",
+            r.one.rps, r.random.rps
+        ),
+        Err(e) => eprintln!("   sesame edge: {e:#}"),
+    }
+
     let nginx = nginx_run(&wrk, &pages, base, args).await;
     if let Ok((version, r)) = &nginx {
         eprintln!(
@@ -70,10 +87,6 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
             r.one.rps, r.random.rps
         );
     }
-
-    // An edge server (`sesame edge`) is a third column to come: start it over the same
-    // object store here, call `random_pages` (and `wrk_run` for one page) with its base URL,
-    // and add its rate and its ratio to nginx to the two rows below.
 
     let one_bytes = pages
         .iter()
@@ -88,24 +101,41 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         args.wrk_seconds()
     );
     let fs = crate::fs::fs_type(base).unwrap_or_else(|_| "?".into());
-    let row = |what: String, ours: &Rate, theirs: Option<&Rate>| {
+    // The node and the edge in one cell each, so the table keeps its columns.
+    let row = |what: String, ours: &Rate, edge: Result<&Rate, String>, theirs: Option<&Rate>| {
+        let value = match &edge {
+            Ok(e) => format!("node {}; edge {}", ours.describe(), e.describe()),
+            Err(why) => format!("node {}; edge failed: {why}", ours.describe()),
+        };
         let (peer, ratio) = match (&nginx, theirs) {
             (Ok((version, _)), Some(r)) => (
                 format!("{version}, same bytes from files on {fs}: {}", r.describe()),
-                format!("{:.2}× nginx (target ≥ 1.0×)", ours.rps / r.rps),
+                match &edge {
+                    Ok(e) => format!(
+                        "node {:.2}×, edge {:.2}× nginx (target ≥ 1.0×)",
+                        ours.rps / r.rps,
+                        e.rps / r.rps
+                    ),
+                    Err(_) => format!("node {:.2}× nginx (target ≥ 1.0×)", ours.rps / r.rps),
+                },
             ),
             (Err(e), _) => (format!("nginx unavailable: {e:#}"), "—".into()),
             _ => ("—".into(), "—".into()),
         };
-        Row::new(what, ours.describe(), peer, ratio)
+        Row::new(what, value, peer, ratio)
     };
     let theirs = nginx.as_ref().ok().map(|(_, r)| r);
+    let edge_rate = |pick: fn(&Rates) -> &Rate| match &edge {
+        Ok(r) => Ok(pick(r)),
+        Err(e) => Err(format!("{e:#}")),
+    };
     rows.push(row(
         format!(
             "serving one page ({} bytes), keep-alive, {wrk_flags}",
             count(one_bytes)
         ),
         &sesame.one,
+        edge_rate(|r| &r.one),
         theirs.map(|r| &r.one),
     ));
     rows.push(row(
@@ -116,9 +146,136 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
             count(total_bytes)
         ),
         &sesame.random,
+        edge_rate(|r| &r.random),
         theirs.map(|r| &r.random),
     ));
     Ok(())
+}
+
+/// Starts `sesame edge` over the node's object folder `objects`, checks that it serves the
+/// bytes the node served, measures both workloads, and stops it (also when a step fails).
+async fn edge_run(
+    wrk: &Path,
+    objects: &Path,
+    pages: &[(String, Vec<u8>)],
+    base: &Path,
+    args: &Args,
+) -> anyhow::Result<Rates> {
+    anyhow::ensure!(
+        objects.is_dir(),
+        "the node's object folder {} is missing",
+        objects.display()
+    );
+    let mut edge = EdgeProcess::start(objects, base).await?;
+    let measured = async {
+        let base_url = format!("http://127.0.0.1:{}", edge.port);
+        let key = site::profile_key(ONE_PAGE);
+        let url = format!("{base_url}/{SITE}/{key}");
+        let served = reqwest::get(&url)
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        let ours = pages
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, b)| b.as_slice());
+        anyhow::ensure!(
+            ours == Some(&served[..]),
+            "the edge serves other bytes than the node"
+        );
+        let one = wrk_run(wrk, &url, None, args).await?;
+        let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
+        anyhow::Ok(Rates { one, random })
+    }
+    .await;
+    edge.stop().await?;
+    measured
+}
+
+/// A `sesame edge` process started here; killed on drop if not stopped.
+struct EdgeProcess {
+    child: Child,
+    port: u16,
+    stopped: bool,
+    /// Holds its log; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl EdgeProcess {
+    async fn start(objects: &Path, base: &Path) -> anyhow::Result<EdgeProcess> {
+        let dir = tempfile::Builder::new().prefix("edge-").tempdir_in(base)?;
+        let log = std::fs::File::create(dir.path().join("edge.log"))?;
+        let port = tools::free_port()?;
+        let child = Command::new(sesame_tests::sesame_binary())
+            .arg("edge")
+            .arg("--objects")
+            .arg(format!("file://{}", objects.display()))
+            .arg("--http")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start sesame edge")?;
+        let mut edge = EdgeProcess {
+            child,
+            port,
+            stopped: false,
+            dir,
+        };
+        // It reads every root before it listens: once it answers, the site is installed.
+        let deadline = Instant::now() + EDGE_WAIT;
+        let health = format!("http://127.0.0.1:{port}/healthz");
+        loop {
+            if reqwest::get(&health)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return Ok(edge);
+            }
+            if let Some(status) = edge.child.try_wait()? {
+                edge.stopped = true;
+                anyhow::bail!("sesame edge exited with {status}: {}", edge.log_tail());
+            }
+            if Instant::now() > deadline {
+                edge.stop().await?;
+                anyhow::bail!("sesame edge did not answer within {EDGE_WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Asks it to stop (SIGINT, as Ctrl-C) and waits; kills it past [`EDGE_WAIT`].
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(EDGE_WAIT, self.child.wait()).await {
+            Ok(status) => {
+                status.context("wait for sesame edge")?;
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await.context("kill sesame edge")?;
+                anyhow::bail!("sesame edge did not stop within {EDGE_WAIT:?}; killed it")
+            }
+        }
+    }
 }
 
 /// Every profile page the node serves, as `(key, body)`: what nginx is given to serve.
