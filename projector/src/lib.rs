@@ -57,7 +57,9 @@ pub use projector::{
     ChangedKey, Projection, SiteProjector, ASSETS_MAX, ERRORS_REPORTED_MAX, ROUTES_MAX,
     TEMPLATES_MAX,
 };
-pub use publish::{ObjectKind, PublishError, Publisher, StoredObject, BLOB_PUTS_CONCURRENT_MAX};
+pub use publish::{
+    ObjectKind, PublishError, Publisher, StoredObject, BLOB_BYTES_MAX, BLOB_PUTS_CONCURRENT_MAX,
+};
 pub use render::{
     safe_url, ASSET_VERSION_HEX_LEN, ASSET_VERSION_PARAM, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
     READS_PER_PAGE_MAX, TUPLES_READ_PER_PAGE_MAX,

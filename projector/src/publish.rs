@@ -34,6 +34,12 @@ use crate::tree::{self, ChunkSource, CHUNK_BYTES_MAX};
 pub const BLOB_PUTS_CONCURRENT_MAX: usize = 32;
 /// Blob paths remembered as written (to skip re-uploads); the memory is cleared past this.
 pub const BLOBS_KNOWN_MAX: usize = 1_000_000;
+/// Largest blob a reader takes from the store; a larger one is refused before it is read.
+/// No file a site publishes comes near it: a page is bounded by the render frame (32 MiB),
+/// an asset by the tuple value limit (1 MiB).
+pub const BLOB_BYTES_MAX: usize = 64 << 20;
+/// Largest root object a reader takes (a root is a few hundred bytes of JSON).
+const ROOT_BYTES_MAX: usize = 64 << 10;
 
 /// Why publishing or reading back failed.
 #[derive(Debug, Error)]
@@ -565,7 +571,7 @@ impl Publisher {
     pub async fn get_root(&self, site: &str) -> Result<Option<Root>, PublishError> {
         check_site(site)?;
         let path = self.path(&format!("sites/{site}/root"));
-        let bytes = match self.read(&path).await {
+        let bytes = match self.read_bounded(&path, ROOT_BYTES_MAX).await {
             Ok(bytes) => bytes,
             Err(PublishError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -632,7 +638,7 @@ impl Publisher {
             });
         }
         let path = self.path(&format!("sites/{site}/blobs/{hash}"));
-        let bytes = self.read(&path).await?;
+        let bytes = self.read_bounded(&path, BLOB_BYTES_MAX).await?;
         let actual = content_hash(&bytes);
         if actual != hash {
             return Err(PublishError::Corrupt {
@@ -661,19 +667,6 @@ impl Publisher {
                 reason: format!("{} bytes, over {max}", result.meta.size),
             });
         }
-        Ok(result.bytes().await?)
-    }
-
-    async fn read(&self, path: &Path) -> Result<Bytes, PublishError> {
-        let result = match self.store.get(path).await {
-            Ok(result) => result,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(PublishError::NotFound {
-                    path: path.to_string(),
-                })
-            }
-            Err(e) => return Err(e.into()),
-        };
         Ok(result.bytes().await?)
     }
 

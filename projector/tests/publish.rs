@@ -101,6 +101,13 @@ async fn corrupt_or_missing_objects_are_reported() {
     std::fs::write(dir.path().join("sites/demo/blobs").join(hash), b"tampered").unwrap();
     let err = publisher.get_blob("demo", hash).await.unwrap_err();
     assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
+    // A blob past the bound is refused by its size, before it is read (a hostile store
+    // cannot make a reader hold gigabytes); a sparse file costs the test no disk.
+    let huge = std::fs::File::create(dir.path().join("sites/demo/blobs").join(hash)).unwrap();
+    huge.set_len(sesame_projector::BLOB_BYTES_MAX as u64 + 1)
+        .unwrap();
+    let err = publisher.get_blob("demo", hash).await.unwrap_err();
+    assert!(err.to_string().contains("over"), "{err}");
 
     // A damaged chunk of the tree fails the whole version.
     let chunk = p.manifest.files.root_id().unwrap();
