@@ -654,7 +654,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(
-            listener,
+            crate::http::without_delay(listener),
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -677,7 +677,7 @@ pub async fn start_with(
     let app = router(edge.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
+        let result = axum::serve(crate::http::without_delay(listener), app)
             .with_graceful_shutdown({
                 let stop = stop.clone();
                 async move { stop.cancelled().await }
