@@ -230,7 +230,7 @@ impl Preloaded {
     }
 
     /// Whether reads of `collection` can be answered from memory.
-    fn is_complete(&self, collection: &str) -> bool {
+    pub(crate) fn is_complete(&self, collection: &str) -> bool {
         self.loaded.get(collection) == Some(&true)
     }
 
@@ -248,6 +248,12 @@ impl Preloaded {
                 .get(collection, key)
                 .expect("reading memory cannot fail")
         })
+    }
+
+    /// Every tuple of `collection`, in key order, when it is held whole.
+    pub(crate) fn whole(&self, collection: &str) -> Option<Vec<&Tuple>> {
+        self.is_complete(collection)
+            .then(|| self.data.collection(collection).collect())
     }
 
     /// `Some(answer)` when the collection is held whole, `None` when the store must answer.

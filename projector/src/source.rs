@@ -72,6 +72,14 @@ impl MemorySource {
         self.collections.is_empty()
     }
 
+    /// The tuples of `collection`, in key order.
+    pub(crate) fn collection(&self, collection: &str) -> impl Iterator<Item = &Tuple> {
+        self.collections
+            .get(collection)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+    }
+
     /// Copies up to `limit` tuples of `collection` from `src`. Returns whether the copy is
     /// the whole collection (false when `src` held more than `limit`).
     pub fn load_collection(

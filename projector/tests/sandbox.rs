@@ -114,6 +114,95 @@ fn many_pages_pipelined_through_the_pool_match_threads() {
     assert!(workers.page("/user299").contains("<p>3</p>"));
 }
 
+/// A worker answers reads of a collection it was sent whole itself; each such read must
+/// still be a dependency of its page, or an edit there would leave the page stale. The
+/// threads renderer is the reference: same files after every edit, and only the pages that
+/// read the edited key render again.
+#[test]
+fn reads_a_worker_answers_itself_are_dependencies() {
+    const PROFILES: usize = 100;
+    let pool = pool_with(worker(), 1);
+    let mut threads = Harness::demo();
+    let mut workers = Harness::demo_with(pooled(&pool));
+    for h in [&mut threads, &mut workers] {
+        for i in 0..PROFILES {
+            h.put(
+                "profiles",
+                &format!("user{i:03}"),
+                json!({ "name": format!("User {i}") }),
+            );
+        }
+        h.put("settings", "site", json!({ "title": "T" }));
+        h.put("guestbook", "user042/1", json!({ "text": "hello" }));
+        // Literal collection names: a full render preloads both, so the worker gets them
+        // whole after its first read of each.
+        h.template(
+            "profile",
+            &PROFILE.replace(
+                "<p>{{ page.tuple.value.bio }}</p>",
+                r#"<p>{{ get("settings", "site").value.title }}</p>{% for e in list("guestbook", prefix=page.key ~ "/") %}<q>{{ e.value.text }}</q>{% endfor %}"#,
+            ),
+        );
+    }
+    let a = threads.full();
+    let b = workers.full();
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    assert_eq!(a.manifest_id, b.manifest_id);
+    assert!(
+        pool.collections_sent() >= 2,
+        "the worker answered no reads itself ({} collections sent)",
+        pool.collections_sent()
+    );
+    assert!(workers.page("/user042").contains("<q>hello</q>"));
+
+    // Every profile page read the settings, most of them in the worker.
+    for h in [&mut threads, &mut workers] {
+        h.put("settings", "site", json!({ "title": "New title" }));
+    }
+    let a = threads.apply();
+    let b = workers.apply();
+    assert!(b.pages_rendered >= PROFILES as u64, "{}", b.pages_rendered);
+    assert_eq!(b.pages_rendered, a.pages_rendered);
+    assert_eq!(a.manifest_id, b.manifest_id);
+    assert!(workers.page("/user077").contains("<p>New title</p>"));
+
+    // One page listed this guestbook prefix (in the worker, in the render just before).
+    for h in [&mut threads, &mut workers] {
+        h.put("guestbook", "user042/2", json!({ "text": "again" }));
+        h.put("guestbook", "user043/1", json!({ "text": "first" }));
+    }
+    let a = threads.apply();
+    let b = workers.apply();
+    assert_eq!(b.manifest.delta.changed, ["/user042", "/user043"]);
+    assert_eq!(a.manifest_id, b.manifest_id);
+    assert!(workers.page("/user043").contains("<q>first</q>"));
+}
+
+/// Pages whose tuples and bodies are larger than a pipe's buffer (64 KiB) over a run: the
+/// driver must not write runs the worker cannot take while it writes results the driver
+/// is not reading (they would wait for each other for good).
+#[test]
+fn runs_of_large_pages_do_not_fill_the_pipes() {
+    let pool = pool_with(worker(), 1);
+    let mut threads = Harness::demo();
+    let mut workers = Harness::demo_with(pooled(&pool));
+    let bio = "x".repeat(20 << 10);
+    for h in [&mut threads, &mut workers] {
+        for i in 0..100 {
+            h.put(
+                "profiles",
+                &format!("user{i:03}"),
+                json!({ "name": format!("User {i}"), "bio": bio }),
+            );
+        }
+    }
+    let a = threads.full();
+    let b = workers.full();
+    assert!(b.errors.is_empty(), "{:?}", b.errors);
+    assert_eq!(b.pages_rendered, a.pages_rendered);
+    assert_eq!(a.manifest_id, b.manifest_id);
+}
+
 /// Templates that fuel and the output limit do not stop: each must fail alone.
 const POISON: [(&str, &str, &str); 5] = [
     (

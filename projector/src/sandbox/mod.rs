@@ -13,13 +13,14 @@
 //! The worker runs the same page renderer as everything else
 //! (`render::render_page`, with the same environment, `get`/`list`
 //! dependency recording, fuel, recursion and output limits); its reads and template loads
-//! come back to the pool over the pipe (`wire`). The in-process thread renderer
+//! come back to the pool over the pipe (`wire`), except reads of a collection the pool sent
+//! it whole for the batch. The in-process thread renderer
 //! ([`crate::Renderer::Threads`]) stays for library users, tests and examples; the node
 //! always uses the pool.
 //!
 //! The pool is shared by every site of a node and takes pages of concurrent batches in turn
-//! (see `pool`), so one site's slow pages delay another site's edit by about one page per
-//! worker, not by the whole batch.
+//! (see `pool`), so one site's slow pages delay another site's edit by about one run of
+//! pages per worker (a run of slow pages is one page long), not by the whole batch.
 //!
 //! A program becomes a worker by calling [`worker_main`]; the `sesame` binary does so for
 //! its hidden `render-worker` subcommand.
@@ -29,8 +30,8 @@ mod wire;
 mod worker;
 
 pub use pool::{
-    PoolConfig, RenderPool, WorkerCommand, PAGE_TIME_MS_DEFAULT, WORKERS_MAX,
-    WORKER_MEMORY_BYTES_DEFAULT,
+    PoolConfig, RenderPool, WorkerCommand, COLLECTION_BYTES_SENT_MAX, PAGE_TIME_MS_DEFAULT,
+    RUN_PAGES_MAX, WORKERS_MAX, WORKER_MEMORY_BYTES_DEFAULT,
 };
 pub use wire::FRAME_BYTES_MAX;
 pub use worker::worker_main;

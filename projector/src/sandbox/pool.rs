@@ -1,12 +1,29 @@
-//! The pool: long-lived worker processes shared by every site of a node, scheduled page by
-//! page, round-robin between the batches waiting.
+//! The pool: long-lived worker processes shared by every site of a node, scheduled in runs
+//! of pages, round-robin between the batches waiting.
+//!
+//! A run is a few consecutive pages of one batch sent in one frame: a worker then renders
+//! them back to back without waiting for its driver, and the pool pays one write and one
+//! wake-up per run instead of per page. Runs are as long as the batch's pages allow within
+//! about [`RUN_MICROS_TARGET`] (measured as they render; at most [`RUN_PAGES_MAX`] pages),
+//! and only one page long while another batch waits for its turn, so a batch of slow pages
+//! goes page by page and another batch waits for about a run per worker. The worker still
+//! answers each page with a frame of its own, so each page has its own time limit and a
+//! failure is pinned on the page that caused it.
 //!
 //! Each worker slot has a driver thread here. A driver takes the next page (from the next
 //! batch in rotation), starts its worker process if there is none, sends the page, and
 //! answers the worker's questions until it sends the result: templates from the batch's
 //! `TemplateSet`, reads from the batch's [`Preloaded`] memory
 //! when it holds the whole collection, else from the thread that called
-//! [`RenderPool::render_batch`], which holds the `Source`. The driver reads the worker's
+//! [`RenderPool::render_batch`], which holds the `Source`.
+//!
+//! A collection held whole that a worker reads a second time in a batch is sent to it whole
+//! (up to [`COLLECTION_BYTES_SENT_MAX`] per worker and batch), and the worker answers its
+//! later reads itself: a template that reads for every page (the demo's guestbook `list()`)
+//! would otherwise cost a pipe round trip, two context switches each way, per page. The
+//! worker still records every read as the page's dependency, as it always does; the driver
+//! counts a collection it sent as read whole by the page in hand if the worker dies, when
+//! the worker's own record is lost. The driver reads the worker's
 //! frames with a deadline (`poll` before every read); a second thread per worker keeps the
 //! tail of its stderr, which says why it died.
 //!
@@ -15,10 +32,11 @@
 //! only the page it was rendering, with a message saying which limit it hit. The next page
 //! starts a fresh worker.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, BufReader, Read};
+use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -30,7 +48,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sesame_proto::Tuple;
 
-use super::wire::{self, FromWorker, RenderJobRef, RenderedBody, ToWorker, WireError};
+use super::wire::{self, FromWorker, RenderRunRef, RenderedBody, ToWorker, WireError};
 use crate::config::threads_or_cores;
 use crate::deps::PageDeps;
 use crate::error::{ProjectError, TemplateError};
@@ -55,13 +73,30 @@ const START_RETRY_MS: u64 = 1_000;
 const STDERR_TAIL_BYTES: usize = 4 << 10;
 /// Lines of a worker's stderr logged, per worker process.
 const STDERR_LINES_LOGGED_MAX: usize = 20;
-/// Pages a worker holds at once: the one it renders and the next, so it need not wait for
-/// its driver between pages. Only taken when no other batch waits for a turn.
+/// Pages a worker holds at once, at least: the one it renders and the next, so it need not
+/// wait for its driver between pages. When only the page it renders is left in hand, the
+/// driver takes the next run (only when no other batch waits for a turn).
 const PIPELINE_PAGES: usize = 2;
+/// Most pages in one run.
+pub const RUN_PAGES_MAX: usize = 16;
+/// About how long one run should take to render, in microseconds.
+const RUN_MICROS_TARGET: u64 = 2_000;
+/// Most bytes of runs the driver writes at once (but always the page in hand). The driver
+/// does not read the worker's `Done` frames while it writes, and a worker in a run writes
+/// them without reading: the two must not wait for each other with full pipes, so what
+/// the driver writes fits in the pipe's buffer (64 KiB on Linux) with room to spare.
+const RUN_WRITE_BYTES_MAX: usize = 16 << 10;
 /// What Rust's runtime prints before it aborts on a failed allocation.
 const OUT_OF_MEMORY: &str = "memory allocation of";
 /// Buffer for reading a worker's frames, in bytes.
 const READ_BUFFER_BYTES: usize = 64 << 10;
+/// Bytes of whole collections (as encoded on the wire) the pool sends one worker for one
+/// batch. A worker holds them decoded, a few times that, within its memory limit.
+pub const COLLECTION_BYTES_SENT_MAX: usize = 8 << 20;
+/// Reads of a collection in a batch that a worker gets answered one by one before the
+/// collection is sent to it whole: one page that reads a large collection once (a list page)
+/// is not worth sending it all.
+const READS_BEFORE_SENDING_WHOLE: u32 = 1;
 
 /// How to start a worker process: a program that calls [`super::worker_main`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +175,7 @@ struct Shared {
     /// Signalled when a batch arrives or the pool stops.
     work: Condvar,
     workers_started: AtomicU64,
+    collections_sent: AtomicU64,
 }
 
 #[derive(Default)]
@@ -170,6 +206,11 @@ struct Batch {
     /// is woken for reads and once all pages are done, not for every page.
     outcomes: Arc<Outcomes>,
     events: mpsc::Sender<Event>,
+    /// The encoded size of each collection held whole, once asked for.
+    whole_bytes: Mutex<HashMap<String, usize>>,
+    /// About how long a page of this batch takes, in microseconds (a moving average over
+    /// the pages rendered so far; 0 before the first).
+    page_micros: AtomicU64,
 }
 
 struct Outcomes {
@@ -192,6 +233,42 @@ enum Event {
 }
 
 impl Batch {
+    /// How many pages to hand out at once, with `left` not handed out yet and `workers` to
+    /// share them: enough for about [`RUN_MICROS_TARGET`], one before any page was timed.
+    fn run_len(&self, left: usize, workers: usize) -> usize {
+        let micros = self.page_micros.load(Ordering::Relaxed);
+        if micros == 0 {
+            return 1;
+        }
+        let by_time = usize::try_from(RUN_MICROS_TARGET / micros).unwrap_or(RUN_PAGES_MAX);
+        // The last pages are shared among the workers rather than left to one.
+        let share = left.div_ceil(workers.max(1));
+        by_time.min(share).clamp(1, RUN_PAGES_MAX)
+    }
+
+    /// Notes that a page took `took` (drivers race here; an estimate is all it is).
+    fn page_took(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.page_micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old.saturating_mul(7).saturating_add(sample) / 8
+        };
+        self.page_micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The bytes `collection` takes on the wire, sent whole as `tuples`.
+    fn whole_bytes(&self, collection: &str, tuples: &Vec<&Tuple>) -> usize {
+        let mut known = self
+            .whole_bytes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *known
+            .entry(collection.to_string())
+            .or_insert_with(|| wire::encoded_bytes(tuples))
+    }
+
     /// Stores a page's outcome, telling the caller when it matters.
     fn done(&self, i: usize, mut outcome: PageOutcome) {
         // A caller that went away (it unwound) needs no answer.
@@ -217,21 +294,28 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The next page to render, round-robin between batches; `None` once the pool stops.
-    fn next_job(&self) -> Option<(Arc<Batch>, usize)> {
+    /// The next run to render, round-robin between batches (a single page while another
+    /// batch waits); `None` once the pool stops.
+    fn next_run(&self) -> Option<(Arc<Batch>, Range<usize>)> {
         let mut queue = self.lock();
         loop {
             if queue.stopping {
                 return None;
             }
             if let Some(mut entry) = queue.batches.pop_front() {
-                let i = entry.next;
-                entry.next += 1;
                 let batch = Arc::clone(&entry.batch);
+                let left = batch.jobs.len() - entry.next;
+                let len = if queue.batches.is_empty() {
+                    batch.run_len(left, self.workers)
+                } else {
+                    1
+                };
+                let run = entry.next..entry.next + len;
+                entry.next = run.end;
                 if entry.next < batch.jobs.len() {
                     queue.batches.push_back(entry);
                 }
-                return Some((batch, i));
+                return Some((batch, run));
             }
             queue.idle += 1;
             queue = self
@@ -242,22 +326,23 @@ impl Shared {
         }
     }
 
-    /// The next page, if there is one, no other batch is waiting for its turn (the page
-    /// would make that batch wait one page longer) and no driver is idle (it should render
-    /// the page at once instead).
-    fn next_job_uncontended(&self) -> Option<(Arc<Batch>, usize)> {
+    /// The next run, if there is one, no other batch is waiting for its turn (the run
+    /// would make that batch wait longer) and no driver is idle (it should render the pages
+    /// at once instead).
+    fn next_run_uncontended(&self) -> Option<(Arc<Batch>, Range<usize>)> {
         let mut queue = self.lock();
         if queue.stopping || queue.batches.len() != 1 || queue.idle > 0 {
             return None;
         }
         let entry = queue.batches.front_mut().expect("one batch is queued");
-        let i = entry.next;
-        entry.next += 1;
         let batch = Arc::clone(&entry.batch);
+        let len = batch.run_len(batch.jobs.len() - entry.next, self.workers);
+        let run = entry.next..entry.next + len;
+        entry.next = run.end;
         if entry.next == batch.jobs.len() {
             queue.batches.pop_front();
         }
-        Some((batch, i))
+        Some((batch, run))
     }
 
     /// Takes a batch's remaining pages out of the rotation.
@@ -288,6 +373,7 @@ impl RenderPool {
                 queue: Mutex::default(),
                 work: Condvar::new(),
                 workers_started: AtomicU64::new(0),
+                collections_sent: AtomicU64::new(0),
             }),
         }
     }
@@ -299,6 +385,11 @@ impl RenderPool {
     /// Worker processes started so far (restarts included).
     pub fn workers_started(&self) -> u64 {
         self.shared.workers_started.load(Ordering::Relaxed)
+    }
+
+    /// Collections sent whole to a worker so far (see the module docs).
+    pub fn collections_sent(&self) -> u64 {
+        self.shared.collections_sent.load(Ordering::Relaxed)
     }
 
     /// Renders `jobs` in the worker processes, answering from `src` on this thread the reads
@@ -339,6 +430,8 @@ impl RenderPool {
                     preloaded,
                     outcomes: Arc::clone(&outcomes),
                     events,
+                    whole_bytes: Mutex::default(),
+                    page_micros: AtomicU64::new(0),
                 }),
                 next: 0,
             });
@@ -408,17 +501,18 @@ impl Drop for RenderPool {
 /// A driver: renders pages on one worker slot until the pool stops.
 ///
 /// Pages are pipelined: while the worker renders one page, the next is already in its pipe
-/// (when no other batch is waiting for a turn and no driver is idle), so the worker need not
-/// wait for the driver between pages. Only the page being rendered can fail with its
-/// worker; the one queued behind it is sent again to the next worker.
+/// (in its run, or the next run when no other batch is waiting for a turn and no driver is
+/// idle), so the worker need not wait for the driver between pages. Only the page being
+/// rendered can fail with its worker; the ones queued behind it are sent again to the next
+/// worker.
 fn drive(shared: &Shared) {
     let mut slot = Slot::default();
     // Pages handed to this driver, in the order the worker renders them.
     let mut pages: VecDeque<InHand> = VecDeque::new();
     loop {
         if pages.is_empty() {
-            match shared.next_job() {
-                Some((batch, i)) => pages.push_back(InHand::new(batch, i)),
+            match shared.next_run() {
+                Some((batch, run)) => take_run(&mut pages, batch, run),
                 None => break,
             }
         }
@@ -458,6 +552,10 @@ fn drive(shared: &Shared) {
     if let Some(worker) = slot.worker.take() {
         worker.stop();
     }
+}
+
+fn take_run(pages: &mut VecDeque<InHand>, batch: Arc<Batch>, run: Range<usize>) {
+    pages.extend(run.map(|i| InHand::new(Arc::clone(&batch), i)));
 }
 
 /// A page a driver holds.
@@ -508,19 +606,29 @@ fn render_head(
         Ok(()) => {
             let sent = send_pages(shared, slot, pages);
             let worker = slot.worker.as_mut().expect("started above");
-            let deadline = Instant::now() + shared.config.page_time_max;
+            let started = Instant::now();
+            let deadline = started + shared.config.page_time_max;
             let conversation = sent.and_then(|()| {
                 worker.set_deadline(deadline);
-                converse(worker, &batch, &mut reads, &mut slot.buf)
+                worker.sent.start_batch(batch.id);
+                converse(shared, worker, &batch, &mut reads, &mut slot.buf)
             });
             match conversation {
                 Ok(result) => {
                     worker.pages += 1;
+                    batch.page_took(started.elapsed());
                     Ok(result)
                 }
                 Err(cause) => {
                     let worker = slot.worker.take().expect("in use above");
                     let rendered_before = worker.pages > 0;
+                    // The worker answered reads of what it held itself; its record of them
+                    // dies with it.
+                    if worker.sent.batch == Some(batch.id) {
+                        for collection in &worker.sent.held {
+                            reads.observed.add_prefix(collection, "", None);
+                        }
+                    }
                     // Pages queued behind this one were never started: the next worker
                     // gets them.
                     for page in pages.iter_mut() {
@@ -583,18 +691,68 @@ fn ensure_worker(shared: &Shared, slot: &mut Slot) -> Result<(), String> {
     }
 }
 
-/// Sends the worker the pages in hand it does not have yet, and takes one more from the
-/// queue when it can.
+/// Sends the worker the pages in hand it does not have yet, as runs of consecutive pages of
+/// one batch, and takes the next run from the queue when it can.
 fn send_pages(shared: &Shared, slot: &mut Slot, pages: &mut VecDeque<InHand>) -> Result<(), Cause> {
     if pages.len() < PIPELINE_PAGES {
-        if let Some((batch, i)) = shared.next_job_uncontended() {
-            pages.push_back(InHand::new(batch, i));
+        if let Some((batch, run)) = shared.next_run_uncontended() {
+            take_run(pages, batch, run);
         }
     }
     let worker = slot.worker.as_mut().expect("started before sending");
-    for page in pages.iter_mut().filter(|p| !p.sent) {
-        let (batch, i) = (&page.batch, page.i);
-        let render: ToWorker<RenderJobRef<'_>> = ToWorker::Render(RenderJobRef {
+    let mut written = 0;
+    let mut start = 0;
+    while start < pages.len() {
+        if pages[start].sent {
+            start += 1;
+            continue;
+        }
+        let mut end = start + 1;
+        while end < pages.len()
+            && end - start < RUN_PAGES_MAX
+            && !pages[end].sent
+            && Arc::ptr_eq(&pages[end].batch, &pages[start].batch)
+            && pages[end].i == pages[end - 1].i + 1
+        {
+            end += 1;
+        }
+        let first = pages[start].i;
+        let budget = RUN_WRITE_BYTES_MAX.saturating_sub(written);
+        // The page in hand goes whatever its size (as a lone page always did).
+        let must = start == 0;
+        let Some((sent, bytes)) = send_run(
+            worker,
+            &pages[start].batch,
+            first..first + (end - start),
+            budget,
+            must,
+            &mut slot.buf,
+        )?
+        else {
+            break;
+        };
+        for page in pages.range_mut(start..start + sent) {
+            page.sent = true;
+        }
+        written += bytes;
+        start += sent;
+    }
+    Ok(())
+}
+
+/// Sends the longest start of `batch`'s pages `run` (halving it) whose frame fits in
+/// `budget` bytes, or its first page anyway if `must`. Returns the pages and bytes sent, or
+/// `None` if none fit.
+fn send_run(
+    worker: &mut Worker,
+    batch: &Batch,
+    mut run: Range<usize>,
+    budget: usize,
+    must: bool,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(usize, usize)>, Cause> {
+    loop {
+        let render: ToWorker<RenderRunRef<'_>> = ToWorker::Render(RenderRunRef {
             batch: batch.id,
             templates: &batch.inputs.templates.id,
             fuel_per_page: batch.inputs.templates.fuel_per_page,
@@ -603,12 +761,22 @@ fn send_pages(shared: &Shared, slot: &mut Slot, pages: &mut VecDeque<InHand>) ->
             base_url: &batch.inputs.base_url,
             // The body must fit in a frame, with room for the page's dependencies.
             page_bytes_max: batch.inputs.page_bytes_max.min(wire::FRAME_BYTES_MAX / 2) as u64,
-            job: &batch.jobs[i],
+            jobs: &batch.jobs[run.clone()],
         });
-        worker.send(&render, &mut slot.buf).map_err(Cause::Wire)?;
-        page.sent = true;
+        let encoded = wire::encode(&render, buf);
+        let fits = encoded.is_ok() && buf.len() <= budget;
+        if !fits && run.len() > 1 {
+            run.end = run.start + run.len() / 2;
+            continue;
+        }
+        if !fits && !must {
+            return Ok(None);
+        }
+        // A lone page too large for a frame fails here, as it always did.
+        encoded.map_err(Cause::Wire)?;
+        worker.write_frame(buf).map_err(Cause::Wire)?;
+        return Ok(Some((run.len(), buf.len())));
     }
-    Ok(())
 }
 
 /// What a page's worker read, as the driver answered it.
@@ -641,6 +809,7 @@ impl From<WireError> for Cause {
 
 /// Answers the worker about the page it renders until it is done.
 fn converse(
+    shared: &Shared,
     worker: &mut Worker,
     batch: &Batch,
     reads: &mut PageReads,
@@ -669,6 +838,9 @@ fn converse(
             FromWorker::Get { collection, key } => {
                 reads.count_one()?;
                 reads.observed.add_key(&collection, &key);
+                if send_whole(shared, worker, batch, collection.clone(), buf)? {
+                    continue;
+                }
                 let answer = read_get(batch, collection, key);
                 ToWorker::Got(reads.note(answer))
             }
@@ -683,6 +855,9 @@ fn converse(
                     .filter(|l| *l <= LIST_LIMIT_MAX)
                     .ok_or_else(|| Cause::Protocol(format!("a list() limit of {limit}")))?;
                 reads.observed.add_prefix(&collection, &prefix, None);
+                if send_whole(shared, worker, batch, collection.clone(), buf)? {
+                    continue;
+                }
                 let answer = read_list(batch, collection, prefix, limit);
                 ToWorker::Listed(reads.note(answer))
             }
@@ -714,6 +889,47 @@ fn converse(
             other => other?,
         }
     }
+}
+
+/// Answers a read of `collection` with all of it, if the batch holds it whole, the worker
+/// read it before in this batch and it fits the worker's budget. Returns whether it did.
+fn send_whole(
+    shared: &Shared,
+    worker: &mut Worker,
+    batch: &Batch,
+    collection: String,
+    buf: &mut Vec<u8>,
+) -> Result<bool, Cause> {
+    let sent = &mut worker.sent;
+    if sent.held.contains(&collection) {
+        return Err(Cause::Protocol(format!(
+            "a read of {collection}, which it was sent whole"
+        )));
+    }
+    if !batch.preloaded.is_complete(&collection) {
+        return Ok(false);
+    }
+    // Bounded: only collections the batch holds whole are counted.
+    let asked = sent.asked.entry(collection.clone()).or_insert(0);
+    *asked += 1;
+    if *asked <= READS_BEFORE_SENDING_WHOLE {
+        return Ok(false);
+    }
+    let tuples = batch
+        .preloaded
+        .whole(&collection)
+        .expect("the collection is held whole");
+    let bytes = batch.whole_bytes(&collection, &tuples);
+    if bytes > COLLECTION_BYTES_SENT_MAX - sent.bytes {
+        return Ok(false);
+    }
+    sent.bytes += bytes;
+    sent.held.push(collection.clone());
+    let whole: ToWorker<RenderRunRef<'_>, Vec<&Tuple>> =
+        ToWorker::Collection { collection, tuples };
+    worker.send(&whole, buf)?;
+    shared.collections_sent.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
 }
 
 impl PageReads {
@@ -789,6 +1005,31 @@ struct Worker {
     stderr: Option<JoinHandle<String>>,
     /// Pages it has rendered.
     pages: u64,
+    sent: Sent,
+}
+
+/// What the pool sent a worker for the batch it renders, mirroring what the worker keeps
+/// (`BatchMemory` in `worker.rs`: it too starts over when the batch changes).
+#[derive(Default)]
+struct Sent {
+    batch: Option<u64>,
+    /// Reads so far of each collection the batch holds whole and the worker does not.
+    asked: HashMap<String, u32>,
+    /// Collections sent whole.
+    held: Vec<String>,
+    /// Their bytes on the wire.
+    bytes: usize,
+}
+
+impl Sent {
+    fn start_batch(&mut self, batch: u64) {
+        if self.batch != Some(batch) {
+            *self = Sent {
+                batch: Some(batch),
+                ..Sent::default()
+            };
+        }
+    }
 }
 
 /// How a worker ended.
@@ -839,6 +1080,7 @@ impl Worker {
             read_buf: Vec::new(),
             stderr: Some(stderr),
             pages: 0,
+            sent: Sent::default(),
         };
         let start: ToWorker = ToWorker::Start {
             memory_bytes_max: config.memory_bytes_max,
@@ -855,12 +1097,20 @@ impl Worker {
         }
     }
 
-    fn send<R: bincode::Encode>(
+    fn send<R: bincode::Encode, C: bincode::Encode>(
         &mut self,
-        message: &ToWorker<R>,
+        message: &ToWorker<R, C>,
         buf: &mut Vec<u8>,
     ) -> Result<(), WireError> {
         wire::send(&mut self.stdin, message, buf)
+    }
+
+    /// Writes a frame made by [`wire::encode`].
+    fn write_frame(&mut self, frame: &[u8]) -> Result<(), WireError> {
+        use std::io::Write as _;
+        self.stdin.write_all(frame)?;
+        self.stdin.flush()?;
+        Ok(())
     }
 
     /// Until when [`Worker::receive`] waits.

@@ -7,12 +7,22 @@
 //! by the same limit, so a garbled frame is an error, never a crash or a huge allocation.
 //!
 //! A conversation: the pool sends [`ToWorker::Start`] and the worker answers
-//! [`FromWorker::Started`] once its limits are set. Then, per page, the pool sends
-//! [`ToWorker::Render`]; the worker asks for templates ([`FromWorker::LoadTemplate`]) and
-//! reads ([`FromWorker::Get`], [`FromWorker::List`]) one at a time, each answered before it
-//! goes on, and ends with [`FromWorker::Done`]. `asset_url()` asks about an asset the same
+//! [`FromWorker::Started`] once its limits are set. Then the pool sends pages in runs, several
+//! consecutive pages of one batch in one [`ToWorker::Render`] (one write and one wake-up for
+//! them all, not one per page). Per page of a run, in order, the worker asks for templates
+//! ([`FromWorker::LoadTemplate`]) and reads ([`FromWorker::Get`], [`FromWorker::List`]) one
+//! at a time, each answered before it goes on, and ends with [`FromWorker::Done`]: one
+//! `Done` frame per page, so the pool knows which page a worker is on and times each page
+//! alone. `asset_url()` asks about an asset the same
 //! way ([`FromWorker::Asset`]), once per asset and batch: the answer holds for every page of
 //! the batch, so the worker keeps it.
+//!
+//! A read of a collection the pool holds whole for the batch may be answered with the whole
+//! collection ([`ToWorker::Collection`]) instead: the worker keeps it for the rest of the
+//! batch and answers later reads of it itself, recording them as dependencies exactly as it
+//! records reads the pool answers (`render::PageReads` records before it reads). Without
+//! this, a template like the demo's profile page (a `list()` of the page's guestbook) costs
+//! a round trip per page.
 
 use std::io::{self, Read, Write};
 
@@ -27,7 +37,7 @@ use crate::render::{PageJob, ServedAsset};
 /// First bytes of every frame ("Sesame render worker").
 pub(crate) const MAGIC: [u8; 3] = *b"SRW";
 /// Bumped whenever a message changes incompatibly; a worker from another build is refused.
-pub(crate) const PROTOCOL_VERSION: u8 = 3;
+pub(crate) const PROTOCOL_VERSION: u8 = 4;
 /// Largest frame body either side writes or reads, in bytes.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
@@ -36,10 +46,11 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
 }
 
-/// What the pool sends a worker. `R` is the page: the pool encodes a [`RenderJobRef`]
-/// (borrowing the job, not copying it), the worker decodes the same bytes as a [`RenderJob`].
+/// What the pool sends a worker. `R` is a run of pages and `C` a collection's tuples: the
+/// pool encodes a [`RenderRunRef`] and `Vec<&Tuple>` (borrowing, not copying), the worker
+/// decodes the same bytes as a [`RenderRun`] and `Vec<Tuple>`.
 #[derive(Debug, Encode, Decode)]
-pub(crate) enum ToWorker<R = Box<RenderJob>> {
+pub(crate) enum ToWorker<R = Box<RenderRun>, C = Vec<Tuple>> {
     /// The first message: the limits the worker sets on itself before anything else.
     Start {
         memory_bytes_max: u64,
@@ -53,11 +64,19 @@ pub(crate) enum ToWorker<R = Box<RenderJob>> {
     Listed(Result<Vec<Tuple>, String>),
     /// The answer to [`FromWorker::Asset`]: where the asset is served and its hash, if it is.
     AssetIs(Option<ServedAsset>),
+    /// The answer to a [`FromWorker::Get`] or [`FromWorker::List`] of `collection`: every
+    /// tuple it has, in key order, as the batch's snapshot holds it. The worker answers the
+    /// read, and every later read of the collection until the batch changes, from these.
+    Collection {
+        collection: String,
+        tuples: C,
+    },
 }
 
-/// One page to render, with what the worker needs to know about its batch.
+/// Consecutive pages of one batch to render in order, with what the worker needs to know
+/// about their batch.
 #[derive(Debug, Encode, Decode)]
-pub(crate) struct RenderJob {
+pub(crate) struct RenderRun {
     /// The pool's batch (one site version being made): the worker keeps the answers about
     /// assets, which hold for a whole batch, until the batch changes.
     pub batch: u64,
@@ -68,12 +87,13 @@ pub(crate) struct RenderJob {
     pub site: String,
     pub base_url: String,
     pub page_bytes_max: u64,
-    pub job: PageJob,
+    pub jobs: Vec<PageJob>,
 }
 
-/// [`RenderJob`] as the pool encodes it: the same fields in the same order, borrowed.
+/// [`RenderRun`] as the pool encodes it: the same fields in the same order, borrowed (a
+/// slice encodes as a `Vec`).
 #[derive(Debug, Encode)]
-pub(crate) struct RenderJobRef<'a> {
+pub(crate) struct RenderRunRef<'a> {
     pub batch: u64,
     pub templates: &'a [u8; 32],
     pub fuel_per_page: u64,
@@ -81,7 +101,7 @@ pub(crate) struct RenderJobRef<'a> {
     pub site: &'a str,
     pub base_url: &'a str,
     pub page_bytes_max: u64,
-    pub job: &'a PageJob,
+    pub jobs: &'a [PageJob],
 }
 
 /// What a worker sends the pool.
@@ -152,6 +172,15 @@ pub(crate) fn encode<T: Encode>(message: &T, buf: &mut Vec<u8>) -> Result<(), Wi
     let len = u32::try_from(bytes).expect("FRAME_BYTES_MAX fits in u32");
     buf[MAGIC.len() + 1..HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
     Ok(())
+}
+
+/// The bytes `message` takes in a frame body, without encoding it anywhere.
+pub(crate) fn encoded_bytes<T: Encode>(message: &T) -> usize {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    match bincode::encode_into_writer(message, &mut size, config()) {
+        Ok(()) => size.bytes_written,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Encodes and writes one message, flushing it.
@@ -242,16 +271,17 @@ mod tests {
     }
 
     #[test]
-    fn a_borrowed_job_decodes_as_an_owned_one() {
-        let job = PageJob {
-            path: "/alice".into(),
+    fn a_borrowed_run_decodes_as_an_owned_one() {
+        let job = |key: &str| PageJob {
+            path: format!("/{key}"),
             template: "profile".into(),
-            key: Some("alice".into()),
+            key: Some(key.into()),
             tuple: None,
             canonical: true,
         };
+        let jobs = [job("alice"), job("bob")];
         let mut buf = Vec::new();
-        let sent: ToWorker<RenderJobRef<'_>> = ToWorker::Render(RenderJobRef {
+        let sent: ToWorker<RenderRunRef<'_>> = ToWorker::Render(RenderRunRef {
             batch: 4,
             templates: &[7; 32],
             fuel_per_page: 5,
@@ -259,12 +289,12 @@ mod tests {
             site: "demo",
             base_url: "https://x.test",
             page_bytes_max: 9,
-            job: &job,
+            jobs: &jobs,
         });
         encode(&sent, &mut buf).unwrap();
         let ToWorker::Render(got) = receive::<ToWorker>(&mut &buf[..], &mut Vec::new()).unwrap()
         else {
-            panic!("not a page")
+            panic!("not a run")
         };
         assert_eq!(
             (
@@ -279,8 +309,10 @@ mod tests {
             (got.site.as_str(), got.base_url.as_str()),
             ("demo", "https://x.test")
         );
-        assert_eq!((got.page_bytes_max, got.job.path.as_str()), (9, "/alice"));
-        assert_eq!(got.job.key.as_deref(), Some("alice"));
+        assert_eq!(got.page_bytes_max, 9);
+        let paths: Vec<&str> = got.jobs.iter().map(|j| j.path.as_str()).collect();
+        assert_eq!(paths, ["/alice", "/bob"]);
+        assert_eq!(got.jobs[1].key.as_deref(), Some("bob"));
     }
 
     #[test]

@@ -1,13 +1,13 @@
-//! The worker process: renders the pages the pool sends it, one at a time, with
+//! The worker process: renders the pages the pool sends it (in runs), one at a time, with
 //! `render::render_page`, asking the pool over the pipe for every template and
-//! tuple it needs.
+//! tuple it needs, except reads of a collection the pool has sent whole for the batch.
 //!
 //! It limits itself before it renders anything: its address space (`RLIMIT_AS`), so a
 //! template that builds a huge string makes an allocation fail and the process abort, not
 //! the machine swap; no core dumps (`RLIMIT_CORE` 0); and, on Linux, death with its parent.
 //! Time is the pool's business: it kills a worker whose page runs too long.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::process::ExitCode;
@@ -18,19 +18,21 @@ use std::thread;
 use minijinja::{Environment, ErrorKind};
 use sesame_proto::Tuple;
 
-use super::wire::{self, FromWorker, RenderJob, RenderedBody, ToWorker, WireError};
+use super::wire::{self, FromWorker, RenderRun, RenderedBody, ToWorker, WireError};
 use super::{ENVIRONMENTS_CACHED_MAX, TEMPLATE_BYTES_CACHED_MAX};
 use crate::deps::PageDeps;
 use crate::error::TemplateError;
 use crate::paths::{template_kind, Escape};
 use crate::render::{
-    environment, render_page, site_value, PageContext, PageReader, ServedAsset, RENDER_STACK_BYTES,
+    environment, render_page, site_value, PageContext, PageJob, PageReader, ServedAsset,
+    RENDER_STACK_BYTES,
 };
-use crate::source::SourceError;
+use crate::source::{MemorySource, Source as _, SourceError};
 
-/// Pages a worker keeps that the pool sent ahead (it sends at most one ahead); past it, a
-/// page is taken for an answer, which fails the render as a protocol error.
-const PAGES_QUEUED_MAX: usize = 4;
+/// Runs a worker keeps that the pool sent ahead (it sends one run ahead, or, to a fresh
+/// worker, what a dead one left: at most three runs); past it, a run is taken for an answer,
+/// which fails the render as a protocol error.
+const RUNS_QUEUED_MAX: usize = 4;
 
 /// Runs a render worker on this process's stdin and stdout until the pool closes stdin.
 /// What `sesame render-worker` calls; not for people to run.
@@ -78,80 +80,89 @@ fn serve() -> Result<(), WorkerError> {
     }
     link.send(&FromWorker::Started)?;
     let mut environments = Environments::default();
-    let assets = Arc::new(Mutex::new(AssetAnswers::default()));
+    let memory = Arc::new(Mutex::new(BatchMemory::default()));
     loop {
-        let job = match link.next_page() {
-            Ok(ToWorker::Render(job)) => job,
+        let mut run = match link.next_run() {
+            Ok(ToWorker::Render(run)) => run,
             Ok(other) => return Err(WorkerError::Unexpected(what(&other))),
             // The pool is done with this worker.
             Err(WireError::Closed) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let done = render(&link, &mut environments, &assets, *job);
-        match link.send(&done) {
-            Err(WireError::TooLarge { bytes }) => {
-                let FromWorker::Done { result, .. } = done else {
-                    unreachable!("render returns Done")
-                };
-                let (template, path) = match result {
-                    Ok(_) => (String::new(), None),
-                    Err(e) => (e.template, e.path),
-                };
-                let error = TemplateError {
-                    template,
-                    line: None,
-                    message: format!(
-                        "the page and what it read are {bytes} bytes, more than the {} a render may return",
-                        wire::FRAME_BYTES_MAX
-                    ),
-                    path,
-                };
-                link.send(&FromWorker::Done {
-                    deps: PageDeps::default(),
-                    result: Err(error),
-                })?;
-            }
-            other => other?,
+        for job in std::mem::take(&mut run.jobs) {
+            let done = render(&link, &mut environments, &memory, &run, &job);
+            send_done(&link, done)?;
         }
     }
+}
+
+/// Sends a page's outcome; one too large for a frame becomes an error saying so.
+fn send_done(link: &Link, done: FromWorker) -> Result<(), WorkerError> {
+    let bytes = match link.send(&done) {
+        Err(WireError::TooLarge { bytes }) => bytes,
+        other => return Ok(other?),
+    };
+    let FromWorker::Done { result, .. } = done else {
+        unreachable!("render returns Done")
+    };
+    let (template, path) = match result {
+        Ok(_) => (String::new(), None),
+        Err(e) => (e.template, e.path),
+    };
+    let error = TemplateError {
+        template,
+        line: None,
+        message: format!(
+            "the page and what it read are {bytes} bytes, more than the {} a render may return",
+            wire::FRAME_BYTES_MAX
+        ),
+        path,
+    };
+    link.send(&FromWorker::Done {
+        deps: PageDeps::default(),
+        result: Err(error),
+    })?;
+    Ok(())
 }
 
 fn what(message: &ToWorker) -> &'static str {
     match message {
         ToWorker::Start { .. } => "start",
-        ToWorker::Render(_) => "a page",
+        ToWorker::Render(_) => "pages",
         ToWorker::Template(_) => "a template",
         ToWorker::Got(_) => "a tuple",
         ToWorker::Listed(_) => "tuples",
         ToWorker::AssetIs(_) => "an asset",
+        ToWorker::Collection { .. } => "a collection",
     }
 }
 
 fn render(
     link: &Arc<Link>,
     environments: &mut Environments,
-    assets: &Arc<Mutex<AssetAnswers>>,
-    job: RenderJob,
+    memory: &Arc<Mutex<BatchMemory>>,
+    run: &RenderRun,
+    job: &PageJob,
 ) -> FromWorker {
-    assets
+    memory
         .lock()
-        .expect("asset answers lock poisoned")
-        .start_batch(job.batch);
-    let escape = template_kind(&job.job.template).escape;
-    let env = environments.get(link, &job, escape);
-    let site = site_value(&job.site, &job.base_url);
+        .expect("batch memory lock poisoned")
+        .start_batch(run.batch);
+    let escape = template_kind(&job.template).escape;
+    let env = environments.get(link, run, escape);
+    let site = site_value(&run.site, &run.base_url);
     let cx = PageContext {
         env,
         site: &site,
-        base_url: &job.base_url,
-        page_bytes_max: usize::try_from(job.page_bytes_max).unwrap_or(usize::MAX),
-        fuel_per_page: job.fuel_per_page,
+        base_url: &run.base_url,
+        page_bytes_max: usize::try_from(run.page_bytes_max).unwrap_or(usize::MAX),
+        fuel_per_page: run.fuel_per_page,
     };
     let reader: Arc<dyn PageReader> = Arc::new(PipeReader {
         link: Arc::clone(link),
-        assets: Arc::clone(assets),
+        memory: Arc::clone(memory),
     });
-    let outcome = render_page(&cx, &job.job, reader);
+    let outcome = render_page(&cx, job, reader);
     FromWorker::Done {
         deps: outcome.deps,
         result: outcome.result.map(|r| RenderedBody {
@@ -173,7 +184,7 @@ struct LinkIo {
     output: File,
     /// Reused for every frame written and read.
     buf: Vec<u8>,
-    /// Pages the pool sent ahead while this worker was asking about the page before.
+    /// Runs the pool sent ahead while this worker was asking about a page before them.
     queued: VecDeque<ToWorker>,
 }
 
@@ -226,8 +237,8 @@ impl Link {
         wire::receive(&mut io.input, &mut io.buf)
     }
 
-    /// The next page: one sent ahead, else the next message.
-    fn next_page(&self) -> Result<ToWorker, WireError> {
+    /// The next run: one sent ahead, else the next message.
+    fn next_run(&self) -> Result<ToWorker, WireError> {
         let io = &mut *self.lock();
         match io.queued.pop_front() {
             Some(page) => Ok(page),
@@ -235,14 +246,14 @@ impl Link {
         }
     }
 
-    /// Sends a question and reads its answer, keeping pages sent ahead of it for later.
+    /// Sends a question and reads its answer, keeping runs sent ahead of it for later.
     fn ask(&self, question: &FromWorker) -> Result<ToWorker, WireError> {
         let io = &mut *self.lock();
         wire::send(&mut io.output, question, &mut io.buf)?;
         loop {
             match wire::receive(&mut io.input, &mut io.buf)? {
-                page @ ToWorker::Render(_) if io.queued.len() < PAGES_QUEUED_MAX => {
-                    io.queued.push_back(page)
+                run @ ToWorker::Render(_) if io.queued.len() < RUNS_QUEUED_MAX => {
+                    io.queued.push_back(run)
                 }
                 answer => return Ok(answer),
             }
@@ -250,31 +261,48 @@ impl Link {
     }
 }
 
-/// `get`, `list` and `asset_url` of a render in a worker: answered by the pool.
+/// `get`, `list` and `asset_url` of a render in a worker: answered by the pool, or from
+/// what it sent for the whole batch.
 struct PipeReader {
     link: Arc<Link>,
-    assets: Arc<Mutex<AssetAnswers>>,
+    memory: Arc<Mutex<BatchMemory>>,
 }
 
 /// Most asset answers a worker keeps per batch (a layout names a few assets; a template
 /// naming more asks the pool for the rest each time).
 const ASSET_ANSWERS_MAX: usize = 256;
 
-/// The pool's answers about assets in the current batch: they hold for all its pages (the
-/// batch makes one site version), so a layout's `asset_url()` calls cost one round trip per
-/// asset and batch, not per page. Each page still records the dependency itself.
+/// What the pool told this worker that holds for every page of the current batch (the
+/// batch makes one site version from one snapshot): its answers about assets, so a layout's
+/// `asset_url()` calls cost one round trip per asset and batch, not per page, and the
+/// collections it sent whole. Each page still records every read as a dependency itself
+/// (`render::PageReads` does, before it asks here); this only decides who answers. How much
+/// the pool sends is its business (it bounds the bytes per worker and batch).
 #[derive(Default)]
-struct AssetAnswers {
+struct BatchMemory {
     batch: Option<u64>,
     answers: HashMap<String, Option<ServedAsset>>,
+    /// Collections held whole in `tuples` (an empty one has no tuples, but is held).
+    held: HashSet<String>,
+    tuples: MemorySource,
 }
 
-impl AssetAnswers {
+impl BatchMemory {
     fn start_batch(&mut self, batch: u64) {
         if self.batch != Some(batch) {
-            self.batch = Some(batch);
-            self.answers.clear();
+            *self = BatchMemory {
+                batch: Some(batch),
+                ..BatchMemory::default()
+            };
         }
+    }
+
+    fn hold(&mut self, collection: String, tuples: Vec<Tuple>) {
+        for tuple in tuples {
+            debug_assert_eq!(tuple.collection, collection);
+            self.tuples.insert(tuple);
+        }
+        self.held.insert(collection);
     }
 }
 
@@ -282,14 +310,41 @@ fn lost(e: impl std::fmt::Display) -> SourceError {
     SourceError::new(format!("asking the render pool: {e}"))
 }
 
+impl PipeReader {
+    fn memory(&self) -> std::sync::MutexGuard<'_, BatchMemory> {
+        self.memory.lock().expect("batch memory lock poisoned")
+    }
+
+    /// Keeps a collection the pool sent whole in answer to a read.
+    fn hold(&self, collection: String, tuples: Vec<Tuple>) {
+        self.memory().hold(collection, tuples);
+    }
+}
+
 impl PageReader for PipeReader {
     fn get(&self, collection: &str, key: &str) -> Result<Option<Tuple>, SourceError> {
+        let held = |memory: &BatchMemory| {
+            memory
+                .held
+                .contains(collection)
+                .then(|| memory.tuples.get(collection, key))
+        };
+        if let Some(answer) = held(&self.memory()) {
+            return answer;
+        }
         let question = FromWorker::Get {
             collection: collection.to_string(),
             key: key.to_string(),
         };
         match self.link.ask(&question).map_err(lost)? {
             ToWorker::Got(answer) => answer.map_err(SourceError::new),
+            ToWorker::Collection {
+                collection: sent,
+                tuples,
+            } if sent == collection => {
+                self.hold(sent, tuples);
+                held(&self.memory()).expect("held just now")
+            }
             other => Err(lost(format!("it answered with {}", what(&other)))),
         }
     }
@@ -300,6 +355,15 @@ impl PageReader for PipeReader {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<Tuple>, SourceError> {
+        let held = |memory: &BatchMemory| {
+            memory
+                .held
+                .contains(collection)
+                .then(|| memory.tuples.list(collection, prefix, limit))
+        };
+        if let Some(answer) = held(&self.memory()) {
+            return answer;
+        }
         let question = FromWorker::List {
             collection: collection.to_string(),
             prefix: prefix.to_string(),
@@ -307,12 +371,19 @@ impl PageReader for PipeReader {
         };
         match self.link.ask(&question).map_err(lost)? {
             ToWorker::Listed(answer) => answer.map_err(SourceError::new),
+            ToWorker::Collection {
+                collection: sent,
+                tuples,
+            } if sent == collection => {
+                self.hold(sent, tuples);
+                held(&self.memory()).expect("held just now")
+            }
             other => Err(lost(format!("it answered with {}", what(&other)))),
         }
     }
 
     fn asset(&self, key: &str) -> Result<Option<ServedAsset>, SourceError> {
-        let known = self.assets.lock().expect("asset answers lock poisoned");
+        let known = self.memory();
         if let Some(answer) = known.answers.get(key) {
             return Ok(answer.clone());
         }
@@ -322,7 +393,7 @@ impl PageReader for PipeReader {
         };
         match self.link.ask(&question).map_err(lost)? {
             ToWorker::AssetIs(answer) => {
-                let mut known = self.assets.lock().expect("asset answers lock poisoned");
+                let mut known = self.memory();
                 if known.answers.len() < ASSET_ANSWERS_MAX {
                     known.answers.insert(key.to_string(), answer.clone());
                 }
@@ -350,7 +421,7 @@ struct Cached {
 }
 
 impl Environments {
-    fn get(&mut self, link: &Arc<Link>, job: &RenderJob, escape: Escape) -> &Environment<'static> {
+    fn get(&mut self, link: &Arc<Link>, job: &RenderRun, escape: Escape) -> &Environment<'static> {
         self.clock += 1;
         let key = (job.templates, escape);
         if !self.cached.contains_key(&key) {
