@@ -205,12 +205,7 @@ impl Publisher {
         check_site(site)?;
         let mut paths = Vec::with_capacity(objects.len());
         for (kind, name) in objects {
-            if !is_hash(name) {
-                return Err(PublishError::InvalidName {
-                    what: "object name",
-                    value: name.clone(),
-                });
-            }
+            check_hash("object name", name)?;
             paths.push(self.path(&kind.relative(site, name)));
         }
         {
@@ -301,12 +296,7 @@ impl Publisher {
         check_site(site)?;
         let mut todo = Vec::new();
         for (hash, body) in blobs {
-            if !is_hash(hash) {
-                return Err(PublishError::InvalidName {
-                    what: "blob hash",
-                    value: hash.clone(),
-                });
-            }
+            check_hash("blob hash", hash)?;
             let path = self.path(&format!("sites/{site}/blobs/{hash}"));
             if !self.is_known(&path) {
                 // Owned: a borrowed hash in the stream below makes the future not `Send`
@@ -346,12 +336,7 @@ impl Publisher {
         check_site(site)?;
         let mut todo = Vec::with_capacity(chunks.len());
         for (id, bytes) in chunks {
-            if !is_hash(id) {
-                return Err(PublishError::InvalidName {
-                    what: "chunk id",
-                    value: id.clone(),
-                });
-            }
+            check_hash("chunk id", id)?;
             todo.push((id.clone(), bytes.clone()));
         }
         futures::stream::iter(todo)
@@ -371,12 +356,7 @@ impl Publisher {
         bytes: Bytes,
     ) -> Result<(), PublishError> {
         check_site(site)?;
-        if !is_hash(id) {
-            return Err(PublishError::InvalidName {
-                what: "chunk id",
-                value: id.to_string(),
-            });
-        }
+        check_hash("chunk id", id)?;
         let path = self.path(&ObjectKind::Chunk.relative(site, id));
         check_bytes(&path, id, &bytes, CHUNK_BYTES_MAX)?;
         self.store.put(&path, PutPayload::from(bytes)).await?;
@@ -386,12 +366,7 @@ impl Publisher {
     /// A stored chunk's bytes, checked against its id and [`CHUNK_BYTES_MAX`].
     pub async fn get_chunk_bytes(&self, site: &str, id: &str) -> Result<Bytes, PublishError> {
         check_site(site)?;
-        if !is_hash(id) {
-            return Err(PublishError::InvalidName {
-                what: "chunk id",
-                value: id.to_string(),
-            });
-        }
+        check_hash("chunk id", id)?;
         let path = self.path(&ObjectKind::Chunk.relative(site, id));
         let bytes = self.read_bounded(&path, CHUNK_BYTES_MAX).await?;
         check_bytes(&path, id, &bytes, CHUNK_BYTES_MAX)?;
@@ -422,12 +397,7 @@ impl Publisher {
         bytes: Bytes,
     ) -> Result<(), PublishError> {
         check_site(site)?;
-        if !is_hash(id) {
-            return Err(PublishError::InvalidName {
-                what: "manifest id",
-                value: id.to_string(),
-            });
-        }
+        check_hash("manifest id", id)?;
         let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
         let corrupt = |reason: String| PublishError::Corrupt {
             path: path.to_string(),
@@ -449,12 +419,7 @@ impl Publisher {
     /// A stored manifest's bytes, checked against its id (what a peer is sent).
     pub async fn get_manifest_bytes(&self, site: &str, id: &str) -> Result<Bytes, PublishError> {
         check_site(site)?;
-        if !is_hash(id) {
-            return Err(PublishError::InvalidName {
-                what: "manifest id",
-                value: id.to_string(),
-            });
-        }
+        check_hash("manifest id", id)?;
         let path = self.path(&format!("sites/{site}/manifests/{id}.json"));
         let bytes = self.read_bounded(&path, MANIFEST_BYTES_MAX).await?;
         check_bytes(&path, id, &bytes, MANIFEST_BYTES_MAX)?;
@@ -487,12 +452,7 @@ impl Publisher {
     /// Whether the store holds the blob `hash` of `site`.
     pub async fn has_blob(&self, site: &str, hash: &str) -> Result<bool, PublishError> {
         check_site(site)?;
-        if !is_hash(hash) {
-            return Err(PublishError::InvalidName {
-                what: "blob hash",
-                value: hash.to_string(),
-            });
-        }
+        check_hash("blob hash", hash)?;
         let path = self.path(&format!("sites/{site}/blobs/{hash}"));
         if self.is_known(&path) {
             return Ok(true);
@@ -514,12 +474,7 @@ impl Publisher {
     /// Stores without conditional updates (a local folder) are overwritten.
     pub async fn mirror_root(&self, site: &str, root: &Root) -> Result<(), PublishError> {
         check_site(site)?;
-        if !is_hash(&root.manifest) {
-            return Err(PublishError::InvalidName {
-                what: "manifest id",
-                value: root.manifest.clone(),
-            });
-        }
+        check_hash("manifest id", &root.manifest)?;
         let path = self.path(&format!("sites/{site}/root"));
         let payload = PutPayload::from(root.to_json());
         let mode = match self.store.head(&path).await {
@@ -631,12 +586,7 @@ impl Publisher {
     /// A stored blob, checked against its hash.
     pub async fn get_blob(&self, site: &str, hash: &str) -> Result<Bytes, PublishError> {
         check_site(site)?;
-        if !is_hash(hash) {
-            return Err(PublishError::InvalidName {
-                what: "blob hash",
-                value: hash.to_string(),
-            });
-        }
+        check_hash("blob hash", hash)?;
         let path = self.path(&format!("sites/{site}/blobs/{hash}"));
         let bytes = self.read_bounded(&path, BLOB_BYTES_MAX).await?;
         let actual = content_hash(&bytes);
@@ -719,6 +669,18 @@ fn check_bytes(path: &Path, id: &str, bytes: &[u8], max: usize) -> Result<(), Pu
         });
     }
     Ok(())
+}
+
+/// Refuses a blob hash, chunk id or manifest id that is not a [`content_hash`]: object
+/// paths are built from them.
+fn check_hash(what: &'static str, name: &str) -> Result<(), PublishError> {
+    if is_hash(name) {
+        return Ok(());
+    }
+    Err(PublishError::InvalidName {
+        what,
+        value: name.to_string(),
+    })
 }
 
 fn check_site(site: &str) -> Result<(), PublishError> {
