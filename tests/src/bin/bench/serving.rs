@@ -167,30 +167,40 @@ async fn edge_run(
         objects.display()
     );
     let mut edge = EdgeProcess::start(objects, base).await?;
-    let measured = async {
-        let base_url = format!("http://127.0.0.1:{}", edge.port);
-        let key = site::profile_key(ONE_PAGE);
-        let url = format!("{base_url}/{SITE}/{key}");
-        let served = reqwest::get(&url)
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        let ours = pages
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, b)| b.as_slice());
-        anyhow::ensure!(
-            ours == Some(&served[..]),
-            "the edge serves other bytes than the node"
-        );
-        let one = wrk_run(wrk, &url, None, args).await?;
-        let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
-        anyhow::Ok(Rates { one, random })
-    }
-    .await;
+    let measured = check_and_measure("the edge", edge.port, wrk, pages, base, args).await;
     edge.stop().await?;
     measured
+}
+
+/// Checks that the server `who` on `port` serves the node's bytes for the one page, then
+/// measures both workloads against it.
+async fn check_and_measure(
+    who: &str,
+    port: u16,
+    wrk: &Path,
+    pages: &[(String, Vec<u8>)],
+    base: &Path,
+    args: &Args,
+) -> anyhow::Result<Rates> {
+    let base_url = format!("http://127.0.0.1:{port}");
+    let key = site::profile_key(ONE_PAGE);
+    let url = format!("{base_url}/{SITE}/{key}");
+    let served = reqwest::get(&url)
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let ours = pages
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, b)| b.as_slice());
+    anyhow::ensure!(
+        ours == Some(&served[..]),
+        "{who} serves other bytes than the node"
+    );
+    let one = wrk_run(wrk, &url, None, args).await?;
+    let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
+    Ok(Rates { one, random })
 }
 
 /// A `sesame edge` process started here; killed on drop if not stopped.
@@ -414,28 +424,7 @@ async fn nginx_run(
         .trim_start_matches("nginx version: ")
         .replace('/', " ");
     let mut nginx = Nginx::start(&bin, pages, base).await?;
-    let measured = async {
-        let base_url = format!("http://127.0.0.1:{}", nginx.port);
-        let key = site::profile_key(ONE_PAGE);
-        let url = format!("{base_url}/{SITE}/{key}");
-        let served = reqwest::get(&url)
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        let ours = pages
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, b)| b.as_slice());
-        anyhow::ensure!(
-            ours == Some(&served[..]),
-            "nginx serves other bytes than Sesame"
-        );
-        let one = wrk_run(wrk, &url, None, args).await?;
-        let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
-        anyhow::Ok(Rates { one, random })
-    }
-    .await;
+    let measured = check_and_measure("nginx", nginx.port, wrk, pages, base, args).await;
     nginx.stop().await?;
     Ok((version, measured?))
 }
