@@ -16,7 +16,7 @@ use sesame_client::Http;
 use sesame_node::edge::{EdgeConfig, RunningEdge};
 use sesame_node::pages::bundle;
 use sesame_projector::Publisher;
-use sesame_proto::api::TxRequest;
+use sesame_proto::api::{TxRequest, TxResponse};
 use sesame_tests::store::ControlledStore;
 use sesame_tests::{raw_http, TestNode};
 
@@ -91,6 +91,15 @@ impl Page {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|v| v.to_str().unwrap())
     }
+}
+
+/// Renames bob (an edit of two pages: his own and the index that lists him).
+async fn rename_bob(admin: &Http, name: &str) -> TxResponse {
+    let profile = json!({"name": name, "bio": "Edited"});
+    admin
+        .put(SITE, "profiles", "bob", profile, None)
+        .await
+        .unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -286,16 +295,7 @@ async fn an_edge_follows_edits_by_polling_by_notification_and_whole() {
     wait_version(&lazy.url(), "/demo/", index, PUBLISH_WAIT).await;
 
     // One edit that changes two pages: bob's own and the index that lists him.
-    let w = admin
-        .put(
-            SITE,
-            "profiles",
-            "bob",
-            json!({"name": "Robert Renamed", "bio": "Edited"}),
-            None,
-        )
-        .await
-        .unwrap();
+    let w = rename_bob(&admin, "Robert Renamed").await;
     let reader = {
         let url = polling.url();
         tokio::spawn(async move {
@@ -512,16 +512,7 @@ async fn a_stalled_store_bounds_each_poll_and_installed_pages_stay_served() {
     assert!(started.elapsed() < Duration::from_millis(500));
 
     // An edit published while the edge's store is stalled shows soon after it answers.
-    let w = admin
-        .put(
-            SITE,
-            "profiles",
-            "bob",
-            json!({"name": "Robert Stalled", "bio": "Edited"}),
-            None,
-        )
-        .await
-        .unwrap();
+    let w = rename_bob(&admin, "Robert Stalled").await;
     wait_version(&node_url, "/demo/bob", w.index, PUBLISH_WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(edge.edge.pages().served_index(SITE) < Some(w.index));
