@@ -1052,6 +1052,10 @@ impl Worker {
             // One malloc arena: each extra one reserves 64 MiB of address space, which would
             // count against the memory limit without being used.
             .env("MALLOC_ARENA_MAX", "1")
+            // The same for mimalloc (the `sesame` binary's allocator): it reserves address
+            // space 1 GiB at a time, which the limit refuses; a worker that cannot reserve
+            // then crawls instead of failing fast at its limit. 8 MiB steps fit.
+            .env("MIMALLOC_ARENA_RESERVE", "8MiB")
             .spawn()
             .map_err(|e| format!("running {}: {e}", config.command.program.display()))?;
         shared.workers_started.fetch_add(1, Ordering::Relaxed);
