@@ -206,8 +206,8 @@ impl RecentEntries {
         self.entries.last_key_value().map(|(_, e)| e.entry.log_id)
     }
 
-    /// Marks an entry durable (unless a truncation replaced it meanwhile), then drops the
-    /// oldest durable entries past the byte bound; what was dropped, to free outside the lock.
+    /// Marks an entry durable (unless a truncation replaced it meanwhile); [`Self::trim`]
+    /// then keeps the durable ones within the byte bound.
     fn durable(&mut self, log_id: &LogId, bytes: usize) {
         if let Some(e) = self.entries.get_mut(&log_id.index) {
             if e.entry.log_id == *log_id && e.durable.is_none() {

@@ -203,6 +203,31 @@ async fn check_and_measure(
     Ok(Rates { one, random })
 }
 
+/// Sends `signal` (`-INT`, `-TERM`) to `child` and waits for it to end; kills it past `wait`.
+async fn stop_child(
+    child: &mut Child,
+    signal: &str,
+    wait: Duration,
+    name: &str,
+) -> anyhow::Result<()> {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await;
+    }
+    match tokio::time::timeout(wait, child.wait()).await {
+        Ok(status) => {
+            status.with_context(|| format!("wait for {name}"))?;
+            Ok(())
+        }
+        Err(_) => {
+            child.kill().await.with_context(|| format!("kill {name}"))?;
+            anyhow::bail!("{name} did not stop within {wait:?}; killed it")
+        }
+    }
+}
+
 /// A `sesame edge` process started here; killed on drop if not stopped.
 struct EdgeProcess {
     child: Child,
@@ -269,22 +294,7 @@ impl EdgeProcess {
             return Ok(());
         }
         self.stopped = true;
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status()
-                .await;
-        }
-        match tokio::time::timeout(EDGE_WAIT, self.child.wait()).await {
-            Ok(status) => {
-                status.context("wait for sesame edge")?;
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await.context("kill sesame edge")?;
-                anyhow::bail!("sesame edge did not stop within {EDGE_WAIT:?}; killed it")
-            }
-        }
+        stop_child(&mut self.child, "-INT", EDGE_WAIT, "sesame edge").await
     }
 }
 
@@ -501,22 +511,7 @@ impl Nginx {
             return Ok(());
         }
         self.stopped = true;
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
-        }
-        match tokio::time::timeout(NGINX_WAIT, self.child.wait()).await {
-            Ok(status) => {
-                status.context("wait for nginx")?;
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await.context("kill nginx")?;
-                anyhow::bail!("nginx did not stop within {NGINX_WAIT:?}; killed its master")
-            }
-        }
+        stop_child(&mut self.child, "-TERM", NGINX_WAIT, "nginx").await
     }
 }
 
