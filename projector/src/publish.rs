@@ -32,6 +32,9 @@ use crate::tree::{self, ChunkSource, CHUNK_BYTES_MAX};
 
 /// Blob uploads in flight at once for one publish.
 pub const BLOB_PUTS_CONCURRENT_MAX: usize = 32;
+/// Blocking tasks that write one publish's blobs into a local folder, each a share of them
+/// in turn: a task per file cost more in thread hand-offs than the write itself.
+const LOCAL_BLOB_WRITERS: usize = 2;
 /// Blob paths remembered as written (to skip re-uploads); the memory is cleared past this.
 pub const BLOBS_KNOWN_MAX: usize = 1_000_000;
 /// Largest blob a reader takes from the store; a larger one is refused before it is read.
@@ -48,6 +51,12 @@ pub enum PublishError {
     Store(#[from] object_store::Error),
     #[error("invalid object store URL {url:?}: {reason}")]
     Url { url: String, reason: String },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating {path}: {source}")]
     CreateDir {
         path: std::path::PathBuf,
@@ -72,6 +81,10 @@ pub struct Publisher {
     store: Arc<dyn ObjectStore>,
     /// Path inside the store under which `sites/` lives (from a URL like `s3://bucket/pages`).
     prefix: Option<Path>,
+    /// The folder of a local store: blobs are then written straight into it by a few
+    /// blocking tasks, in the same layout and with the same write-then-rename as the store's
+    /// own `put` (which costs one blocking task per file).
+    local_dir: Option<std::path::PathBuf>,
     /// Blob paths known to exist.
     known: Mutex<HashSet<String>>,
     /// Held shared by every step that finds a file present and then relies on it (a
@@ -117,6 +130,7 @@ impl Publisher {
         Publisher {
             store,
             prefix: None,
+            local_dir: None,
             known: Mutex::default(),
             pins: Arc::default(),
         }
@@ -235,7 +249,9 @@ impl Publisher {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Self::new(Arc::new(LocalFileSystem::new_with_prefix(dir)?)))
+        let mut publisher = Self::new(Arc::new(LocalFileSystem::new_with_prefix(dir)?));
+        publisher.local_dir = Some(dir.to_path_buf());
+        Ok(publisher)
     }
 
     /// Publishes into the store a URL names (`s3://bucket/prefix`, `file:///dir`,
@@ -251,6 +267,13 @@ impl Publisher {
             url: url.to_string(),
             reason: e.to_string(),
         })?;
+        if parsed.scheme() == "file" {
+            let dir = parsed.to_file_path().map_err(|()| PublishError::Url {
+                url: url.to_string(),
+                reason: "not a local folder".into(),
+            })?;
+            return Self::local(dir);
+        }
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
         let mut publisher = Self::new(Arc::from(store));
         publisher.prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
@@ -305,17 +328,14 @@ impl Publisher {
             }
         }
         let written = todo.len();
+        if let Some(dir) = &self.local_dir {
+            return self.put_local_blobs(dir, todo).await.map(|()| written);
+        }
         futures::stream::iter(todo)
             .map(|(path, hash, body)| async move {
-                let actual = content_hash(&body);
-                if actual != hash {
-                    return Err(PublishError::Corrupt {
-                        path: path.to_string(),
-                        reason: format!("bytes hash to {actual}"),
-                    });
-                }
+                check_blob(&path, &hash, &body)?;
                 self.store.put(&path, PutPayload::from(body)).await?;
-                Ok(path)
+                Ok::<_, PublishError>(path)
             })
             .buffer_unordered(BLOB_PUTS_CONCURRENT_MAX)
             .try_for_each(|path| {
@@ -324,6 +344,46 @@ impl Publisher {
             })
             .await?;
         Ok(written)
+    }
+
+    /// Writes blobs into the local folder `dir`, shared among [`LOCAL_BLOB_WRITERS`]
+    /// blocking tasks. Each file is written under a temporary name beside its place and
+    /// renamed into it, so readers never see a partial file.
+    async fn put_local_blobs(
+        &self,
+        dir: &std::path::Path,
+        blobs: Vec<(Path, String, Bytes)>,
+    ) -> Result<(), PublishError> {
+        let mut shares: Vec<Vec<(Path, String, Bytes)>> =
+            (0..LOCAL_BLOB_WRITERS).map(|_| Vec::new()).collect();
+        for (i, blob) in blobs.into_iter().enumerate() {
+            shares[i % LOCAL_BLOB_WRITERS].push(blob);
+        }
+        let tasks = shares
+            .into_iter()
+            .filter(|share| !share.is_empty())
+            .map(|share| {
+                let dir = dir.to_path_buf();
+                tokio::task::spawn_blocking(move || -> Result<Vec<Path>, PublishError> {
+                    let mut written = Vec::with_capacity(share.len());
+                    for (path, hash, body) in share {
+                        check_blob(&path, &hash, &body)?;
+                        write_file(&dir.join(path.as_ref()), &body)?;
+                        written.push(path);
+                    }
+                    Ok(written)
+                })
+            });
+        for written in futures::future::join_all(tasks).await {
+            let written = written.map_err(|e| PublishError::Write {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e),
+            })??;
+            for path in &written {
+                self.remember(path);
+            }
+        }
+        Ok(())
     }
 
     /// Writes tree chunks, [`BLOB_PUTS_CONCURRENT_MAX`] at a time, each checked against its
@@ -651,6 +711,60 @@ impl ChunkSource for Publisher {
     ) -> futures::future::BoxFuture<'a, Result<Bytes, PublishError>> {
         Box::pin(self.get_chunk_bytes(site, id))
     }
+}
+
+/// Checks a blob about to be written against its hash.
+fn check_blob(path: &Path, hash: &str, body: &[u8]) -> Result<(), PublishError> {
+    let actual = content_hash(body);
+    if actual != hash {
+        return Err(PublishError::Corrupt {
+            path: path.to_string(),
+            reason: format!("bytes hash to {actual}"),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it (`<name>#<n>`, the names
+/// `object_store`'s own local writes use and its listings skip), renamed into place;
+/// creates the folder when missing.
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), PublishError> {
+    use std::io::ErrorKind;
+    let failed = |source: std::io::Error| PublishError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut n = 1u32;
+    let (mut file, staging) = loop {
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!("#{n}"));
+        let staging = std::path::PathBuf::from(staging);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+        {
+            Ok(file) => break (file, staging),
+            // Another writer of the same file is under way: take the next name.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1_000 => n += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound && n == 1 => {
+                let parent = path.parent().unwrap_or(path);
+                std::fs::create_dir_all(parent).map_err(|source| PublishError::CreateDir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+                n += 1;
+            }
+            Err(e) => return Err(failed(e)),
+        }
+    };
+    let written = std::io::Write::write_all(&mut file, bytes);
+    drop(file);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&staging, path)) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(failed(e));
+    }
+    Ok(())
 }
 
 /// Checks bytes read or about to be written against their name and size bound.

@@ -897,13 +897,22 @@ fn tag_end(html: &str, tag: &str) -> Option<usize> {
 fn find_ascii_ci(hay: &str, needle: &str, from: usize) -> Option<usize> {
     let hay = hay.as_bytes();
     let needle = needle.as_bytes();
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
+    let first = *needle.first()?;
+    let mut at = from;
+    while at + needle.len() <= hay.len() {
+        // Candidates are the places of the first byte in either case.
+        let found = at
+            + memchr::memchr2(
+                first.to_ascii_lowercase(),
+                first.to_ascii_uppercase(),
+                &hay[at..=hay.len() - needle.len()],
+            )?;
+        if hay[found..found + needle.len()].eq_ignore_ascii_case(needle) {
+            return Some(found);
+        }
+        at = found + 1;
     }
-    let first = needle[0];
-    (from..=hay.len() - needle.len()).find(|&i| {
-        hay[i].eq_ignore_ascii_case(&first) && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
-    })
+    None
 }
 
 #[cfg(test)]
@@ -1043,6 +1052,18 @@ mod tests {
             with_canonical("<p>bare</p>".into(), "https://x/a&b"),
             "<link rel=\"canonical\" href=\"https://x/a&amp;b\"><p>bare</p>"
         );
+    }
+
+    #[test]
+    fn ascii_search_ignores_case_and_respects_bounds() {
+        assert_eq!(find_ascii_ci("<HeAd>", "<head", 0), Some(0));
+        assert_eq!(find_ascii_ci("xx<h <HEAD", "<head", 0), Some(5));
+        assert_eq!(find_ascii_ci("<head><head", "<head", 1), Some(6));
+        assert_eq!(find_ascii_ci("<hea", "<head", 0), None);
+        assert_eq!(find_ascii_ci("<head", "<head", 1), None);
+        assert_eq!(find_ascii_ci("<head", "<head", 9), None);
+        assert_eq!(find_ascii_ci("abc", "", 0), None);
+        assert_eq!(find_ascii_ci("é<HEAD", "<head", 0), Some(2));
     }
 
     #[test]

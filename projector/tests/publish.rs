@@ -326,3 +326,53 @@ async fn the_root_mirror_is_a_conditional_put_where_the_store_has_one() {
     publisher.mirror_root("demo", &second).await.unwrap();
     assert_eq!(publisher.get_root("demo").await.unwrap(), Some(second));
 }
+
+/// A local folder takes a publish's blobs from a few blocking tasks, each file written
+/// under a temporary name and renamed into place: every blob lands whole where the store
+/// reads it, a leftover temporary file is stepped over, none is left behind, and a blob
+/// whose bytes do not match its name fails the write.
+#[tokio::test]
+async fn local_blobs_land_whole_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let publisher = Publisher::local(dir.path()).unwrap();
+    let blobs: Vec<_> = (0..500)
+        .map(|i| {
+            let body = bytes::Bytes::from(format!("page {i}").repeat(i % 7 + 1));
+            (content_hash(&body), body)
+        })
+        .collect();
+    // A writer that died between its write and its rename left this behind.
+    let folder = dir.path().join("sites/demo/blobs");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join(format!("{}#1", blobs[7].0)), b"partial").unwrap();
+
+    assert_eq!(publisher.put_blobs("demo", &blobs).await.unwrap(), 500);
+    for (hash, body) in &blobs {
+        assert_eq!(publisher.get_blob("demo", hash).await.unwrap(), *body);
+    }
+    let names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let staged: Vec<&String> = names.iter().filter(|n| n.contains('#')).collect();
+    assert_eq!(
+        staged,
+        [&format!("{}#1", blobs[7].0)],
+        "only the old leftover"
+    );
+    let listed = publisher.list_objects("demo").await.unwrap();
+    assert_eq!(
+        listed.len(),
+        500,
+        "the store's listing skips temporary files"
+    );
+
+    let body = bytes::Bytes::from_static(b"not what the name says");
+    let wrong = [
+        (content_hash(b"one"), bytes::Bytes::from_static(b"one")),
+        (content_hash(b"two"), body),
+    ];
+    let err = publisher.put_blobs("demo", &wrong).await.unwrap_err();
+    assert!(matches!(err, PublishError::Corrupt { .. }), "{err}");
+    assert!(!folder.join(&wrong[1].0).exists());
+}
