@@ -10,7 +10,9 @@
 //! - a template that loads a computed name → every key of `_templates`;
 //! - `asset_url(key)` → the asset's keys and a route at its path.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashSet};
 
 use crate::site::{ASSETS, ROUTES};
 
