@@ -54,7 +54,7 @@ pub use paths::{
     SITEMAP_PATH,
 };
 pub use projector::{
-    ChangedKey, Projection, SiteProjector, ASSETS_MAX, ERRORS_REPORTED_MAX, ROUTES_MAX,
+    BlobSink, ChangedKey, Projection, SiteProjector, ASSETS_MAX, ERRORS_REPORTED_MAX, ROUTES_MAX,
     TEMPLATES_MAX,
 };
 pub use publish::{

@@ -310,7 +310,16 @@ pub struct SiteProjector {
     /// Whether the state above matches the site at the last projection. False after `new`,
     /// `adopt` or an error: the next projection then renders everything.
     ready: bool,
+    /// Told each new file's hash and bytes as a projection makes it (see [`BlobSink`]).
+    blob_sink: Option<BlobSink>,
 }
+
+/// Receives each new file (hash, bytes) the moment a projection makes it, so that writing
+/// files to the store overlaps the rest of the projection instead of following it. The
+/// projection's [`Projection::new_blobs`] still lists every file the version needs: a sink
+/// only lets them be written early (a file made and then replaced within one projection
+/// may reach the sink and not the version; garbage collection removes it later).
+pub type BlobSink = Box<dyn FnMut(&str, &Bytes) + Send>;
 
 impl SiteProjector {
     pub fn new(site: &str, mut config: Config) -> Self {
@@ -329,7 +338,13 @@ impl SiteProjector {
             problems: Problems::default(),
             current: None,
             ready: false,
+            blob_sink: None,
         }
+    }
+
+    /// Sets (or with `None`, removes) the sink new files go to as they are made.
+    pub fn stream_blobs(&mut self, sink: Option<BlobSink>) {
+        self.blob_sink = sink;
     }
 
     /// Starts from a manifest published earlier (after a restart or a rollback): its files
@@ -845,12 +860,19 @@ impl SiteProjector {
                 }
                 Claim::NotFound | Claim::Asset { .. } => {}
             }
-            if let Some(old) = self.states.remove(&job.path) {
-                self.deps.remove(&job.path, &old.deps);
+            match self.states.get_mut(&job.path) {
+                // A page read what it read last time (a layout edit re-renders every page
+                // with the same reads): the index already says so.
+                Some(state) if state.deps == deps => state.owner = owner,
+                _ => {
+                    if let Some(old) = self.states.remove(&job.path) {
+                        self.deps.remove(&job.path, &old.deps);
+                    }
+                    self.deps.insert(&job.path, &deps);
+                    self.states
+                        .insert(job.path.clone(), PathState { owner, deps });
+                }
             }
-            self.deps.insert(&job.path, &deps);
-            self.states
-                .insert(job.path.clone(), PathState { owner, deps });
             let subject = Subject::Page(job.path.clone());
             match outcome.result {
                 Ok(rendered) => {
@@ -1113,6 +1135,9 @@ impl SiteProjector {
             run.html_set_changed = true;
         }
         if old.is_none_or(|e| e.hash != entry.hash) && run.blob_hashes.insert(entry.hash.clone()) {
+            if let Some(sink) = &mut self.blob_sink {
+                sink(&entry.hash, &body);
+            }
             run.blobs.push((entry.hash.clone(), body));
         }
         if let Some(old) = self.files.insert(path.to_string(), entry) {

@@ -82,8 +82,8 @@ pub struct Publisher {
     /// Path inside the store under which `sites/` lives (from a URL like `s3://bucket/pages`).
     prefix: Option<Path>,
     /// The folder of a local store: blobs are then written straight into it by a few
-    /// blocking tasks, in the same layout and with the same write-then-rename as the store's
-    /// own `put` (which costs one blocking task per file).
+    /// blocking tasks, in the store's layout (its own `put` costs a blocking task, a
+    /// temporary file and a rename per file).
     local_dir: Option<std::path::PathBuf>,
     /// Blob paths known to exist.
     known: Mutex<HashSet<String>>,
@@ -241,8 +241,9 @@ impl Publisher {
         Ok(n)
     }
 
-    /// Publishes into a local folder, creating it. Writes go to a temporary file and are
-    /// renamed into place, so readers never see a partial file.
+    /// Publishes into a local folder, creating it. A new blob is created in place before any
+    /// version names it; every other write goes to a temporary file renamed into place, so
+    /// readers never see a partial file.
     pub fn local(dir: impl AsRef<std::path::Path>) -> Result<Self, PublishError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|source| PublishError::CreateDir {
@@ -347,8 +348,7 @@ impl Publisher {
     }
 
     /// Writes blobs into the local folder `dir`, shared among [`LOCAL_BLOB_WRITERS`]
-    /// blocking tasks. Each file is written under a temporary name beside its place and
-    /// renamed into it, so readers never see a partial file.
+    /// blocking tasks (see [`write_file`]).
     async fn put_local_blobs(
         &self,
         dir: &std::path::Path,
@@ -725,11 +725,48 @@ fn check_blob(path: &Path, hash: &str, body: &[u8]) -> Result<(), PublishError> 
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it (`<name>#<n>`, the names
-/// `object_store`'s own local writes use and its listings skip), renamed into place;
-/// creates the folder when missing.
+/// Writes the blob `bytes` to `path`, creating the folder when missing.
+///
+/// A blob that is not there yet is created in place: no version names it until this write
+/// and the rest of its publish are done, so no reader can come upon it half written. A
+/// failed write leaves the partial file; the next write of that blob finds it and replaces
+/// it, and garbage collection deletes it if nothing does. A blob that is there already
+/// (written before a restart, left partial, or being written by a preview right now) is
+/// replaced whole through [`replace_file`].
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), PublishError> {
     use std::io::ErrorKind;
+    let failed = |source: std::io::Error| PublishError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+    };
+    let created = match create() {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let parent = path.parent().unwrap_or(path);
+            std::fs::create_dir_all(parent).map_err(|source| PublishError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+            create()
+        }
+        other => other,
+    };
+    match created {
+        Ok(mut file) => std::io::Write::write_all(&mut file, bytes).map_err(failed),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => replace_file(path, bytes),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Replaces the file at `path` with `bytes` at once: writes a temporary file beside it
+/// (`<name>#<n>`, the names `object_store`'s own local writes use and its listings skip)
+/// and renames it into place, so a reader sees the old file or the new one, whole.
+fn replace_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), PublishError> {
     let failed = |source: std::io::Error| PublishError::Write {
         path: path.to_path_buf(),
         source,
@@ -746,15 +783,7 @@ fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), PublishError> 
         {
             Ok(file) => break (file, staging),
             // Another writer of the same file is under way: take the next name.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1_000 => n += 1,
-            Err(e) if e.kind() == ErrorKind::NotFound && n == 1 => {
-                let parent = path.parent().unwrap_or(path);
-                std::fs::create_dir_all(parent).map_err(|source| PublishError::CreateDir {
-                    path: parent.to_path_buf(),
-                    source,
-                })?;
-                n += 1;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1_000 => n += 1,
             Err(e) => return Err(failed(e)),
         }
     };

@@ -971,3 +971,37 @@ fn asset_url_of_an_unknown_asset_fails_the_page_until_the_asset_exists() {
     assert!(p.errors.is_empty(), "{:?}", p.errors);
     assert!(h.page("/alice").contains(&versioned(&h, "/app.js")));
 }
+
+/// A sink set with `stream_blobs` is handed every file a projection's version needs as the
+/// file is made (so the node writes them while the render goes on), and nothing that is
+/// already published.
+#[test]
+fn the_blob_sink_sees_every_new_file_as_it_is_made() {
+    use std::sync::{Arc, Mutex};
+    let mut h = Harness::demo();
+    let seen: Arc<Mutex<Vec<(String, bytes::Bytes)>>> = Arc::default();
+    let into = Arc::clone(&seen);
+    h.projector
+        .stream_blobs(Some(Box::new(move |hash: &str, body: &bytes::Bytes| {
+            into.lock().unwrap().push((hash.to_string(), body.clone()));
+        })));
+    let sorted = |mut blobs: Vec<(String, bytes::Bytes)>| {
+        blobs.sort();
+        blobs
+    };
+    let p = h.full();
+    assert!(p.new_blobs.len() >= 4, "pages, stylesheet, sitemap, robots");
+    let streamed = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(sorted(streamed), sorted(p.new_blobs.clone()));
+
+    h.put("profiles", "bob", json!({ "name": "Bob", "bio": "Mends things" }));
+    let p = h.apply();
+    let streamed = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(p.new_blobs.len(), 1, "bob's page (the index shows names only)");
+    assert_eq!(sorted(streamed), sorted(p.new_blobs.clone()));
+
+    h.projector.stream_blobs(None);
+    h.put("profiles", "bob", json!({ "name": "Bob", "bio": "Builds things" }));
+    assert!(!h.apply().new_blobs.is_empty());
+    assert!(seen.lock().unwrap().is_empty(), "no sink, nothing streamed");
+}

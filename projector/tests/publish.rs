@@ -327,10 +327,10 @@ async fn the_root_mirror_is_a_conditional_put_where_the_store_has_one() {
     assert_eq!(publisher.get_root("demo").await.unwrap(), Some(second));
 }
 
-/// A local folder takes a publish's blobs from a few blocking tasks, each file written
-/// under a temporary name and renamed into place: every blob lands whole where the store
-/// reads it, a leftover temporary file is stepped over, none is left behind, and a blob
-/// whose bytes do not match its name fails the write.
+/// A local folder takes a publish's blobs from a few blocking tasks: every blob lands whole
+/// where the store reads it, a partial blob left by a failed write is replaced whole, a
+/// leftover temporary file is stepped over, none is left behind, and a blob whose bytes do
+/// not match its name fails the write.
 #[tokio::test]
 async fn local_blobs_land_whole_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -345,6 +345,7 @@ async fn local_blobs_land_whole_in_place() {
     let folder = dir.path().join("sites/demo/blobs");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join(format!("{}#1", blobs[7].0)), b"partial").unwrap();
+    std::fs::write(folder.join(&blobs[7].0), b"part").unwrap();
 
     assert_eq!(publisher.put_blobs("demo", &blobs).await.unwrap(), 500);
     for (hash, body) in &blobs {

@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use serde::Serialize;
 use sesame_projector::sandbox::RenderPool;
 use sesame_projector::{
-    ChangedKey, Config as RenderConfig, Projection, Publisher, Renderer, Root, SiteProjector,
-    Source, SourceError, TemplateError,
+    BlobSink, ChangedKey, Config as RenderConfig, Projection, Publisher, Renderer, Root,
+    SiteProjector, Source, SourceError, TemplateError,
 };
 use sesame_proto::{Command, CommandResult, LogIndex, Publish, Tuple};
 use sesame_sync::{StoreError, View};
@@ -59,6 +60,10 @@ const ROUNDS_CONCURRENT_MAX: usize = 8;
 /// Most changed keys one round collects for one site; past it the site renders from scratch
 /// (which reads everything anyway) instead of holding the key list.
 const CHANGED_KEYS_PER_SITE_MAX: usize = 200_000;
+/// Files a round has made and not yet handed to its early writer (`early_writes`).
+const EARLY_BLOBS_QUEUED_MAX: usize = 1_024;
+/// Files the early writer writes in one go.
+const EARLY_BLOBS_BATCH: usize = 256;
 /// The `template` named by a publish failure in the site status.
 pub const PUBLISH_PROBLEM: &str = "(publish)";
 
@@ -589,15 +594,29 @@ impl Projections {
             let mut p = projector
                 .take()
                 .expect("start_from_root leaves a projector");
+            // Garbage collection waits until the version is committed and served (gc.rs):
+            // from the first file written while rendering to the commit of the root.
+            let _pin = self.publisher.pin().await;
+            let (sink, early) = early_writes(&self.publisher, &site);
+            p.stream_blobs(Some(sink));
             let name = site.clone();
-            let (p, rendered) = self
+            let read = self
                 .reads
                 .read(move |view| {
-                    let rendered = render_site(view, &name, &mut p, since, rebuild)?;
-                    Ok((p, rendered))
+                    let rendered = render_site(view, &name, &mut p, since, rebuild);
+                    p.stream_blobs(None);
+                    Ok((p, rendered?))
                 })
-                .await
-                .context("render")?;
+                .await;
+            // The sink is gone with the render, so the writer ends; wait for it before the
+            // pin can go.
+            match early.await {
+                Ok(Ok(_)) => {}
+                // Publishing writes whatever did not get written here.
+                Ok(Err(e)) => tracing::warn!("site {site}: writing files while rendering: {e:#}"),
+                Err(e) => tracing::warn!("site {site}: the early file writer stopped: {e}"),
+            }
+            let (p, rendered) = read.context("render")?;
             *projector = Some(p);
             let (index, projection, expected, render_ms) = match rendered {
                 Rendered::Deleted => return Ok(()),
@@ -677,6 +696,7 @@ impl Projections {
     }
 
     /// Publishes one site version: files, manifest, root through Raft, served version, mirror.
+    /// The caller holds a pin of the publisher (garbage collection stays out).
     async fn publish(
         &self,
         slot: &Slot,
@@ -687,8 +707,6 @@ impl Projections {
         let started = Instant::now();
         let site = slot.site.clone();
         let manifest = projection.manifest.clone();
-        // Garbage collection waits until the version is committed and served (gc.rs).
-        let _pin = self.publisher.pin().await;
         let id = self
             .publisher
             .publish(&projection)
@@ -752,6 +770,37 @@ impl Projections {
             .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
+
+/// Starts writing the files a round makes while it renders: the sink for the projector
+/// ([`SiteProjector::stream_blobs`]) and the task that writes what reaches it, in batches
+/// of at most [`EARLY_BLOBS_BATCH`]. At most [`EARLY_BLOBS_QUEUED_MAX`] files wait in
+/// between; a full queue holds the render back. The task ends when the sink is dropped, or
+/// at its first failed write (the sink then drops what it is given).
+fn early_writes(
+    publisher: &Arc<Publisher>,
+    site: &str,
+) -> (
+    BlobSink,
+    tokio::task::JoinHandle<Result<usize, sesame_projector::PublishError>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(EARLY_BLOBS_QUEUED_MAX);
+    let publisher = Arc::clone(publisher);
+    let site = site.to_string();
+    let task = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(EARLY_BLOBS_BATCH);
+        let mut written = 0;
+        while rx.recv_many(&mut batch, EARLY_BLOBS_BATCH).await > 0 {
+            written += publisher.put_blobs(&site, &batch).await?;
+            batch.clear();
+        }
+        Ok(written)
+    });
+    let sink: BlobSink = Box::new(move |hash: &str, body: &Bytes| {
+        // The render runs on a blocking thread, where waiting for room is allowed.
+        let _ = tx.blocking_send((hash.to_string(), body.clone()));
+    });
+    (sink, task)
 }
 
 /// The blocking half of a round: in one snapshot, check the site and its root, read the
