@@ -994,14 +994,26 @@ fn the_blob_sink_sees_every_new_file_as_it_is_made() {
     let streamed = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(sorted(streamed), sorted(p.new_blobs.clone()));
 
-    h.put("profiles", "bob", json!({ "name": "Bob", "bio": "Mends things" }));
+    h.put(
+        "profiles",
+        "bob",
+        json!({ "name": "Bob", "bio": "Mends things" }),
+    );
     let p = h.apply();
     let streamed = std::mem::take(&mut *seen.lock().unwrap());
-    assert_eq!(p.new_blobs.len(), 1, "bob's page (the index shows names only)");
+    assert_eq!(
+        p.new_blobs.len(),
+        1,
+        "bob's page (the index shows names only)"
+    );
     assert_eq!(sorted(streamed), sorted(p.new_blobs.clone()));
 
     h.projector.stream_blobs(None);
-    h.put("profiles", "bob", json!({ "name": "Bob", "bio": "Builds things" }));
+    h.put(
+        "profiles",
+        "bob",
+        json!({ "name": "Bob", "bio": "Builds things" }),
+    );
     assert!(!h.apply().new_blobs.is_empty());
     assert!(seen.lock().unwrap().is_empty(), "no sink, nothing streamed");
 }
