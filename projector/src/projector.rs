@@ -32,7 +32,9 @@ use crate::manifest::{content_hash, Delta, FileEntry, Manifest, MANIFEST_FORMAT}
 use crate::paths::{
     self, is_sitemap_path, template_kind, NOT_FOUND_PATH, NOT_FOUND_TEMPLATE, ROBOTS_PATH,
 };
-use crate::render::{self, AssetIndex, BatchInputs, PageJob, Preloaded, ServedAsset, TemplateSet};
+use crate::render::{
+    self, AssetIndex, BatchInputs, PageJob, PageOutcome, Preloaded, ServedAsset, TemplateSet,
+};
 use crate::site::{self, Route, ASSETS, ROUTES, TEMPLATES};
 use crate::sitemap;
 use crate::source::{get_checked, list_checked, Source, SourceError};
@@ -828,69 +830,88 @@ impl SiteProjector {
         };
         let preloaded = Arc::new(preloaded);
         let jobs: Arc<[PageJob]> = jobs.into();
-        let outcomes = match &self.config.renderer {
+        let renderer = self.config.renderer.clone();
+        let mut template_deps: HashMap<String, PageDeps> = HashMap::new();
+        let mut owners = owners.into_iter();
+        let mut done = 0;
+        // Pages are taken in as they finish (in job order), while later ones still render.
+        let mut take = |outcome: PageOutcome| {
+            let job = &jobs[done];
+            done += 1;
+            let owner = owners.next().expect("an owner for every job");
+            self.take_page(job, owner, outcome, &mut template_deps, run);
+        };
+        match &renderer {
             Renderer::Threads(threads) => {
-                render::render_batch(src, &inputs, &jobs, preloaded, threads_or_cores(*threads))?
+                let outcomes = render::render_batch(
+                    src,
+                    &inputs,
+                    &jobs,
+                    preloaded,
+                    threads_or_cores(*threads),
+                )?;
+                outcomes.into_iter().for_each(&mut take);
             }
             Renderer::Pool(pool) => {
-                pool.render_batch(src, &inputs, Arc::clone(&jobs), preloaded)?
-            }
-        };
-
-        let mut template_deps: HashMap<String, PageDeps> = HashMap::new();
-        for ((job, owner), outcome) in jobs.iter().zip(owners).zip(outcomes) {
-            run.pages_rendered += 1;
-            let mut deps = outcome.deps;
-            deps.merge(
-                template_deps
-                    .entry(job.template.clone())
-                    .or_insert_with(|| self.template_closure(&job.template))
-                    .clone(),
-            );
-            match &owner {
-                Claim::Route { pattern } => deps.add_key(ROUTES, pattern),
-                Claim::Each { pattern, key } => {
-                    deps.add_key(ROUTES, pattern);
-                    let each = self.routes[pattern]
-                        .route
-                        .each
-                        .as_deref()
-                        .expect("an Each claim has a route with each");
-                    deps.add_key(each, key);
-                }
-                Claim::NotFound | Claim::Asset { .. } => {}
-            }
-            match self.states.get_mut(&job.path) {
-                // A page read what it read last time (a layout edit re-renders every page
-                // with the same reads): the index already says so.
-                Some(state) if state.deps == deps => state.owner = owner,
-                _ => {
-                    if let Some(old) = self.states.remove(&job.path) {
-                        self.deps.remove(&job.path, &old.deps);
-                    }
-                    self.deps.insert(&job.path, &deps);
-                    self.states
-                        .insert(job.path.clone(), PathState { owner, deps });
-                }
-            }
-            let subject = Subject::Page(job.path.clone());
-            match outcome.result {
-                Ok(rendered) => {
-                    self.problems.clear(&subject);
-                    let content_type = template_kind(&job.template).content_type;
-                    self.set_file_hashed(
-                        &job.path,
-                        content_type,
-                        rendered.body,
-                        rendered.hash,
-                        run,
-                    );
-                }
-                // The last good file stays.
-                Err(error) => self.problems.report(subject, error),
+                pool.render_each(src, &inputs, Arc::clone(&jobs), preloaded, &mut take)?
             }
         }
         Ok(())
+    }
+
+    /// Takes in one rendered page: its dependencies, its state and its file.
+    fn take_page(
+        &mut self,
+        job: &PageJob,
+        owner: Claim,
+        outcome: PageOutcome,
+        template_deps: &mut HashMap<String, PageDeps>,
+        run: &mut Run,
+    ) {
+        run.pages_rendered += 1;
+        let mut deps = outcome.deps;
+        deps.merge(
+            template_deps
+                .entry(job.template.clone())
+                .or_insert_with(|| self.template_closure(&job.template))
+                .clone(),
+        );
+        match &owner {
+            Claim::Route { pattern } => deps.add_key(ROUTES, pattern),
+            Claim::Each { pattern, key } => {
+                deps.add_key(ROUTES, pattern);
+                let each = self.routes[pattern]
+                    .route
+                    .each
+                    .as_deref()
+                    .expect("an Each claim has a route with each");
+                deps.add_key(each, key);
+            }
+            Claim::NotFound | Claim::Asset { .. } => {}
+        }
+        match self.states.get_mut(&job.path) {
+            // A page read what it read last time (a layout edit re-renders every page with
+            // the same reads): the index already says so.
+            Some(state) if state.deps == deps => state.owner = owner,
+            _ => {
+                if let Some(old) = self.states.remove(&job.path) {
+                    self.deps.remove(&job.path, &old.deps);
+                }
+                self.deps.insert(&job.path, &deps);
+                self.states
+                    .insert(job.path.clone(), PathState { owner, deps });
+            }
+        }
+        let subject = Subject::Page(job.path.clone());
+        match outcome.result {
+            Ok(rendered) => {
+                self.problems.clear(&subject);
+                let content_type = template_kind(&job.template).content_type;
+                self.set_file_hashed(&job.path, content_type, rendered.body, rendered.hash, run);
+            }
+            // The last good file stays.
+            Err(error) => self.problems.report(subject, error),
+        }
     }
 
     /// Loads the collections templates name, so a large batch reads memory, not the store.

@@ -202,8 +202,8 @@ struct Batch {
     inputs: BatchInputs,
     jobs: Arc<[PageJob]>,
     preloaded: Arc<Preloaded>,
-    /// Where drivers put outcomes. Shared with the caller, which takes them at the end: it
-    /// is woken for reads and once all pages are done, not for every page.
+    /// Where drivers put outcomes. Shared with the caller, which takes them in job order: it
+    /// is woken for reads, when the page it waits for next is done, and once all are.
     outcomes: Arc<Outcomes>,
     events: mpsc::Sender<Event>,
     /// The encoded size of each collection held whole, once asked for.
@@ -217,10 +217,32 @@ struct Outcomes {
     slots: Mutex<Slots>,
 }
 
+impl Outcomes {
+    /// Hands `each` the done outcomes from the one the caller waits for on, in job order;
+    /// `each` runs outside the lock, so drivers keep storing outcomes meanwhile.
+    fn take_ready(&self, each: &mut dyn FnMut(PageOutcome)) {
+        let ready: Vec<PageOutcome> = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let Slots {
+                outcomes, taken, ..
+            } = &mut *slots;
+            let ready: Vec<PageOutcome> = outcomes[*taken..]
+                .iter_mut()
+                .map_while(Option::take)
+                .collect();
+            *taken += ready.len();
+            ready
+        };
+        ready.into_iter().for_each(each);
+    }
+}
+
 struct Slots {
     outcomes: Vec<Option<PageOutcome>>,
     /// Pages without an outcome yet.
     left: usize,
+    /// Outcomes taken by the caller: it waits for the page at this index next.
+    taken: usize,
 }
 
 /// What drivers tell the thread that called `render_batch`.
@@ -228,6 +250,8 @@ enum Event {
     Read(ReadRequest),
     /// A page's read failed in the store: the projection fails.
     SourceFailed(SourceError),
+    /// The page the caller waits for next is done (and maybe some after it).
+    Ready,
     /// The last page is done.
     Finished,
 }
@@ -285,6 +309,8 @@ impl Batch {
         slots.left -= 1;
         if slots.left == 0 {
             let _ = self.events.send(Event::Finished);
+        } else if i == slots.taken {
+            let _ = self.events.send(Event::Ready);
         }
     }
 }
@@ -403,8 +429,25 @@ impl RenderPool {
         jobs: Arc<[PageJob]>,
         preloaded: Arc<Preloaded>,
     ) -> Result<Vec<PageOutcome>, ProjectError> {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        self.render_each(src, inputs, jobs, preloaded, &mut |o| outcomes.push(o))?;
+        Ok(outcomes)
+    }
+
+    /// Renders `jobs` as [`RenderPool::render_batch`] does, handing each page's outcome to
+    /// `each` in job order as soon as it and every page before it are done, so the caller
+    /// takes in finished pages while later ones still render. On an error, `each` may have
+    /// had some of the outcomes.
+    pub fn render_each(
+        &self,
+        src: &dyn crate::Source,
+        inputs: &BatchInputs,
+        jobs: Arc<[PageJob]>,
+        preloaded: Arc<Preloaded>,
+        each: &mut dyn FnMut(PageOutcome),
+    ) -> Result<(), ProjectError> {
         if jobs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let total = jobs.len();
         let (events, incoming) = mpsc::channel();
@@ -412,6 +455,7 @@ impl RenderPool {
             slots: Mutex::new(Slots {
                 outcomes: (0..total).map(|_| None).collect(),
                 left: total,
+                taken: 0,
             }),
         });
         let id = {
@@ -454,6 +498,8 @@ impl RenderPool {
                     source_error.get_or_insert(e);
                     self.shared.withdraw(id);
                 }
+                Ok(Event::Ready) if source_error.is_none() => outcomes.take_ready(each),
+                Ok(Event::Ready) => {}
                 Ok(Event::Finished) | Err(mpsc::RecvError) => break,
             }
         }
@@ -461,20 +507,18 @@ impl RenderPool {
         if let Some(e) = source_error {
             return Err(ProjectError::Source(e));
         }
-        let mut slots = outcomes
+        outcomes.take_ready(each);
+        let left = outcomes
             .slots
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if slots.left > 0 {
+            .unwrap_or_else(PoisonError::into_inner)
+            .left;
+        if left > 0 {
             return Err(ProjectError::Pool(format!(
-                "the render pool stopped with {} of {total} pages not rendered",
-                slots.left
+                "the render pool stopped with {left} of {total} pages not rendered"
             )));
         }
-        Ok(std::mem::take(&mut slots.outcomes)
-            .into_iter()
-            .map(|o| o.expect("every page is done"))
-            .collect())
+        Ok(())
     }
 
     fn start_drivers(&self) -> Result<(), ProjectError> {
