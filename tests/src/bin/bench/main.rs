@@ -102,7 +102,8 @@ pub struct Args {
     /// projection: profiles (pages) in the generated site [default: 10000; 1000 with --quick].
     #[arg(long)]
     profiles: Option<usize>,
-    /// projection: rebuilds of Sesame and builds of Hugo; the median is reported
+    /// projection: rebuilds of Sesame and builds of Hugo; serving: rounds of wrk runs against
+    /// node, edge and nginx in turn. Medians are compared, best and median reported
     /// [default: 3; 1 with --quick].
     #[arg(long)]
     runs: Option<usize>,

@@ -7,8 +7,9 @@
 //!
 //! An edge server (`sesame edge --objects file://<the node's objects> --http 127.0.0.1:<port>`,
 //! the built `sesame` binary as its own process, as nginx is) serves the same published site
-//! after the node has stopped, and is measured with the same runs: node, edge and nginx each
-//! have the machine to themselves while measured.
+//! and is measured with the same runs. Node, edge and nginx all stay up (idle, a server takes
+//! no CPU from the one measured), and each of `--runs` rounds measures each in turn: the
+//! table gives the median and best of the rounds, and the ratios compare medians.
 //!
 //! nginx is started here with a minimal configuration in a temporary folder (`daemon off`,
 //! `access_log off`, its pid file and temporary paths in that folder, listening on a free
@@ -39,10 +40,18 @@ const EDGE_WAIT: Duration = Duration::from_secs(30);
 /// The profile whose page the one-page run asks for.
 const ONE_PAGE: usize = 42;
 
-/// What a server measured: the one-page run and the random-pages run.
+/// What a server measured, round after round: the one-page runs and the random-pages runs.
+#[derive(Default)]
 struct Rates {
-    one: Rate,
-    random: Rate,
+    one: Runs,
+    random: Runs,
+}
+
+/// One server under measurement: where it answers, or why it could not be started.
+struct Server {
+    name: &'static str,
+    base_url: Result<String, String>,
+    rates: Rates,
 }
 
 pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
@@ -54,39 +63,73 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         .prefix("serving-")
         .tempdir_in(base)?;
     let node = site::start_node(dir.path(), args.debounce()).await?;
+    let mut edge = None;
+    let mut nginx = None;
     let measured = async {
         site::create(&node.admin(), n).await?;
-        let base_url = node.node.url();
-        let pages = copy_pages(&base_url, n).await?;
-        let one = wrk_run(&wrk, &format!("{base_url}/{SITE}/{key}"), None, args).await?;
-        let random = random_pages(&wrk, &base_url, n, base, args).await?;
-        anyhow::Ok((pages, Rates { one, random }))
+        let node_url = node.node.url();
+        let pages = copy_pages(&node_url, n).await?;
+        let objects = dir.path().join(sesame_node::app::OBJECTS_DIR);
+        let edge_url = match EdgeProcess::start(&objects, base).await {
+            Ok(e) => Ok(format!("http://127.0.0.1:{}", edge.insert(e).port)),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let nginx_url = match Nginx::start_serving(&pages, base).await {
+            Ok((version, n)) => Ok((
+                version,
+                format!("http://127.0.0.1:{}", nginx.insert(n).port),
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let mut servers = [
+            Server::new("sesame", Ok(node_url)),
+            Server::new("sesame edge", edge_url),
+            Server::new(
+                "nginx",
+                nginx_url
+                    .as_ref()
+                    .map(|(_, url)| url.clone())
+                    .map_err(Clone::clone),
+            ),
+        ];
+        for server in &mut servers {
+            if let Ok(url) = &server.base_url {
+                if let Err(e) = check_serves(url, &pages).await {
+                    server.base_url = Err(format!("{e:#}"));
+                }
+            }
+        }
+        // All three stay up and each round measures each in turn, so a change in the
+        // machine's load during the section falls on all of them alike; idle, the others
+        // take no CPU from the one measured.
+        for round in 0..args.runs() {
+            for server in servers.iter_mut() {
+                let Ok(url) = server.base_url.clone() else {
+                    continue;
+                };
+                let one = wrk_run(&wrk, &format!("{url}/{SITE}/{key}"), None, args).await?;
+                let random = random_pages(&wrk, &url, n, base, args).await?;
+                eprintln!(
+                    "   round {round}, {}: one page {:.0} req/s, {n} random pages {:.0} req/s",
+                    server.name, one.rps, random.rps
+                );
+                server.rates.one.0.push(one);
+                server.rates.random.0.push(random);
+            }
+        }
+        let version = nginx_url.map(|(v, _)| v);
+        anyhow::Ok((pages, servers, version))
     }
     .await;
+    if let Some(mut e) = edge {
+        e.stop().await?;
+    }
+    if let Some(mut n) = nginx {
+        n.stop().await?;
+    }
     node.stop().await?;
-    let (pages, sesame) = measured?;
-    eprintln!(
-        "   sesame: one page {:.0} req/s, {n} random pages {:.0} req/s",
-        sesame.one.rps, sesame.random.rps
-    );
-
-    let objects = dir.path().join(sesame_node::app::OBJECTS_DIR);
-    let edge = edge_run(&wrk, &objects, &pages, base, args).await;
-    match &edge {
-        Ok(r) => eprintln!(
-            "   sesame edge: one page {:.0} req/s, {n} random pages {:.0} req/s",
-            r.one.rps, r.random.rps
-        ),
-        Err(e) => eprintln!("   sesame edge: {e:#}"),
-    }
-
-    let nginx = nginx_run(&wrk, &pages, base, args).await;
-    if let Ok((version, r)) = &nginx {
-        eprintln!(
-            "   {version}: one page {:.0} req/s, {n} random pages {:.0} req/s",
-            r.one.rps, r.random.rps
-        );
-    }
+    let (pages, [sesame, edge, nginx], version) = measured?;
+    let sesame_rates = &sesame.rates;
 
     let one_bytes = pages
         .iter()
@@ -95,48 +138,57 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         .unwrap_or(0);
     let total_bytes: usize = pages.iter().map(|(_, b)| b.len()).sum();
     let wrk_flags = format!(
-        "`wrk -t{} -c{} -d{}s`",
+        "`wrk -t{} -c{} -d{}s`, {} rounds, each measuring node, edge and nginx in turn",
         args.wrk_threads,
         args.wrk_connections,
-        args.wrk_seconds()
+        args.wrk_seconds(),
+        args.runs()
     );
     let fs = crate::fs::fs_type(base).unwrap_or_else(|_| "?".into());
+    let available = |s: &Server| s.base_url.as_ref().map(|_| ()).map_err(Clone::clone);
     // The node and the edge in one cell each, so the table keeps its columns.
-    let row = |what: String, ours: &Rate, edge: Result<&Rate, String>, theirs: Option<&Rate>| {
-        let value = match &edge {
-            Ok(e) => format!("node {}; edge {}", ours.describe(), e.describe()),
+    let row = |what: String, pick: fn(&Rates) -> &Runs| {
+        let ours = pick(sesame_rates);
+        let value = match available(&edge) {
+            Ok(()) => format!(
+                "node {}; edge {}",
+                ours.describe(),
+                pick(&edge.rates).describe()
+            ),
             Err(why) => format!("node {}; edge failed: {why}", ours.describe()),
         };
-        let (peer, ratio) = match (&nginx, theirs) {
-            (Ok((version, _)), Some(r)) => (
-                format!("{version}, same bytes from files on {fs}: {}", r.describe()),
-                match &edge {
-                    Ok(e) => format!(
-                        "node {:.2}×, edge {:.2}× nginx (target ≥ 1.0×)",
-                        ours.rps / r.rps,
-                        e.rps / r.rps
+        let (peer, ratio) = match (&version, available(&nginx)) {
+            (Ok(version), Ok(())) => {
+                let theirs = pick(&nginx.rates);
+                (
+                    format!(
+                        "{version}, same bytes from files on {fs}: {}",
+                        theirs.describe()
                     ),
-                    Err(_) => format!("node {:.2}× nginx (target ≥ 1.0×)", ours.rps / r.rps),
-                },
-            ),
-            (Err(e), _) => (format!("nginx unavailable: {e:#}"), "—".into()),
-            _ => ("—".into(), "—".into()),
+                    match available(&edge) {
+                        Ok(()) => format!(
+                            "node {:.2}×, edge {:.2}× nginx, on medians (target ≥ 1.0×)",
+                            ours.median() / theirs.median(),
+                            pick(&edge.rates).median() / theirs.median()
+                        ),
+                        Err(_) => format!(
+                            "node {:.2}× nginx, on medians (target ≥ 1.0×)",
+                            ours.median() / theirs.median()
+                        ),
+                    },
+                )
+            }
+            (Err(e), _) => (format!("nginx unavailable: {e}"), "—".into()),
+            (_, Err(e)) => (format!("nginx unavailable: {e}"), "—".into()),
         };
         Row::new(what, value, peer, ratio)
-    };
-    let theirs = nginx.as_ref().ok().map(|(_, r)| r);
-    let edge_rate = |pick: fn(&Rates) -> &Rate| match &edge {
-        Ok(r) => Ok(pick(r)),
-        Err(e) => Err(format!("{e:#}")),
     };
     rows.push(row(
         format!(
             "serving one page ({} bytes), keep-alive, {wrk_flags}",
             count(one_bytes)
         ),
-        &sesame.one,
-        edge_rate(|r| &r.one),
-        theirs.map(|r| &r.one),
+        |r| &r.one,
     ));
     rows.push(row(
         format!(
@@ -145,44 +197,23 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
             count(n),
             count(total_bytes)
         ),
-        &sesame.random,
-        edge_rate(|r| &r.random),
-        theirs.map(|r| &r.random),
+        |r| &r.random,
     ));
     Ok(())
 }
 
-/// Starts `sesame edge` over the node's object folder `objects`, checks that it serves the
-/// bytes the node served, measures both workloads, and stops it (also when a step fails).
-async fn edge_run(
-    wrk: &Path,
-    objects: &Path,
-    pages: &[(String, Vec<u8>)],
-    base: &Path,
-    args: &Args,
-) -> anyhow::Result<Rates> {
-    anyhow::ensure!(
-        objects.is_dir(),
-        "the node's object folder {} is missing",
-        objects.display()
-    );
-    let mut edge = EdgeProcess::start(objects, base).await?;
-    let measured = check_and_measure("the edge", edge.port, wrk, pages, base, args).await;
-    edge.stop().await?;
-    measured
+impl Server {
+    fn new(name: &'static str, base_url: Result<String, String>) -> Server {
+        Server {
+            name,
+            base_url,
+            rates: Rates::default(),
+        }
+    }
 }
 
-/// Checks that the server `who` on `port` serves the node's bytes for the one page, then
-/// measures both workloads against it.
-async fn check_and_measure(
-    who: &str,
-    port: u16,
-    wrk: &Path,
-    pages: &[(String, Vec<u8>)],
-    base: &Path,
-    args: &Args,
-) -> anyhow::Result<Rates> {
-    let base_url = format!("http://127.0.0.1:{port}");
+/// Checks that the server at `base_url` serves the node's bytes for the one page.
+async fn check_serves(base_url: &str, pages: &[(String, Vec<u8>)]) -> anyhow::Result<()> {
     let key = site::profile_key(ONE_PAGE);
     let url = format!("{base_url}/{SITE}/{key}");
     let served = reqwest::get(&url)
@@ -196,11 +227,9 @@ async fn check_and_measure(
         .map(|(_, b)| b.as_slice());
     anyhow::ensure!(
         ours == Some(&served[..]),
-        "{who} serves other bytes than the node"
+        "{base_url} serves other bytes than the node"
     );
-    let one = wrk_run(wrk, &url, None, args).await?;
-    let random = random_pages(wrk, &base_url, pages.len(), base, args).await?;
-    Ok(Rates { one, random })
+    Ok(())
 }
 
 /// Sends `signal` (`-INT`, `-TERM`) to `child` and waits for it to end; kills it past `wait`.
@@ -368,12 +397,38 @@ struct Rate {
     errors: Option<String>,
 }
 
-impl Rate {
-    fn describe(&self) -> String {
-        match &self.errors {
-            Some(e) => format!("{:.0} req/s ({e})", self.rps),
-            None => format!("{:.0} req/s", self.rps),
+/// The wrk runs of one workload against one server, one per round.
+#[derive(Default)]
+struct Runs(Vec<Rate>);
+
+impl Runs {
+    fn median(&self) -> f64 {
+        let mut rps: Vec<f64> = self.0.iter().map(|r| r.rps).collect();
+        rps.sort_by(f64::total_cmp);
+        match rps.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => rps[n / 2],
+            n => (rps[n / 2 - 1] + rps[n / 2]) / 2.0,
         }
+    }
+
+    fn best(&self) -> f64 {
+        self.0.iter().map(|r| r.rps).fold(f64::NAN, f64::max)
+    }
+
+    /// "median M req/s (best B of N)", with wrk's error lines of any run.
+    fn describe(&self) -> String {
+        let errors: Vec<&str> = self.0.iter().filter_map(|r| r.errors.as_deref()).collect();
+        let mut text = format!(
+            "median {:.0} req/s (best {:.0} of {})",
+            self.median(),
+            self.best(),
+            self.0.len()
+        );
+        if !errors.is_empty() {
+            text.push_str(&format!(" ({})", errors.join("; ")));
+        }
+        text
     }
 }
 
@@ -420,25 +475,6 @@ fn parse_wrk(text: &str) -> anyhow::Result<Rate> {
     })
 }
 
-/// Serves `pages` at `/<SITE>/<key>` with nginx from files under `base` and measures both
-/// workloads; returns nginx's version too.
-async fn nginx_run(
-    wrk: &Path,
-    pages: &[(String, Vec<u8>)],
-    base: &Path,
-    args: &Args,
-) -> anyhow::Result<(String, Rates)> {
-    let bin = tools::ensure("nginx", "nginx").await?;
-    let version = tools::version(&bin, &["-v"])
-        .await?
-        .trim_start_matches("nginx version: ")
-        .replace('/', " ");
-    let mut nginx = Nginx::start(&bin, pages, base).await?;
-    let measured = check_and_measure("nginx", nginx.port, wrk, pages, base, args).await;
-    nginx.stop().await?;
-    Ok((version, measured?))
-}
-
 /// An nginx master process started here, serving a temporary folder.
 struct Nginx {
     child: Child,
@@ -449,6 +485,20 @@ struct Nginx {
 }
 
 impl Nginx {
+    /// Starts nginx serving `pages` at `/<SITE>/<key>` from files under `base`; returns its
+    /// version too.
+    async fn start_serving(
+        pages: &[(String, Vec<u8>)],
+        base: &Path,
+    ) -> anyhow::Result<(String, Nginx)> {
+        let bin = tools::ensure("nginx", "nginx").await?;
+        let version = tools::version(&bin, &["-v"])
+            .await?
+            .trim_start_matches("nginx version: ")
+            .replace('/', " ");
+        Ok((version, Nginx::start(&bin, pages, base).await?))
+    }
+
     async fn start(bin: &Path, pages: &[(String, Vec<u8>)], base: &Path) -> anyhow::Result<Nginx> {
         // In the bench folder (the filesystem Sesame's data was on) and world-readable:
         // nginx's workers drop root for an unprivileged user.
