@@ -11,6 +11,7 @@
 //! The change feed is compacted: each key keeps only its latest change (a delete leaves a
 //! tombstone row), so "what changed since index N" is one indexed range scan.
 
+pub mod checkpoint;
 pub mod client;
 pub mod replica;
 mod schema;
@@ -18,6 +19,7 @@ pub mod server;
 mod store;
 mod view;
 
+pub use checkpoint::Checkpointer;
 pub use replica::Replica;
 pub use store::{Store, StoreError};
 pub use view::{

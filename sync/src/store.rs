@@ -11,6 +11,7 @@ use sesame_proto::{
 };
 use thiserror::Error;
 
+use crate::checkpoint::Checkpointer;
 use crate::schema::{self, SCHEMA_VERSION};
 use crate::view::View;
 
@@ -71,6 +72,19 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves this store's log checkpoints to a thread of their own (see [`crate::checkpoint`]):
+    /// this writer checkpoints itself only past [`crate::checkpoint::WRITER_CHECKPOINT_PAGES`]
+    /// of log. The thread runs until the returned [`Checkpointer`] is dropped.
+    pub fn checkpoint_in_background(&self) -> Result<Checkpointer, StoreError> {
+        let checkpointer = Checkpointer::start(&self.path)?;
+        self.conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            crate::checkpoint::WRITER_CHECKPOINT_PAGES,
+        )?;
+        Ok(checkpointer)
     }
 
     /// A view through the writer's own connection (tests and single-threaded tools).

@@ -820,3 +820,44 @@ fn changed_keys_name_puts_and_deletes_after_an_index_and_stop_at_the_bound() {
         "past the bound"
     );
 }
+
+/// With its checkpoints in the background, a store's log is copied into the database file
+/// by the checkpoint thread, not by the writer: the writer alone (automatic checkpoints only
+/// past 64 MiB of log) would leave the file as it was after a few MiB of writes.
+#[test]
+fn a_background_checkpointer_copies_the_log_into_the_file() {
+    let mut f = Fixture::new();
+    let checkpointer = f.store.checkpoint_in_background().unwrap();
+    let file = f.store.path().to_path_buf();
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let before = size();
+    let big = "x".repeat(8_000);
+    for i in 0..400 {
+        let op = Op::Put {
+            collection: "p".into(),
+            key: format!("k{i:04}"),
+            value: Value::String(big.clone()),
+            if_version: None,
+        };
+        f.apply(tx(vec![op]));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() < before + 3_000_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file stayed at {} bytes (from {before}) after 3.2 MB of writes",
+            size()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(checkpointer);
+    assert_eq!(
+        f.store
+            .view()
+            .get("demo", "p", "k0399")
+            .unwrap()
+            .unwrap()
+            .value,
+        Value::String(big)
+    );
+}

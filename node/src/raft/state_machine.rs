@@ -224,6 +224,9 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     applied_index: Arc<watch::Sender<u64>>,
     landmarks: Arc<watch::Sender<Landmarks>>,
+    /// Checkpoints the store's log on a thread of its own, off the apply path; stops when
+    /// the last handle to this state machine goes.
+    _checkpointer: Arc<sesame_sync::Checkpointer>,
 }
 
 impl StateMachine {
@@ -248,7 +251,9 @@ impl StateMachine {
             }
         }
         let (applied_index, _) = watch::channel(last_applied.map_or(0, |id| id.index));
+        let checkpointer = store.checkpoint_in_background()?;
         Ok(StateMachine {
+            _checkpointer: Arc::new(checkpointer),
             store: Arc::new(Mutex::new(store)),
             store_path,
             snapshot_dir: snapshots.path().to_path_buf(),
