@@ -334,7 +334,7 @@ impl Publisher {
         }
         futures::stream::iter(todo)
             .map(|(path, hash, body)| async move {
-                check_blob(&path, &hash, &body)?;
+                check_content(&path, &hash, &body)?;
                 self.store.put(&path, PutPayload::from(body)).await?;
                 Ok::<_, PublishError>(path)
             })
@@ -367,7 +367,7 @@ impl Publisher {
                 tokio::task::spawn_blocking(move || -> Result<Vec<Path>, PublishError> {
                     let mut written = Vec::with_capacity(share.len());
                     for (path, hash, body) in share {
-                        check_blob(&path, &hash, &body)?;
+                        check_content(&path, &hash, &body)?;
                         write_file(&dir.join(path.as_ref()), &body)?;
                         written.push(path);
                     }
@@ -649,13 +649,7 @@ impl Publisher {
         check_hash("blob hash", hash)?;
         let path = self.path(&format!("sites/{site}/blobs/{hash}"));
         let bytes = self.read_bounded(&path, BLOB_BYTES_MAX).await?;
-        let actual = content_hash(&bytes);
-        if actual != hash {
-            return Err(PublishError::Corrupt {
-                path: path.to_string(),
-                reason: format!("bytes hash to {actual}"),
-            });
-        }
+        check_content(&path, hash, &bytes)?;
         self.remember(&path);
         Ok(bytes)
     }
@@ -713,8 +707,8 @@ impl ChunkSource for Publisher {
     }
 }
 
-/// Checks a blob about to be written against its hash.
-fn check_blob(path: &Path, hash: &str, body: &[u8]) -> Result<(), PublishError> {
+/// Checks bytes read or about to be written against the hash that names them.
+fn check_content(path: &Path, hash: &str, body: &[u8]) -> Result<(), PublishError> {
     let actual = content_hash(body);
     if actual != hash {
         return Err(PublishError::Corrupt {
@@ -804,14 +798,7 @@ fn check_bytes(path: &Path, id: &str, bytes: &[u8], max: usize) -> Result<(), Pu
             reason: format!("{} bytes, over {max}", bytes.len()),
         });
     }
-    let actual = content_hash(bytes);
-    if actual != id {
-        return Err(PublishError::Corrupt {
-            path: path.to_string(),
-            reason: format!("bytes hash to {actual}"),
-        });
-    }
-    Ok(())
+    check_content(path, id, bytes)
 }
 
 /// Refuses a blob hash, chunk id or manifest id that is not a [`content_hash`]: object
