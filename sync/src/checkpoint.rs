@@ -43,7 +43,7 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("sesame-checkpoint".into())
             .spawn(move || run(&conn, &stopped))
-            .map_err(|e| StoreError::Corrupt(format!("start the checkpoint thread: {e}")))?;
+            .map_err(StoreError::Thread)?;
         Ok(Checkpointer {
             stop,
             thread: Some(thread),

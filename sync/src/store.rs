@@ -34,6 +34,8 @@ pub enum StoreError {
     OutOfOrder { index: LogIndex, applied: LogIndex },
     #[error("snapshot {path}: {message}")]
     Snapshot { path: PathBuf, message: String },
+    #[error("start the store's checkpoint thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The single writer of a tuple store.
