@@ -650,15 +650,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
         purger,
         admin_hash: auth::hash_token(&admin_token),
     });
-    let app = crate::http::api::router(node.clone());
+    let app = crate::http::api::front(node.clone());
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
-        axum::serve(
-            crate::http::without_delay(listener),
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+        axum::serve(crate::http::without_delay(listener), app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
     });
     tracing::info!(%addr, "node {id} serving HTTP");
     Ok(RunningNode {

@@ -37,7 +37,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::future::BoxFuture;
@@ -417,6 +416,29 @@ impl Edge {
         }
     }
 
+    /// Answers a request for a page.
+    async fn serve_page(self: Arc<Self>, req: Request) -> Response {
+        let (parts, _body) = req.into_parts();
+        let target = serve::site_and_path(self.pages.config(), &parts.headers, parts.uri.path());
+        if self.pages.served_index(&target.site).is_none() {
+            if let Some(why) = self.damaged(&target.site) {
+                return unavailable(format!(
+                    "site {} is damaged in the object store and is not served: {why}",
+                    target.site
+                ));
+            }
+        }
+        let waiter = self.clone();
+        answer(
+            &self.pages,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            |site, index| async move { waiter.wait_index(&site, index).await },
+        )
+        .await
+    }
+
     /// Holds a request until `site`'s installed version reflects `index` (re-reading the
     /// roots meanwhile), within the node's bound; else the 503 to answer.
     async fn wait_index(&self, site: &str, index: LogIndex) -> Result<(), Response> {
@@ -529,36 +551,36 @@ pub fn open_objects_for_edge(url: &str, options: &[(String, String)]) -> anyhow:
     Ok(Publisher::with_prefix(Arc::new(store), prefix))
 }
 
-/// The edge's HTTP routes.
+/// The edge's own routes; pages reach them only as the router's fallback (see
+/// [`crate::http::front`]).
 pub fn router(edge: Arc<Edge>) -> axum::Router {
     axum::Router::new()
         .route("/_sesame/notify", post(notify))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .fallback(page)
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            HTTP_CONCURRENCY_MAX,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            edge.clone(),
-            every_answer,
-        ))
+        .fallback(|State(edge): State<Arc<Edge>>, req: Request| edge.serve_page(req))
         .with_state(edge)
 }
 
-/// What a node's answer layer does that pages rely on: the limits on the request head,
-/// `nosniff` on every answer, and the count of answers by status.
-async fn every_answer(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
-    let mut resp = match crate::http::answer::check_head(&req) {
-        Err(e) => e.into_response(),
-        Ok(()) => next.run(req).await,
-    };
-    resp.headers_mut().insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    edge.metrics.answered(resp.status().as_u16());
-    resp
+/// What a node's answer layer does that pages rely on: the limits on the request head (in
+/// [`crate::http::front`]), `nosniff` on every answer, and the count of answers by status.
+impl crate::http::front::Frontend for Edge {
+    type Ticket = ();
+
+    fn begin(&self, _req: &Request) {}
+
+    fn page(self: Arc<Self>, req: Request) -> impl std::future::Future<Output = Response> + Send {
+        self.serve_page(req)
+    }
+
+    fn finish(&self, _ticket: (), mut resp: Response) -> Response {
+        resp.headers_mut().insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        self.metrics.answered(resp.status().as_u16());
+        resp
+    }
 }
 
 /// `GET /metrics`: the edge's figures in the Prometheus (OpenMetrics) text format. Public,
@@ -595,29 +617,6 @@ async fn notify(State(edge): State<Arc<Edge>>, req: Request) -> Response {
     }
     edge.notify();
     plain(StatusCode::ACCEPTED, "re-reading")
-}
-
-/// Every other request: a page.
-async fn page(State(edge): State<Arc<Edge>>, req: Request) -> Response {
-    let (parts, _body) = req.into_parts();
-    let target = serve::site_and_path(edge.pages.config(), &parts.headers, parts.uri.path());
-    if edge.pages.served_index(&target.site).is_none() {
-        if let Some(why) = edge.damaged(&target.site) {
-            return unavailable(format!(
-                "site {} is damaged in the object store and is not served: {why}",
-                target.site
-            ));
-        }
-    }
-    let waiter = edge.clone();
-    answer(
-        &edge.pages,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        |site, index| async move { waiter.wait_index(&site, index).await },
-    )
-    .await
 }
 
 /// A running edge: its HTTP server and its poller.
@@ -674,7 +673,8 @@ pub async fn start_with(
     let addr = listener.local_addr().context("read the bound address")?;
     let cancel = CancellationToken::new();
     let poller = tokio::spawn(edge.clone().run(cancel.clone()));
-    let app = router(edge.clone());
+    let app =
+        crate::http::front::Front::new(edge.clone(), router(edge.clone()), HTTP_CONCURRENCY_MAX);
     let stop = cancel.clone();
     let server = tokio::spawn(async move {
         let result = axum::serve(crate::http::without_delay(listener), app)

@@ -266,6 +266,31 @@ async fn an_edge_answers_what_the_node_answers() {
     assert_eq!(answer.body, alice.body);
     by_host.shutdown().await.unwrap();
 
+    // HEAD: a GET's headers, its length, no body; on the node as on the edge.
+    for (page, status) in [("/demo/alice", 200), ("/demo/no-such-page", 404)] {
+        let get = raw_http(
+            edge.addr,
+            format!("GET {page} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        let request =
+            format!("HEAD {page} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        for addr in [node.node.addr, edge.addr] {
+            let head = raw_http(addr, request.as_bytes()).await;
+            assert_eq!(head.status, status, "HEAD {page}: {}", head.head);
+            assert!(head.body.is_empty(), "HEAD {page}: {:?}", head.body);
+            assert_eq!(
+                head.header("content-length"),
+                Some(get.body.len().to_string().as_str()),
+                "HEAD {page}: {}",
+                head.head
+            );
+            assert_eq!(head.header("etag"), get.header("etag"), "HEAD {page}");
+            assert_eq!(head.header("x-content-type-options"), Some("nosniff"));
+        }
+    }
+
     // Pages are read-only on the edge too.
     let post = client()
         .post(format!("{edge_url}/demo/alice"))

@@ -1,16 +1,18 @@
-//! What every HTTP request and response passes through, around routing: limits on the
-//! request target and headers answered in the API's error format, that format for the
-//! answers axum makes without a body (405 from method routing), and the headers every
-//! response carries.
+//! What every HTTP request and response of a node passes through, around routing (the
+//! node's [`Frontend`](crate::http::front::Frontend), which [`crate::http::front`] runs):
+//! limits on the request target and headers answered in the API's error format, that
+//! format for the answers axum makes without a body (405 from method routing), and the
+//! headers every response carries.
 //!
 //! hyper has limits of its own further out (a request target of 64 KiB, 100 headers, a
 //! request head of about 408 KiB); past those hyper answers 414, 431 or 400 itself, with an
 //! empty body, before any of this runs. The limits here sit below hyper's so that what a
 //! client meets first is a JSON error that names the limit.
 
+use std::future::Future;
+
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::http::error::ApiError;
@@ -23,62 +25,102 @@ pub const HEADERS_MAX: usize = 64;
 pub const HEADER_BYTES_MAX: usize = 32 * 1024;
 
 /// The request path as logged: a preview's id is its key, so it is left out.
-fn loggable_path(path: &str) -> String {
-    match path.strip_prefix("/_preview/") {
-        Some(rest) => match rest.split_once('/') {
-            Some((site, _)) => format!("/_preview/{site}/(id)"),
-            None => "/_preview/(id)".to_string(),
-        },
-        None => path.to_string(),
+struct LoggablePath<'a>(&'a str);
+
+impl std::fmt::Display for LoggablePath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.strip_prefix("/_preview/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((site, _)) => write!(f, "/_preview/{site}/(id)"),
+                None => f.write_str("/_preview/(id)"),
+            },
+            None => f.write_str(self.0),
+        }
     }
 }
 
-/// The middleware: see the module documentation.
-pub async fn every_answer(
-    axum::extract::State(node): axum::extract::State<std::sync::Arc<crate::app::Node>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    use tracing::Instrument as _;
-    let request_id = request_id(req.headers());
-    let method = req.method().clone();
-    let path = loggable_path(req.uri().path());
-    // Everything logged while answering carries the request id (never a header or a body:
-    // tokens stay out of the log).
-    let span = tracing::info_span!("http", request_id = %request_id, %method, path = %path);
-    let started = std::time::Instant::now();
-    let mut resp = match check_head(&req) {
-        Err(e) => e.into_response(),
-        Ok(()) => {
-            let resp = next.run(req).instrument(span.clone()).await;
-            fill_empty_error(resp, &method, &path)
+/// What a node keeps of a request until its answer is finished.
+pub struct Ticket {
+    request_id: HeaderValue,
+    method: http::Method,
+    /// The request's URI (cheap to keep: its parts share the request's buffer).
+    uri: http::Uri,
+    span: tracing::Span,
+    started: std::time::Instant,
+}
+
+/// A node's answers: pages through [`crate::pages::serve`], and around every answer a
+/// request id (`X-Request-Id`, also on every line logged meanwhile; never a header or a
+/// body: tokens stay out of the log), `nosniff`, the count by status, the API's JSON error
+/// body where axum answered without one, and a log line.
+impl crate::http::front::Frontend for crate::app::Node {
+    type Ticket = Ticket;
+
+    fn begin(&self, req: &Request) -> Ticket {
+        let request_id = request_id(req.headers());
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let span = tracing::info_span!(
+            "http",
+            request_id = %RequestIdField(&request_id),
+            %method,
+            path = %LoggablePath(uri.path()),
+        );
+        Ticket {
+            request_id,
+            method,
+            uri,
+            span,
+            started: std::time::Instant::now(),
         }
-    };
-    span.in_scope(|| {
-        let status = resp.status().as_u16();
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        if resp.status().is_server_error() {
-            tracing::warn!(status, ms, "answered");
-        } else {
-            tracing::debug!(status, ms, "answered");
+    }
+
+    fn span(ticket: &Ticket) -> tracing::Span {
+        ticket.span.clone()
+    }
+
+    fn page(self: std::sync::Arc<Self>, req: Request) -> impl Future<Output = Response> + Send {
+        crate::pages::serve::serve_request(self, req)
+    }
+
+    fn finish(&self, ticket: Ticket, resp: Response) -> Response {
+        let path = ticket.uri.path();
+        let mut resp = fill_empty_error(resp, &ticket.method, LoggablePath(path));
+        ticket.span.in_scope(|| {
+            let status = resp.status().as_u16();
+            let ms = ticket.started.elapsed().as_secs_f64() * 1e3;
+            if resp.status().is_server_error() {
+                tracing::warn!(status, ms, "answered");
+            } else {
+                tracing::debug!(status, ms, "answered");
+            }
+        });
+        resp.headers_mut().insert(REQUEST_ID, ticket.request_id);
+        resp.headers_mut().insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        let status = resp.status();
+        self.metrics.answered(status.as_u16());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.rate_limited.inc();
         }
-    });
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+        if status.is_client_error() && crate::studio::is_write_path(&ticket.method, path) {
+            self.rejections
+                .record(&ticket.method, &LoggablePath(path).to_string(), status);
+        }
+        resp
     }
-    resp.headers_mut().insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    let status = resp.status();
-    node.metrics.answered(status.as_u16());
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        node.metrics.rate_limited.inc();
+}
+
+/// A request id as a log field.
+struct RequestIdField<'a>(&'a HeaderValue);
+
+impl std::fmt::Display for RequestIdField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ids are checked or made to be `[A-Za-z0-9._-]`.
+        f.write_str(self.0.to_str().unwrap_or("?"))
     }
-    if status.is_client_error() && crate::studio::is_write_path(&method, &path) {
-        node.rejections.record(&method, &path, status);
-    }
-    resp
 }
 
 /// The header that carries a request's id, both ways.
@@ -86,22 +128,22 @@ pub const REQUEST_ID: &str = "x-request-id";
 
 /// The id a request is logged under: the caller's `X-Request-Id` when it is a sane one (up
 /// to 64 characters of `[A-Za-z0-9._-]`), else a new one.
-fn request_id(headers: &http::HeaderMap) -> String {
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let given = headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
+    let given = headers.get(REQUEST_ID).filter(|v| {
+        let v = v.as_bytes();
+        !v.is_empty()
+            && v.len() <= 64
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    });
     match given {
-        Some(id) => id.to_string(),
+        Some(id) => id.clone(),
         None => {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("{:08x}-{n}", std::process::id())
+            let id = format!("{:08x}-{n}", std::process::id());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                .expect("a made id is a valid header value")
         }
     }
 }
@@ -148,7 +190,11 @@ pub(crate) fn check_head(req: &Request) -> Result<(), ApiError> {
 
 /// Gives an error answer without a body (axum's own 405, say) the API's JSON error body,
 /// keeping its headers (`Allow`).
-fn fill_empty_error(resp: Response, method: &http::Method, path: &str) -> Response {
+fn fill_empty_error(
+    resp: Response,
+    method: &http::Method,
+    path: impl std::fmt::Display,
+) -> Response {
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error())
         || resp.headers().contains_key(header::CONTENT_TYPE)

@@ -93,17 +93,16 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(crate::studio::routes())
         .route("/v1", any(api_not_found))
         .route("/v1/{*rest}", any(api_not_found))
-        // Everything else is a page of a site.
+        // A page of a site: what `front` does not send here already (a reserved first
+        // segment that no route takes).
         .fallback(crate::pages::serve::serve)
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            HTTP_CONCURRENCY_MAX,
-        ))
-        // Outermost: cheap limits before waiting for a slot, headers on every answer.
-        .layer(axum::middleware::from_fn_with_state(
-            node.clone(),
-            crate::http::answer::every_answer,
-        ))
         .with_state(node)
+}
+
+/// The service a node's HTTP listener runs: [`router`] behind [`crate::http::front`], which
+/// sends pages past it.
+pub fn front(node: Arc<Node>) -> crate::http::front::Front<Node> {
+    crate::http::front::Front::new(node.clone(), router(node), HTTP_CONCURRENCY_MAX)
 }
 
 /// Site names that would shadow the node's own paths in path mode (`/<site>/...`).

@@ -1,7 +1,8 @@
-//! Everything that speaks HTTP: the JSON API under `/v1` ([`api`], [`cluster`]), who is
-//! calling ([`auth`]), error bodies ([`error`]), per-site rate limits ([`limits`]), WebRTC signalling and the live scripts ([`live`]), and the
-//! layer every answer passes on its way out ([`answer`]). Pages are served by
-//! [`crate::pages::serve`], which the router falls back to.
+//! Everything that speaks HTTP: the service every request enters ([`front`]: pages go
+//! straight to [`crate::pages::serve`], the rest to the router), the JSON API under `/v1`
+//! ([`api`], [`cluster`]), who is calling ([`auth`]), error bodies ([`error`]), per-site
+//! rate limits ([`limits`]), WebRTC signalling and the live scripts ([`live`]), and what a
+//! node does around every answer ([`answer`]). The router falls back to pages too.
 
 pub mod accounts;
 pub mod answer;
@@ -9,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod front;
 pub mod limits;
 pub mod live;
 

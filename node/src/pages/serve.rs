@@ -135,12 +135,34 @@ impl SiteVersion {
     }
 }
 
-/// The headers that name one file: its strong ETag and content type.
-fn file_headers(entry: &FileEntry) -> Option<(HeaderValue, HeaderValue)> {
-    Some((
-        HeaderValue::from_str(&format!("\"{}\"", entry.hash)).ok()?,
-        HeaderValue::from_str(&entry.content_type).ok()?,
-    ))
+/// A file's strong ETag: its content hash, quoted. One allocation, no copy.
+fn etag_header(hash: &str) -> Option<HeaderValue> {
+    let mut tag = Vec::with_capacity(hash.len() + 2);
+    tag.push(b'"');
+    tag.extend_from_slice(hash.as_bytes());
+    tag.push(b'"');
+    HeaderValue::from_maybe_shared(Bytes::from(tag)).ok()
+}
+
+/// Content types that pages and assets mostly have, as header values made without
+/// allocating.
+const COMMON_CONTENT_TYPES: [&str; 8] = [
+    "text/html; charset=utf-8",
+    "text/css; charset=utf-8",
+    "text/javascript; charset=utf-8",
+    "application/json",
+    "image/svg+xml",
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+];
+
+/// A file's content type as a header value, or `None` when it cannot be one.
+fn content_type_header(content_type: &str) -> Option<HeaderValue> {
+    match COMMON_CONTENT_TYPES.iter().find(|t| **t == content_type) {
+        Some(t) => Some(HeaderValue::from_static(t)),
+        None => HeaderValue::from_str(content_type).ok(),
+    }
 }
 
 /// Weighs a cached file by its length, so the cache is bounded in bytes.
@@ -662,12 +684,20 @@ pub fn normalize_domain(domain: &str) -> String {
 /// stays encoded inside its segment (a key `a/b` is published at `/a%2Fb`; pages are looked
 /// up in the manifest, never on a file system). `.`/`..` segments (also encoded), empty
 /// segments, raw backslashes and control characters are refused.
-pub fn normalize_path(raw: &str) -> Result<String, String> {
+pub fn normalize_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, String> {
     if raw.len() > PATH_BYTES_MAX {
         return Err(format!(
             "path is {} bytes, the limit is {PATH_BYTES_MAX}",
             raw.len()
         ));
+    }
+    // Most paths need no change: check them where they are.
+    if raw.starts_with('/') && !raw.contains('%') {
+        if raw.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'\\') {
+            return Err("control characters and backslashes are not allowed in paths".into());
+        }
+        check_segments(raw)?;
+        return Ok(std::borrow::Cow::Borrowed(raw));
     }
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());
@@ -699,7 +729,16 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
             i += len;
         }
     }
-    let inner = out.strip_prefix('/').unwrap_or(&out);
+    check_segments(&out)?;
+    if !out.starts_with('/') {
+        out.insert(0, '/');
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Refuses empty, `.` and `..` segments (a leading and a trailing `/` are allowed).
+fn check_segments(path: &str) -> Result<(), String> {
+    let inner = path.strip_prefix('/').unwrap_or(path);
     let inner = inner.strip_suffix('/').unwrap_or(inner);
     if !inner.is_empty()
         && inner
@@ -708,10 +747,7 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
     {
         return Err("paths may not have empty, '.' or '..' segments".into());
     }
-    if !out.starts_with('/') {
-        out.insert(0, '/');
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Bytes in the UTF-8 sequence that starts with `first`.
@@ -739,8 +775,13 @@ fn min_index(headers: &HeaderMap, query: Option<&str>) -> Result<Option<LogIndex
         .map_err(|_| format!("minimum index {raw:?} is not a whole number"))
 }
 
-/// The handler for every non-API request on a node.
+/// The router's fallback on a node: a page (see [`crate::http::front`]).
 pub async fn serve(State(node): State<Arc<Node>>, req: Request) -> Response {
+    serve_request(node, req).await
+}
+
+/// Answers a request for a page on a node.
+pub async fn serve_request(node: Arc<Node>, req: Request) -> Response {
     let (parts, _body) = req.into_parts();
     let waiter = node.clone();
     answer(
@@ -840,18 +881,25 @@ where
             }
         }
     };
-    let mut resp_headers = HeaderMap::with_capacity(6);
-    let Some((etag, content_type)) = file_headers(file) else {
-        tracing::error!(
-            "serve {site}{path}: the manifest has a header-unsafe hash or content type"
-        );
+    let Some(etag) = etag_header(&file.hash) else {
+        tracing::error!("serve {site}{path}: the manifest has a header-unsafe hash");
         return plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             "this file cannot be served",
         );
     };
+    let Some(content_type) = content_type_header(&file.content_type) else {
+        tracing::error!("serve {site}{path}: the manifest has a header-unsafe content type");
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "this file cannot be served",
+        );
+    };
+    // The answer's headers, built in place (a page is the request served most).
+    let mut resp = Response::new(Body::empty());
+    let resp_headers = resp.headers_mut();
     if status == StatusCode::NOT_FOUND {
-        not_found_headers(&mut resp_headers, Some(&*version));
+        not_found_headers(resp_headers, Some(&*version));
     } else {
         // A 304 carries the same headers as the 200 it stands for (RFC 9110, 15.4.5), so a
         // cache that refreshes its copy with them keeps the same policy.
@@ -873,12 +921,24 @@ where
         }
         resp_headers.insert(VERSION_HEADER, version.version_header.clone());
         if etag_matches(headers, &file.hash) {
-            return (StatusCode::NOT_MODIFIED, resp_headers).into_response();
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            return resp;
         }
     }
     resp_headers.insert(header::CONTENT_TYPE, content_type);
     match pages.body(site, &file.hash).await {
-        Ok(body) => (status, resp_headers, Body::from(body)).into_response(),
+        Ok(body) => {
+            *resp.status_mut() = status;
+            if method == Method::HEAD {
+                // The length of the body a GET would get (RFC 9110, 9.3.2); hyper sends no
+                // body for a HEAD.
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            } else {
+                *resp.body_mut() = Body::from(body);
+            }
+            resp
+        }
         Err(e) => {
             tracing::error!("serve {site}{path}: read blob {}: {e:#}", file.hash);
             let corrupt = e.corrupt;

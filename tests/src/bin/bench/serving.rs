@@ -11,6 +11,13 @@
 //! no CPU from the one measured), and each of `--runs` rounds measures each in turn: the
 //! table gives the median and best of the rounds, and the ratios compare medians.
 //!
+//! wrk runs on the same two cores as the server it measures, so a server's requests per
+//! second also depend on how the scheduler shares them out, which moves from run to run.
+//! Each run therefore also reads the server's own CPU time (user + sys, from `/proc`: this
+//! process for the node, the process and its children for the edge and for nginx's master
+//! and workers) and reports it per request: what the server spends on an answer, which
+//! the sharing of the cores changes much less.
+//!
 //! nginx is started here with a minimal configuration in a temporary folder (`daemon off`,
 //! `access_log off`, its pid file and temporary paths in that folder, listening on a free
 //! 127.0.0.1 port) and stopped here, also when the run fails. Each wrk run follows a
@@ -51,6 +58,8 @@ struct Rates {
 struct Server {
     name: &'static str,
     base_url: Result<String, String>,
+    /// Whose CPU time its answers cost (`None`: not known).
+    cpu: Option<Cpu>,
     rates: Rates,
 }
 
@@ -70,26 +79,31 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
         let node_url = node.node.url();
         let pages = copy_pages(&node_url, n).await?;
         let objects = dir.path().join(sesame_node::app::OBJECTS_DIR);
-        let edge_url = match EdgeProcess::start(&objects, base).await {
-            Ok(e) => Ok(format!("http://127.0.0.1:{}", edge.insert(e).port)),
-            Err(e) => Err(format!("{e:#}")),
+        let (edge_url, edge_cpu) = match EdgeProcess::start(&objects, base).await {
+            Ok(e) => {
+                let e = edge.insert(e);
+                (Ok(format!("http://127.0.0.1:{}", e.port)), e.child.id())
+            }
+            Err(e) => (Err(format!("{e:#}")), None),
         };
-        let nginx_url = match Nginx::start_serving(&pages, base).await {
-            Ok((version, n)) => Ok((
-                version,
-                format!("http://127.0.0.1:{}", nginx.insert(n).port),
-            )),
-            Err(e) => Err(format!("{e:#}")),
+        let (nginx_url, nginx_cpu) = match Nginx::start_serving(&pages, base).await {
+            Ok((version, n)) => {
+                let n = nginx.insert(n);
+                let url = format!("http://127.0.0.1:{}", n.port);
+                (Ok((version, url)), n.child.id())
+            }
+            Err(e) => (Err(format!("{e:#}")), None),
         };
         let mut servers = [
-            Server::new("sesame", Ok(node_url)),
-            Server::new("sesame edge", edge_url),
+            Server::new("sesame", Ok(node_url), Some(Cpu::This)),
+            Server::new("sesame edge", edge_url, edge_cpu.map(Cpu::Tree)),
             Server::new(
                 "nginx",
                 nginx_url
                     .as_ref()
                     .map(|(_, url)| url.clone())
                     .map_err(Clone::clone),
+                nginx_cpu.map(Cpu::Tree),
             ),
         ];
         for server in &mut servers {
@@ -107,11 +121,17 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
                 let Ok(url) = server.base_url.clone() else {
                     continue;
                 };
-                let one = wrk_run(&wrk, &format!("{url}/{SITE}/{key}"), None, args).await?;
-                let random = random_pages(&wrk, &url, n, base, args).await?;
+                let cpu = server.cpu;
+                let one = wrk_run(&wrk, &format!("{url}/{SITE}/{key}"), None, cpu, args).await?;
+                let random = random_pages(&wrk, &url, n, base, cpu, args).await?;
                 eprintln!(
-                    "   round {round}, {}: one page {:.0} req/s, {n} random pages {:.0} req/s",
-                    server.name, one.rps, random.rps
+                    "   round {round}, {}: one page {:.0} req/s ({}), {n} random pages {:.0} \
+                     req/s ({})",
+                    server.name,
+                    one.rps,
+                    describe_cpu(one.cpu_per_request()),
+                    random.rps,
+                    describe_cpu(random.cpu_per_request()),
                 );
                 server.rates.one.0.push(one);
                 server.rates.random.0.push(random);
@@ -167,13 +187,18 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
                     ),
                     match available(&edge) {
                         Ok(()) => format!(
-                            "node {:.2}×, edge {:.2}× nginx, on medians (target ≥ 1.0×)",
+                            "node {:.2}×, edge {:.2}× nginx, on medians (target ≥ 1.0×); \
+                             CPU per request: nginx's / node's {}, nginx's / edge's {}",
                             ours.median() / theirs.median(),
-                            pick(&edge.rates).median() / theirs.median()
+                            pick(&edge.rates).median() / theirs.median(),
+                            cpu_ratio(theirs, ours),
+                            cpu_ratio(theirs, pick(&edge.rates)),
                         ),
                         Err(_) => format!(
-                            "node {:.2}× nginx, on medians (target ≥ 1.0×)",
-                            ours.median() / theirs.median()
+                            "node {:.2}× nginx, on medians (target ≥ 1.0×); CPU per request: \
+                             nginx's / node's {}",
+                            ours.median() / theirs.median(),
+                            cpu_ratio(theirs, ours),
                         ),
                     },
                 )
@@ -202,11 +227,20 @@ pub async fn run(args: &Args, base: &Path, rows: &mut Vec<Row>) -> anyhow::Resul
     Ok(())
 }
 
+/// `peer`'s median CPU per request over `ours` ("1.10×": ours costs less), or "?".
+fn cpu_ratio(peer: &Runs, ours: &Runs) -> String {
+    match (peer.median_cpu(), ours.median_cpu()) {
+        (Some(p), Some(o)) if o > 0.0 => format!("{:.2}×", p / o),
+        _ => "?".to_string(),
+    }
+}
+
 impl Server {
-    fn new(name: &'static str, base_url: Result<String, String>) -> Server {
+    fn new(name: &'static str, base_url: Result<String, String>, cpu: Option<Cpu>) -> Server {
         Server {
             name,
             base_url,
+            cpu,
             rates: Rates::default(),
         }
     }
@@ -360,6 +394,7 @@ async fn random_pages(
     base_url: &str,
     n: usize,
     scratch: &Path,
+    server: Option<Cpu>,
     args: &Args,
 ) -> anyhow::Result<Rate> {
     let script = tempfile::Builder::new()
@@ -367,7 +402,7 @@ async fn random_pages(
         .suffix(".lua")
         .tempfile_in(scratch)?;
     std::fs::write(script.path(), random_pages_lua(n))?;
-    wrk_run(wrk, base_url, Some(script.path()), args).await
+    wrk_run(wrk, base_url, Some(script.path()), server, args).await
 }
 
 /// A wrk script whose every request asks for one of the `n` profile pages at random (seeded
@@ -390,9 +425,13 @@ end
     )
 }
 
-/// What one wrk run reported.
+/// What one wrk run reported, and what the server spent on it.
 struct Rate {
     rps: f64,
+    /// Requests answered in the measured run (wrk's "N requests in").
+    requests: u64,
+    /// The server's CPU time (user + sys) during the measured run, when it can be read.
+    cpu: Option<Duration>,
     /// wrk's "Non-2xx or 3xx responses" and "Socket errors" lines, if it printed any.
     errors: Option<String>,
 }
@@ -416,14 +455,31 @@ impl Runs {
         self.0.iter().map(|r| r.rps).fold(f64::NAN, f64::max)
     }
 
-    /// "median M req/s (best B of N)", with wrk's error lines of any run.
+    /// The median of the runs' server CPU per request, in µs, if every run could read it.
+    fn median_cpu(&self) -> Option<f64> {
+        let mut each: Vec<f64> = self
+            .0
+            .iter()
+            .map(Rate::cpu_per_request)
+            .collect::<Option<_>>()?;
+        each.sort_by(f64::total_cmp);
+        match each.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(each[n / 2]),
+            n => Some((each[n / 2 - 1] + each[n / 2]) / 2.0),
+        }
+    }
+
+    /// "median M req/s (best B of N), C µs of server CPU per request", with wrk's error
+    /// lines of any run.
     fn describe(&self) -> String {
         let errors: Vec<&str> = self.0.iter().filter_map(|r| r.errors.as_deref()).collect();
         let mut text = format!(
-            "median {:.0} req/s (best {:.0} of {})",
+            "median {:.0} req/s (best {:.0} of {}), {}",
             self.median(),
             self.best(),
-            self.0.len()
+            self.0.len(),
+            describe_cpu(self.median_cpu())
         );
         if !errors.is_empty() {
             text.push_str(&format!(" ({})", errors.join("; ")));
@@ -432,11 +488,29 @@ impl Runs {
     }
 }
 
+impl Rate {
+    /// The server's CPU time per request answered, in µs.
+    fn cpu_per_request(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+}
+
+/// "C µs of server CPU per request" (median, when of several runs).
+fn describe_cpu(us: Option<f64>) -> String {
+    match us {
+        Some(us) => format!("{us:.1} µs of server CPU per request"),
+        None => "server CPU not read".to_string(),
+    }
+}
+
 /// A one-second warm-up, then the measured run; with `script`, wrk runs that Lua script.
+/// The server's CPU time is read around the measured run.
 async fn wrk_run(
     wrk: &Path,
     url: &str,
     script: Option<&Path>,
+    server: Option<Cpu>,
     args: &Args,
 ) -> anyhow::Result<Rate> {
     let run = |seconds: u64| {
@@ -453,15 +527,64 @@ async fn wrk_run(
     let (mut warm, limit) = run(1);
     tools::run(&mut warm, limit).await?;
     let (mut cmd, limit) = run(args.wrk_seconds());
+    let before = server.and_then(Cpu::time);
     let out = tools::run(&mut cmd, limit).await?;
-    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+    let after = server.and_then(Cpu::time);
+    let mut rate = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    rate.cpu = before.zip(after).map(|(b, a)| a.saturating_sub(b));
+    Ok(rate)
+}
+
+/// Linux reports process times in clock ticks of `USER_HZ`, which is 100 on every
+/// architecture it runs on (the kernel's `HZ` may differ; what it reports does not).
+const USER_HZ: u32 = 100;
+
+/// Whose CPU time a server's answers cost.
+#[derive(Debug, Clone, Copy)]
+enum Cpu {
+    /// This process: the node runs in it (the bench's own threads only wait for wrk then).
+    This,
+    /// A process and its children: the edge; nginx's master and its workers.
+    Tree(u32),
+}
+
+impl Cpu {
+    /// User + system time so far, or `None` when `/proc` cannot tell.
+    fn time(self) -> Option<Duration> {
+        match self {
+            Cpu::This => process_time("self"),
+            Cpu::Tree(pid) => {
+                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default();
+                let mut total = process_time(&pid.to_string())?;
+                for child in children.split_whitespace() {
+                    total += process_time(child).unwrap_or_default();
+                }
+                Some(total)
+            }
+        }
+    }
+}
+
+/// `utime + stime` of `/proc/<pid>/stat` (every thread of the process).
+fn process_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing paren,
+    // where field 3 (state) comes first; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / f64::from(USER_HZ)))
 }
 
 fn parse_wrk(text: &str) -> anyhow::Result<Rate> {
     let mut rps = None;
+    let mut requests = None;
     let mut errors = Vec::new();
     for line in text.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = n.trim().parse::<u64>().ok();
+        } else if let Some(v) = line.strip_prefix("Requests/sec:") {
             rps = v.trim().parse::<f64>().ok();
         } else if line.starts_with("Non-2xx or 3xx responses:")
             || line.starts_with("Socket errors:")
@@ -471,6 +594,8 @@ fn parse_wrk(text: &str) -> anyhow::Result<Rate> {
     }
     Ok(Rate {
         rps: rps.with_context(|| format!("no Requests/sec in wrk's output: {text}"))?,
+        requests: requests.with_context(|| format!("no request count in wrk's output: {text}"))?,
+        cpu: None,
         errors: (!errors.is_empty()).then(|| errors.join("; ")),
     })
 }
