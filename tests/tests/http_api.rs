@@ -787,9 +787,12 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
     let many: String = (0..sesame_node::http::answer::HEADERS_MAX + 1)
         .map(|i| format!("X-H{i}: v\r\n"))
         .collect();
-    let resp = raw_http(addr, &request("GET", "/healthz", &many)).await;
-    assert_eq!(resp.status, 431, "{}", resp.head);
-    assert_eq!(json_error(&resp).0, "headers_too_large");
+    // The same limits hold for pages, which do not pass the router.
+    for target in ["/healthz", "/demo/alice", "/"] {
+        let resp = raw_http(addr, &request("GET", target, &many)).await;
+        assert_eq!(resp.status, 431, "{target}: {}", resp.head);
+        assert_eq!(json_error(&resp).0, "headers_too_large", "{target}");
+    }
     let big = format!(
         "X-Big: {}\r\n",
         "b".repeat(sesame_node::http::answer::HEADER_BYTES_MAX)
@@ -814,6 +817,7 @@ async fn every_answer_is_nosniff_and_protocol_errors_are_json() {
             Some("nosniff"),
             "{target}"
         );
+        assert!(resp.header("x-request-id").is_some(), "{target}");
     }
     node.stop().await.unwrap();
 }

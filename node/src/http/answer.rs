@@ -140,8 +140,10 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     match given {
         Some(id) => id.clone(),
         None => {
+            static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+            let pid = *PID.get_or_init(std::process::id);
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let id = format!("{:08x}-{n}", std::process::id());
+            let id = format!("{pid:08x}-{n}");
             HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
                 .expect("a made id is a valid header value")
         }

@@ -144,23 +144,25 @@ fn etag_header(hash: &str) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(Bytes::from(tag)).ok()
 }
 
-/// Content types that pages and assets mostly have, as header values made without
-/// allocating.
-const COMMON_CONTENT_TYPES: [&str; 8] = [
-    "text/html; charset=utf-8",
-    "text/css; charset=utf-8",
-    "text/javascript; charset=utf-8",
-    "application/json",
-    "image/svg+xml",
-    "image/png",
-    "image/jpeg",
-    "image/webp",
+/// Content types that pages and assets mostly have, as header values made once.
+static COMMON_CONTENT_TYPES: [HeaderValue; 8] = [
+    HeaderValue::from_static("text/html; charset=utf-8"),
+    HeaderValue::from_static("text/css; charset=utf-8"),
+    HeaderValue::from_static("text/javascript; charset=utf-8"),
+    HeaderValue::from_static("application/json"),
+    HeaderValue::from_static("image/svg+xml"),
+    HeaderValue::from_static("image/png"),
+    HeaderValue::from_static("image/jpeg"),
+    HeaderValue::from_static("image/webp"),
 ];
 
 /// A file's content type as a header value, or `None` when it cannot be one.
 fn content_type_header(content_type: &str) -> Option<HeaderValue> {
-    match COMMON_CONTENT_TYPES.iter().find(|t| **t == content_type) {
-        Some(t) => Some(HeaderValue::from_static(t)),
+    match COMMON_CONTENT_TYPES
+        .iter()
+        .find(|t| t.as_bytes() == content_type.as_bytes())
+    {
+        Some(t) => Some(t.clone()),
         None => HeaderValue::from_str(content_type).ok(),
     }
 }
