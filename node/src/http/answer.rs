@@ -124,7 +124,7 @@ impl std::fmt::Display for RequestIdField<'_> {
 }
 
 /// The header that carries a request's id, both ways.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// The id a request is logged under: the caller's `X-Request-Id` when it is a sane one (up
 /// to 64 characters of `[A-Za-z0-9._-]`), else a new one.

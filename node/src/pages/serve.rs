@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sesame_projector::{
@@ -53,9 +53,9 @@ pub const HELD_REQUESTS_MAX: usize = 256;
 /// Most requests held by `Sesame-Min-Index` at once for one site.
 pub const HELD_REQUESTS_PER_SITE_MAX: usize = 64;
 /// Header naming the commit index of the version served.
-pub const VERSION_HEADER: &str = "sesame-version";
+pub const VERSION_HEADER: HeaderName = HeaderName::from_static("sesame-version");
 /// The `CDN-Cache-Control` header (RFC 9213): what a CDN obeys instead of `Cache-Control`.
-pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
 /// Caching a page, in two parts: browsers read `Cache-Control`; a CDN that knows RFC 9213
 /// reads `CDN-Cache-Control` ([`PAGE_CDN_CACHE_CONTROL`]) and ignores `Cache-Control`.
@@ -897,8 +897,10 @@ where
             "this file cannot be served",
         );
     };
-    // The answer's headers, built in place (a page is the request served most).
+    // The answer's headers, built in place (a page is the request served most), with room
+    // for the ones its server adds (`nosniff`, a request id).
     let mut resp = Response::new(Body::empty());
+    *resp.headers_mut() = HeaderMap::with_capacity(8);
     let resp_headers = resp.headers_mut();
     if status == StatusCode::NOT_FOUND {
         not_found_headers(resp_headers, Some(&*version));
