@@ -773,7 +773,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.errors.as_deref(), Some("Non-2xx or 3xx responses: 12"));
         assert!(super::parse_wrk("nothing").is_err());
-        assert!(super::parse_wrk("Requests/sec: 10\n").is_err(), "no request count");
+        assert!(
+            super::parse_wrk("Requests/sec: 10\n").is_err(),
+            "no request count"
+        );
     }
 
     #[test]
@@ -786,10 +789,16 @@ mod tests {
             for i in 0..1_000_000u64 {
                 x = x.wrapping_mul(31).wrapping_add(i);
             }
-            assert!(started.elapsed().as_secs() < 2, "CPU time did not move ({x})");
+            assert!(
+                started.elapsed().as_secs() < 2,
+                "CPU time did not move ({x})"
+            );
         }
         let me = std::process::id();
         assert!(super::Cpu::Tree(me).time().is_some());
-        assert!(super::Cpu::Tree(u32::MAX).time().is_none(), "no such process");
+        assert!(
+            super::Cpu::Tree(u32::MAX).time().is_none(),
+            "no such process"
+        );
     }
 }
