@@ -172,6 +172,9 @@ pub enum Command {
     RenderWorker,
 }
 
+/// What `sesame` logs when `SESAME_LOG` does not say: `info`, and openraft's warnings.
+pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
+
 /// The log's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

@@ -567,7 +567,7 @@ pub fn router(edge: Arc<Edge>) -> axum::Router {
 impl crate::http::front::Frontend for Edge {
     type Ticket = ();
 
-    fn begin(&self, _req: &Request) {}
+    fn begin(&self, _req: &Request, _page: bool) {}
 
     fn page(self: Arc<Self>, req: Request) -> impl std::future::Future<Output = Response> + Send {
         self.serve_page(req)

@@ -99,6 +99,14 @@ async fn json_logs_carry_request_ids_and_never_a_secret() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
     assert_eq!(wrong.headers()["x-request-id"], "req-from-test-42");
+    // A page is answered outside a span; its line names the request itself.
+    let page = reqwest::Client::new()
+        .get(format!("{url}/demo/zed"))
+        .header("x-request-id", "page-req-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["x-request-id"], "page-req-7");
     let made = reqwest::get(format!("{url}/healthz")).await.unwrap();
     let id = made.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(!id.is_empty());
@@ -115,6 +123,7 @@ async fn json_logs_carry_request_ids_and_never_a_secret() {
     );
     let mut lines = 0;
     let mut with_id = 0;
+    let mut page_lines = 0;
     for line in text.lines().filter(|l| l.starts_with('{')) {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -127,7 +136,13 @@ async fn json_logs_carry_request_ids_and_never_a_secret() {
             with_id += 1;
             assert_eq!(v["span"]["request_id"], "req-from-test-42", "{line}");
         }
+        if line.contains("page-req-7") {
+            page_lines += 1;
+            assert_eq!(v["fields"]["request_id"], "page-req-7", "{line}");
+            assert_eq!(v["fields"]["path"], "/demo/zed", "{line}");
+        }
     }
+    assert_eq!(page_lines, 1, "a page's answer is one line");
     assert!(lines > 10, "{lines} JSON lines");
     assert!(with_id >= 1, "the request's own id is on its log lines");
     assert!(text.contains(&id), "a generated request id is logged too");

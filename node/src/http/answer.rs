@@ -56,16 +56,25 @@ pub struct Ticket {
 impl crate::http::front::Frontend for crate::app::Node {
     type Ticket = Ticket;
 
-    fn begin(&self, req: &Request) -> Ticket {
+    /// An API request is answered in a span that names it, so every line logged meanwhile
+    /// carries its request id. A page gets none: with the node's default filter a span
+    /// cost more than the rest of a page's answer (about 4 µs of the 15 µs of CPU a
+    /// request takes), and a page logs nothing on its way unless something failed; then
+    /// its error names the site and path, and its answer's line the request id.
+    fn begin(&self, req: &Request, page: bool) -> Ticket {
         let request_id = request_id(req.headers());
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let span = tracing::info_span!(
-            "http",
-            request_id = %RequestIdField(&request_id),
-            %method,
-            path = %LoggablePath(uri.path()),
-        );
+        let span = if page {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "http",
+                request_id = %RequestIdField(&request_id),
+                %method,
+                path = %LoggablePath(uri.path()),
+            )
+        };
         Ticket {
             request_id,
             method,
@@ -86,15 +95,25 @@ impl crate::http::front::Frontend for crate::app::Node {
     fn finish(&self, ticket: Ticket, resp: Response) -> Response {
         let path = ticket.uri.path();
         let mut resp = fill_empty_error(resp, &ticket.method, LoggablePath(path));
-        ticket.span.in_scope(|| {
-            let status = resp.status().as_u16();
-            let ms = ticket.started.elapsed().as_secs_f64() * 1e3;
-            if resp.status().is_server_error() {
-                tracing::warn!(status, ms, "answered");
+        let (status, failed) = (resp.status().as_u16(), resp.status().is_server_error());
+        let ms = ticket.started.elapsed().as_secs_f64() * 1e3;
+        if ticket.span.is_none() {
+            // A page (see `begin`): the line names the request itself.
+            let (id, method) = (RequestIdField(&ticket.request_id), &ticket.method);
+            if failed {
+                tracing::warn!(request_id = %id, %method, path = %LoggablePath(path), status, ms, "answered");
             } else {
-                tracing::debug!(status, ms, "answered");
+                tracing::debug!(request_id = %id, %method, path = %LoggablePath(path), status, ms, "answered");
             }
-        });
+        } else {
+            ticket.span.in_scope(|| {
+                if failed {
+                    tracing::warn!(status, ms, "answered");
+                } else {
+                    tracing::debug!(status, ms, "answered");
+                }
+            });
+        }
         resp.headers_mut().insert(REQUEST_ID, ticket.request_id);
         resp.headers_mut().insert(
             header::X_CONTENT_TYPE_OPTIONS,

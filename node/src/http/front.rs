@@ -39,8 +39,8 @@ pub trait Frontend: Send + Sync + 'static {
     type Ticket: Send + 'static;
 
     /// Takes what the answer will need of `req` (before the head is checked: an answer
-    /// to a request over the limits is finished too).
-    fn begin(&self, req: &Request) -> Self::Ticket;
+    /// to a request over the limits is finished too); `page`: it goes to [`Frontend::page`].
+    fn begin(&self, req: &Request, page: bool) -> Self::Ticket;
 
     /// The span a request is answered in: what is logged meanwhile carries it.
     fn span(_ticket: &Self::Ticket) -> tracing::Span {
@@ -118,7 +118,7 @@ impl<F: Frontend> tower::Service<Request> for Front<F> {
             req.extensions_mut().insert(ConnectInfo(peer));
         }
         Box::pin(async move {
-            let ticket = shared.frontend.begin(&req);
+            let ticket = shared.frontend.begin(&req, !routed);
             let resp = match check_head(&req) {
                 Err(e) => e.into_response(),
                 Ok(()) => {

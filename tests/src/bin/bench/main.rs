@@ -236,10 +236,19 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The nodes' logs on stderr when asked for, e.g.
     // `RUST_LOG=sesame_node::pages::projection=debug` for where each publish's time goes.
+    // Otherwise the in-process nodes log as `sesame` does by default (`info`), into a sink:
+    // what a node does to log is part of what it costs, so the bench measures it too.
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                sesame_node::cli::DEFAULT_LOG_FILTER,
+            ))
+            .with_writer(std::io::sink)
             .init();
     }
     let base = match &args.dir {
