@@ -651,7 +651,7 @@ pub fn render_batch(
                         page_bytes_max: inputs.page_bytes_max,
                         fuel_per_page: inputs.templates.fuel_per_page,
                     };
-                    done.push((i, render_page(&cx, job, Arc::clone(&reader))));
+                    done.push((i, render_page(&cx, job, Arc::clone(&reader)).hashed()));
                 }
                 done
             };
@@ -708,12 +708,34 @@ pub fn render_batch(
         .collect())
 }
 
+/// What rendering one page produced, before its body is hashed: by the side that will
+/// trust the hash (a worker's page is hashed by the pool, never by the worker).
+pub(crate) struct BodyOutcome {
+    pub deps: PageDeps,
+    pub result: Result<Vec<u8>, TemplateError>,
+    pub source_error: Option<SourceError>,
+}
+
+impl BodyOutcome {
+    /// The outcome with its body hashed.
+    pub(crate) fn hashed(self) -> PageOutcome {
+        PageOutcome {
+            deps: self.deps,
+            result: self.result.map(|body| Rendered {
+                hash: content_hash(&body),
+                body: Bytes::from(body),
+            }),
+            source_error: self.source_error,
+        }
+    }
+}
+
 /// Renders one page: the one page renderer, for threads and worker processes alike.
 pub(crate) fn render_page(
     cx: &PageContext<'_>,
     job: &PageJob,
     reader: Arc<dyn PageReader>,
-) -> PageOutcome {
+) -> BodyOutcome {
     let reads = Arc::new(PageReads {
         reader,
         log: Mutex::default(),
@@ -751,16 +773,10 @@ pub(crate) fn render_page(
         .and_then(|t| t.render_captured_to(ctx, &mut out).map(drop));
     let log = reads.finish();
     let result = match result {
-        Ok(()) => {
-            let body = finish_body(out.buf, job, cx.base_url);
-            Ok(Rendered {
-                hash: content_hash(&body),
-                body: Bytes::from(body),
-            })
-        }
+        Ok(()) => Ok(finish_body(out.buf, job, cx.base_url)),
         Err(e) => Err(describe_error(&e, job, out.over, cx)),
     };
-    PageOutcome {
+    BodyOutcome {
         deps: log.deps,
         result,
         source_error: log.source_error,

@@ -863,15 +863,10 @@ fn converse(
         let answer: ToWorker = match worker.receive()? {
             FromWorker::Done { deps, result } => {
                 let result = match result {
-                    Ok(RenderedBody { body, hash }) => {
-                        let body = Bytes::from(body);
-                        if content_hash(&body) != hash {
-                            return Err(Cause::Protocol(
-                                "a page whose hash does not match its body".into(),
-                            ));
-                        }
-                        Ok(Rendered { body, hash })
-                    }
+                    Ok(RenderedBody { body }) => Ok(Rendered {
+                        hash: content_hash(&body),
+                        body: Bytes::from(body),
+                    }),
                     Err(e) => Err(e),
                 };
                 return Ok((deps, result));

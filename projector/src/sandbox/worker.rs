@@ -165,11 +165,7 @@ fn render(
     let outcome = render_page(&cx, job, reader);
     FromWorker::Done {
         deps: outcome.deps,
-        result: outcome.result.map(|r| RenderedBody {
-            // The body is not shared: this takes its buffer without copying.
-            body: Vec::from(r.body),
-            hash: r.hash,
-        }),
+        result: outcome.result.map(|body| RenderedBody { body }),
     }
 }
 
