@@ -563,6 +563,16 @@ pub struct Rendered {
     pub hash: String,
 }
 
+impl Rendered {
+    /// A rendered body with its hash, computed here.
+    pub(crate) fn hashing(body: Vec<u8>) -> Rendered {
+        Rendered {
+            hash: content_hash(&body),
+            body: Bytes::from(body),
+        }
+    }
+}
+
 /// What rendering one page produced.
 pub struct PageOutcome {
     /// What the template read (not its templates or route: the caller knows those).
@@ -721,10 +731,7 @@ impl BodyOutcome {
     pub(crate) fn hashed(self) -> PageOutcome {
         PageOutcome {
             deps: self.deps,
-            result: self.result.map(|body| Rendered {
-                hash: content_hash(&body),
-                body: Bytes::from(body),
-            }),
+            result: self.result.map(Rendered::hashing),
             source_error: self.source_error,
         }
     }

@@ -195,6 +195,10 @@ mod tests {
             "/healthzz/a",
             "/metrics-site/x",
             "/demo/_sesame",
+            // Encoded, a reserved segment is a (not found) page, as the router never
+            // matched it either.
+            "/%5Fsesame/live.js",
+            "/%76%31/sites",
         ] {
             assert!(!is_routed(page), "{page}");
         }

@@ -883,15 +883,13 @@ where
             }
         }
     };
-    let Some(etag) = etag_header(&file.hash) else {
-        tracing::error!("serve {site}{path}: the manifest has a header-unsafe hash");
-        return plain(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "this file cannot be served",
+    let (Some(etag), Some(content_type)) = (
+        etag_header(&file.hash),
+        content_type_header(&file.content_type),
+    ) else {
+        tracing::error!(
+            "serve {site}{path}: the manifest has a header-unsafe hash or content type"
         );
-    };
-    let Some(content_type) = content_type_header(&file.content_type) else {
-        tracing::error!("serve {site}{path}: the manifest has a header-unsafe content type");
         return plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             "this file cannot be served",

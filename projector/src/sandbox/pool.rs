@@ -45,14 +45,12 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use sesame_proto::Tuple;
 
 use super::wire::{self, FromWorker, RenderRunRef, RenderedBody, ToWorker, WireError};
 use crate::config::threads_or_cores;
 use crate::deps::PageDeps;
 use crate::error::{ProjectError, TemplateError};
-use crate::manifest::content_hash;
 use crate::render::{
     not_serving, BatchInputs, PageJob, PageOutcome, Preloaded, ReadRequest, Rendered,
     LIST_LIMIT_MAX, READS_PER_PAGE_MAX,
@@ -863,10 +861,7 @@ fn converse(
         let answer: ToWorker = match worker.receive()? {
             FromWorker::Done { deps, result } => {
                 let result = match result {
-                    Ok(RenderedBody { body }) => Ok(Rendered {
-                        hash: content_hash(&body),
-                        body: Bytes::from(body),
-                    }),
+                    Ok(RenderedBody { body }) => Ok(Rendered::hashing(body)),
                     Err(e) => Err(e),
                 };
                 return Ok((deps, result));

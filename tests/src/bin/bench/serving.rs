@@ -442,13 +442,7 @@ struct Runs(Vec<Rate>);
 
 impl Runs {
     fn median(&self) -> f64 {
-        let mut rps: Vec<f64> = self.0.iter().map(|r| r.rps).collect();
-        rps.sort_by(f64::total_cmp);
-        match rps.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => rps[n / 2],
-            n => (rps[n / 2 - 1] + rps[n / 2]) / 2.0,
-        }
+        median_of(self.0.iter().map(|r| r.rps).collect()).unwrap_or(f64::NAN)
     }
 
     fn best(&self) -> f64 {
@@ -457,17 +451,12 @@ impl Runs {
 
     /// The median of the runs' server CPU per request, in µs, if every run could read it.
     fn median_cpu(&self) -> Option<f64> {
-        let mut each: Vec<f64> = self
-            .0
-            .iter()
-            .map(Rate::cpu_per_request)
-            .collect::<Option<_>>()?;
-        each.sort_by(f64::total_cmp);
-        match each.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(each[n / 2]),
-            n => Some((each[n / 2 - 1] + each[n / 2]) / 2.0),
-        }
+        median_of(
+            self.0
+                .iter()
+                .map(Rate::cpu_per_request)
+                .collect::<Option<_>>()?,
+        )
     }
 
     /// "median M req/s (best B of N), C µs of server CPU per request", with wrk's error
@@ -485,6 +474,17 @@ impl Runs {
             text.push_str(&format!(" ({})", errors.join("; ")));
         }
         text
+    }
+}
+
+/// The median of `values` (the mean of the middle two when their number is even), or
+/// `None` when there are none.
+fn median_of(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[n / 2]),
+        n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
 
