@@ -210,6 +210,14 @@ pub fn artifacts_dir() -> PathBuf {
     dir
 }
 
+/// The text of the element `css` selects, or `None` while there is none. For polling
+/// across a navigation: between a form's submit and the next page's load, the old page may
+/// be gone and the new one not there yet.
+pub async fn text_if_there(b: &fantoccini::Client, css: &str) -> Option<String> {
+    let element = b.find(fantoccini::Locator::Css(css)).await.ok()?;
+    element.text().await.ok()
+}
+
 /// Polls `f` until it returns `Some`, for at most `wait`.
 pub async fn wait_for<T, F, Fut>(wait: Duration, what: &str, mut f: F) -> anyhow::Result<T>
 where
